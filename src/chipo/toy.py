@@ -83,3 +83,34 @@ def tiny_model_and_tokenizer(seed: int = 0, vocab_size: int = 512, **model_kwarg
     model = build_tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, seed=seed, **model_kwargs)
     return model, tokenizer
+
+
+def toy_preference_rows(n: int = 64, seed: int = 0) -> list[dict]:
+    """Standard-format preference rows whose chosen responses are systematically "good" and rejected "bad",
+    with widely varying lengths, so a trainer's reward accuracy and margins should rise as it learns."""
+    g = torch.Generator().manual_seed(seed)
+    topics = "cat dog model policy reward summary post answer question mat".split()
+    rows = []
+    for i in range(n):
+        topic = topics[int(torch.randint(len(topics), (1,), generator=g))]
+        k = int(torch.randint(1, 8, (1,), generator=g))
+        rows.append({
+            "prompt": f"why is the {topic} {'short' if i % 2 else 'long'}? ",
+            "chosen": " ".join(["good helpful answer"] * k) + ".",
+            "rejected": " ".join(["bad"] * int(torch.randint(1, 10, (1,), generator=g))) + " harmless.",
+        })
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path) -> None:
+    import json
+    from pathlib import Path
+
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def save_tiny_model(directory, seed: int = 0, **model_kwargs) -> None:
+    """Build a tiny Llama + tokenizer and save both as an HF directory (loadable by from_pretrained)."""
+    model, tokenizer = tiny_model_and_tokenizer(seed=seed, **model_kwargs)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

@@ -1,0 +1,1 @@
+"""The ``chipo`` command line."""

@@ -1,0 +1,71 @@
+"""``chipo``: train, demo, lab and bandit commands.
+
+Every user error (bad config, bad data, unknown loss) is printed as one line ``chipo: error: ...`` with exit
+code 2; internal failures keep their traceback. NaN/inf during training exits with code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from chipo import __version__
+
+COMMANDS = {
+    "train": ("chipo.cli.train:main", "Preference-train a causal LM (chiPO, DPO, IPO, ...) from YAML + key=value."),
+    "demo": ("chipo.lab.cli:demo_main", "Watch DPO overoptimize and chiPO hold on an embedded world (CPU, minutes)."),
+    "lab": ("chipo.lab.cli:main", "Overoptimization lab: generate preference data, evaluate, sweep, report."),
+    "bandit": ("chipo.bandit.cli:main", "The exact tabular testbed: regret, bound check, overoptimization vs beta."),
+}
+
+
+def _usage() -> str:
+    lines = [f"chipo {__version__}: language-model post-training that does not overoptimize.", "",
+             "usage: chipo <command> [args]   (chipo <command> --help for details)", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"chipo: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    target, _ = COMMANDS[argv[0]]
+    module, func = target.split(":")
+    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+
+
+def run_guarded(fn, *args) -> int:
+    """Run ``fn``; user errors become one line on stderr and exit code 2 (3 for non-finite training)."""
+    from chipo.config import ConfigError
+    from chipo.data import DataError
+    from chipo.train.preference import NonFiniteError
+
+    try:
+        fn(*args)
+    except (ConfigError, DataError) as e:
+        print(f"chipo: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"chipo: error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

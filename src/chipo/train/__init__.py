@@ -1,0 +1,6 @@
+"""Training: the preference trainer (chiPO/DPO/variants) and its recipe."""
+
+from chipo.train.config import TrainConfig
+from chipo.train.preference import NonFiniteError, PreferenceTrainer
+
+__all__ = ["TrainConfig", "PreferenceTrainer", "NonFiniteError"]

@@ -1,0 +1,208 @@
+"""The ``chipo train`` recipe: wire config -> data -> model -> reference -> PreferenceTrainer -> HF checkpoint.
+
+Everything that can fail on bad input (config, tokenizer, data, output directory) is checked before the output
+directory is created, so a rejected run leaves nothing behind. The final model is saved into a temporary
+directory inside ``output_dir`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from chipo.config import ConfigError, dump_yaml
+from chipo.data import PreferenceCollator, lengths, load_preference_dataset, prepare_preference_dataset
+from chipo.train.config import TrainConfig
+from chipo.train.io import JsonlMetricsCallback, atomic_write_text, move_contents
+from chipo.train.logps import choose_logprobs_impl
+from chipo.train.preference import PreferenceTrainer
+from chipo.train.reference import cached_reference_logps
+
+logger = logging.getLogger("chipo")
+
+
+def load_tokenizer(name: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str):
+    try:
+        return AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def prepare_split(config: TrainConfig, tokenizer, source: str, split: str, limit: int | None = None):
+    dataset = load_preference_dataset(source, split)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
+                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
+    logger.info("%s[%s]: %s", source, split, stats)
+    return prepared
+
+
+def check_output_dir(config: TrainConfig) -> Path:
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+        raise ConfigError(f"output_dir {out} is not empty; set overwrite_output_dir=true or resume_from_checkpoint")
+    if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest" \
+            and not Path(config.resume_from_checkpoint).is_dir():
+        raise ConfigError(f"resume_from_checkpoint {config.resume_from_checkpoint} is not a directory")
+    return out
+
+
+def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+    eval_strategy = "no" if not has_eval else ("steps" if config.eval_steps else "epoch")
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        activation_checkpointing=config.gradient_checkpointing,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=config.eval_steps,
+        save_strategy=config.save_strategy,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=[r for r in config.report_to.split(",") if r and r != "none"] or "none",
+        dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=config.disable_tqdm,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        length_column_name="length",
+    )
+
+
+def apply_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def add_reference_logps(config: TrainConfig, model, datasets: dict, collator, impl: str) -> dict:
+    """Attach ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the disk cache when possible."""
+    state = PartialState()
+    ref = load_causal_lm(config.ref_model) if config.ref_model else model
+    ref.to(state.device)
+    settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "impl": impl,
+                "dtype": str(next(ref.parameters()).dtype)}
+    out = {}
+    for name, dataset in datasets.items():
+        # The main process computes and writes the cache; the others then read it.
+        with state.main_process_first():
+            chosen, rejected, hit = cached_reference_logps(
+                ref, dataset, collator, config.ref_cache_dir, settings, batch_size=config.per_device_eval_batch_size,
+                impl=impl, chunk_tokens=config.logprob_chunk, disable_adapter=config.lora and not config.ref_model,
+                desc=f"reference log-probs ({name})")
+        logger.info("reference log-probs for %s: %s", name, "cache hit" if hit else "computed and cached")
+        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+        out[name] = dataset.add_column("ref_rejected_logps", rejected.tolist())
+    if ref is not model:
+        del ref
+    return out
+
+
+def run_training(config: TrainConfig) -> Path:
+    """Train per ``config``; returns the output directory holding the final HF-format model."""
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    state = PartialState()
+    with state.main_process_first():
+        datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
+        if config.eval_split:
+            datasets["eval"] = prepare_split(config, tokenizer, config.eval_dataset or config.dataset,
+                                             config.eval_split)
+    out = check_output_dir(config)
+    model = load_causal_lm(config.model)
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+    if config.lora:
+        model = apply_lora(model, config)
+
+    # Nothing above touched the disk: from here on the run is valid and may write its directory.
+    if state.is_main_process:
+        atomic_write_text(out / "run_config.yaml", dump_yaml(config))
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    probe = collator([datasets["train"][i] for i in range(min(2, len(datasets["train"])))])
+    impl = choose_logprobs_impl(model.to(state.device), {k: v.to(state.device) for k, v in probe.items()},
+                                config.logprobs_impl)
+    logger.info("log-prob implementation: %s", impl)
+
+    ref_model = None
+    if config.reference == "precompute":
+        datasets = add_reference_logps(config, model, datasets, collator, impl)
+    elif config.ref_model:
+        ref_model = load_causal_lm(config.ref_model)
+    elif not config.lora:
+        ref_model = copy.deepcopy(model)
+    if config.group_by_length:
+        datasets["train"] = datasets["train"].add_column("length", lengths(datasets["train"]))
+
+    trainer = PreferenceTrainer(
+        model=model, args=training_arguments(config, "eval" in datasets), data_collator=collator,
+        train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
+        loss_name=config.loss, beta=config.beta, loss_options=config.loss_options(), ref_model=ref_model,
+        ref_adapter_disabled=config.lora and config.reference == "model" and not config.ref_model,
+        logprobs_impl=impl, logprob_chunk=config.logprob_chunk,
+    )
+    resume = config.resume_from_checkpoint
+    if resume == "latest":
+        resume = get_last_checkpoint(str(out))
+        if resume is None:
+            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
+    trainer.train(resume_from_checkpoint=resume)
+    save_final_model(trainer, tokenizer, out, merge_lora=config.lora)
+    return out
+
+
+def save_final_model(trainer: PreferenceTrainer, tokenizer, out: Path, merge_lora: bool) -> None:
+    """Save an HF-format model (merged weights for LoRA, adapter in ``adapter/``) atomically into ``out``."""
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if merge_lora:
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        move_contents(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

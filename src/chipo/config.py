@@ -102,8 +102,8 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}; `chipo train --help` lists them")
         kwargs[key] = _coerce(value, hints[key], key)
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
     try:

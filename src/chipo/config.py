@@ -71,6 +71,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if annotation is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/yes/off/on as a boolean
+            return "no" if value is False else "yes"
         if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,6 +79,7 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
+        optim=config.optim,
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=config.weight_decay,
@@ -100,6 +102,8 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         length_column_name="length",
+        # Without an accelerator, use_cpu makes accelerate set up gloo DDP under torchrun / accelerate launch.
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
 
 
@@ -136,9 +140,17 @@ def add_reference_logps(config: TrainConfig, model, datasets: dict, collator, im
     return out
 
 
+def _shards_parameters() -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3 (set by ``accelerate launch``), where parameters are sharded."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
 def run_training(config: TrainConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
+    # TrainingArguments first: it initialises the (possibly distributed) accelerate state used below.
+    args = training_arguments(config, has_eval=bool(config.eval_split))
     state = PartialState()
     with state.main_process_first():
         datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
@@ -157,8 +169,11 @@ def run_training(config: TrainConfig) -> Path:
         atomic_write_text(out / "run_config.yaml", dump_yaml(config))
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     probe = collator([datasets["train"][i] for i in range(min(2, len(datasets["train"])))])
+    requested = config.logprobs_impl
+    if requested == "auto" and _shards_parameters():
+        requested = "logits"  # the fused path reads the LM head weight outside forward, which sharding forbids
     impl = choose_logprobs_impl(model.to(state.device), {k: v.to(state.device) for k, v in probe.items()},
-                                config.logprobs_impl)
+                                requested)
     logger.info("log-prob implementation: %s", impl)
 
     ref_model = None
@@ -172,7 +187,7 @@ def run_training(config: TrainConfig) -> Path:
         datasets["train"] = datasets["train"].add_column("length", lengths(datasets["train"]))
 
     trainer = PreferenceTrainer(
-        model=model, args=training_arguments(config, "eval" in datasets), data_collator=collator,
+        model=model, args=args, data_collator=collator,
         train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
         loss_name=config.loss, beta=config.beta, loss_options=config.loss_options(), ref_model=ref_model,

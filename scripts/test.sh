@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (bash scripts/setup.sh --test), lint with ruff, and run the whole test suite on 2 workers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q -n 2 "$@"

@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny Llama + tokenizer saved as an HF directory, and preference files built locally."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A directory with a tiny random Llama (hidden 64, 2 layers) and its BPE tokenizer, plus data files."""
+    from chipo.toy import save_tiny_model, toy_preference_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny_model(root / "model")
+    write_jsonl(toy_preference_rows(32, seed=0), root / "train.jsonl")
+    write_jsonl(toy_preference_rows(16, seed=1), root / "test.jsonl")
+    return root
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]

@@ -8,7 +8,6 @@ forward pass over chosen and rejected rows together.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ class NonFiniteGradientGuard(TrainerCallback):
 _MEAN_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected", "logratio/chosen", "logratio/rejected", "clipped")
 _MAX_METRICS = ("logratio/chosen", "logratio/rejected")
+_MEAN_NAMES = {"logratio/chosen": "logratio/chosen_mean", "logratio/rejected": "logratio/rejected_mean"}
 
 
 class PreferenceTrainer(Trainer):
@@ -68,8 +68,8 @@ class PreferenceTrainer(Trainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-        self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._maxes: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        self._sums: dict[str, Tensor] = {}  # split -> [count, sum of each mean metric]
+        self._maxes: dict[str, Tensor] = {}  # split -> [max of each max metric]
         self.add_callback(NonFiniteGradientGuard())
 
     # --- the loss
@@ -113,33 +113,32 @@ class PreferenceTrainer(Trainer):
         self._record(metrics, "eval")
         return losses.mean().detach(), None, None
 
-    # --- metrics: accumulate sums locally, reduce across processes when logging
+    # --- metrics: accumulate on device (no per-step host sync), reduce across processes when logging
     def _record(self, metrics: dict[str, Tensor], split: str) -> None:
-        sums, maxes = self._sums[split], self._maxes[split]
-        sums["count"] += metrics["rewards/margins"].numel()
-        for name in _MEAN_METRICS:
-            sums[name] += metrics[name].sum().item()
-        for name in _MAX_METRICS:
-            value = metrics[name].max().item()
-            maxes[name] = max(maxes.get(name, value), value)
+        margins = metrics["rewards/margins"]
+        sums = torch.stack([torch.tensor(float(margins.numel()), dtype=torch.float64, device=margins.device),
+                            *(metrics[n].double().sum() for n in _MEAN_METRICS)])
+        maxes = torch.stack([metrics[n].double().max() for n in _MAX_METRICS])
+        previous_sums, previous_maxes = self._sums.get(split), self._maxes.get(split)
+        self._sums[split] = sums if previous_sums is None else previous_sums + sums
+        self._maxes[split] = maxes if previous_maxes is None else torch.maximum(previous_maxes, maxes)
 
     def _reduced(self, split: str) -> dict[str, float]:
-        sums, maxes = self._sums[split], self._maxes[split]
-        names = ["count", *_MEAN_METRICS]
-        local = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64, device=self.args.device)
-        local_max = torch.tensor([maxes.get(n, -float("inf")) for n in _MAX_METRICS], dtype=torch.float64,
-                                 device=self.args.device)
-        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-        peak = self.accelerator.gather(local_max).view(-1, len(_MAX_METRICS)).max(0).values \
-            if self.accelerator.num_processes > 1 else local_max
-        self._sums[split], self._maxes[split] = defaultdict(float), {}
-        count = total[0].item()
-        if count == 0:
+        sums, maxes = self._sums.pop(split, None), self._maxes.pop(split, None)
+        if self.accelerator.num_processes > 1:
+            # Every process logs at the same step; one with no batch yet contributes zeros / -inf.
+            device = self.args.device
+            sums = sums.to(device) if sums is not None else torch.zeros(len(_MEAN_METRICS) + 1, dtype=torch.float64,
+                                                                         device=device)
+            maxes = maxes.to(device) if maxes is not None else torch.full((len(_MAX_METRICS),), -float("inf"),
+                                                                            dtype=torch.float64, device=device)
+            sums = self.accelerator.reduce(sums, reduction="sum")
+            maxes = self.accelerator.gather(maxes).view(-1, len(_MAX_METRICS)).max(0).values
+        if sums is None or sums[0].item() == 0:
             return {}
-        out = {name.replace("logratio/chosen", "logratio/chosen_mean").replace(
-            "logratio/rejected", "logratio/rejected_mean"): total[i + 1].item() / count
-            for i, name in enumerate(_MEAN_METRICS)}
-        out.update({f"{name}_max": peak[i].item() for i, name in enumerate(_MAX_METRICS)})
+        totals = sums.tolist()
+        out = {_MEAN_NAMES.get(name, name): totals[i + 1] / totals[0] for i, name in enumerate(_MEAN_METRICS)}
+        out.update({f"{name}_max": value for name, value in zip(_MAX_METRICS, maxes.tolist())})
         return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

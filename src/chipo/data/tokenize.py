@@ -1,0 +1,211 @@
+"""Validate, render, tokenize and truncate preference data into prompt / chosen / rejected token ids.
+
+Tokenization
+    standard: the prompt is tokenized with the tokenizer's special tokens (``add_special_tokens=True``: a BOS if
+    the tokenizer adds one); each response without them, followed by ``eos_token_id`` so the policy learns to stop.
+    conversational and implicit_prompt: the prompt is rendered with
+    ``apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)``, each response is the text that
+    ``apply_chat_template(prompt + response, tokenize=False)`` adds after it (the row fails if the rendered
+    conversation does not start with the rendered prompt). Rendered text is tokenized with
+    ``add_special_tokens=False``, since chat templates write their own BOS and markers. EOS is appended to a
+    response unless its text already ends (ignoring trailing whitespace) with the tokenizer's EOS token text.
+    Prompt and responses are tokenized separately, so a BPE merge never straddles the prompt/response boundary
+    and the response tokens are exactly those the policy is scored on.
+
+Truncation, in this order
+    1. ``max_prompt_length`` (if set): a longer prompt keeps its LAST ``max_prompt_length`` tokens, since the
+       end of the prompt is what the response answers (a leading BOS is dropped with the rest);
+    2. a prompt of ``max_length`` tokens or more leaves no room for the response: ``DataError``;
+    3. each response keeps its FIRST ``max_length - len(prompt)`` tokens (a cut response loses its EOS: it did
+       not finish).
+    So every ``prompt + response`` fits in ``max_length`` tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass
+
+import datasets
+import pyarrow.compute as pc
+
+from .errors import DataError
+from .formats import CONVERSATIONAL, IMPLICIT_PROMPT, STANDARD, detect_format, split_implicit_prompt, validate_rows
+from .origin import RowLocator
+
+logger = logging.getLogger(__name__)
+
+ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+_PROMPT_CUT, _RESPONSES_CUT = "__prompt_truncated", "__responses_truncated"
+
+
+@dataclass(frozen=True)
+class PrepStats:
+    """Counts from ``prepare_preference_dataset``."""
+
+    rows: int
+    """Rows prepared (all rows: none are dropped)."""
+    identical_pairs: int
+    """Rows with chosen == rejected; kept, but their margin is identically 0, so they add a constant to the loss
+    and nothing to its gradient."""
+    truncated_prompts: int
+    """Prompts cut to ``max_prompt_length`` (their start dropped)."""
+    truncated_responses: int
+    """Responses cut to fit ``max_length`` (their end dropped); a row can count twice, once per response."""
+    format: str
+    """``"standard"``, ``"conversational"`` or ``"implicit_prompt"``."""
+
+
+def prepare_preference_dataset(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    source: str,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, PrepStats]:
+    """Validate every row, then render, tokenize and truncate (see the module docstring for the exact rules).
+
+    Args:
+        dataset: rows in one of the layouts of ``chipo.data.formats``; extra columns are ignored.
+        tokenizer: a ``transformers`` tokenizer with an EOS token (and a chat template for conversations).
+        source: the file path or hub name the rows came from, named in every ``DataError``.
+        max_length: the most tokens of ``prompt + response``.
+        max_prompt_length: if set, longer prompts keep their last ``max_prompt_length`` tokens.
+        num_proc: worker processes for the tokenizing ``Dataset.map``.
+
+    Returns:
+        A dataset with int-list columns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``
+        (responses without the prompt) and ``row`` (the 0-based index of the row in ``dataset``), and ``PrepStats``.
+
+    Raises:
+        DataError: the first bad row (naming source, row, line for JSON lines, and field): missing column, wrong
+            type, empty response, malformed message list, an implicit-prompt pair that cannot be split, a chat
+            template that does not extend the prompt, a prompt with no tokens, or a prompt that leaves no room for
+            the response under ``max_length``.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; responses need one so the policy learns to stop")
+    locator = RowLocator(dataset, source)
+    fmt = detect_format(dataset, source)
+    if fmt != STANDARD and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{source}: {fmt} data needs a tokenizer with a chat template")
+    identical = validate_rows(dataset, fmt, locator)
+    if identical:
+        warnings.warn(f"{source}: {identical} of {len(dataset)} rows have chosen == rejected; they are kept but add "
+                      "nothing to the gradient", stacklevel=2)
+
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer, fmt=fmt, max_length=max_length,
+                               max_prompt_length=max_prompt_length)
+    try:
+        prepared = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                               num_proc=num_proc, desc="Tokenizing preference pairs")
+    except DataError as err:  # raised with the row only; name the file and line here, in the parent process
+        raise locator.relocate(err) from None
+    stats = PrepStats(
+        rows=len(prepared),
+        identical_pairs=identical,
+        truncated_prompts=_count(prepared, _PROMPT_CUT),
+        truncated_responses=_count(prepared, _RESPONSES_CUT),
+        format=fmt,
+    )
+    logger.info("%s: prepared %s", source, stats)
+    return prepared.remove_columns([_PROMPT_CUT, _RESPONSES_CUT]), stats
+
+
+def lengths(dataset: datasets.Dataset) -> list[int]:
+    """Per row of a prepared dataset, ``len(prompt) + max(len(chosen), len(rejected))``: the padded length of its
+    pair in a batch, for grouping rows of similar length."""
+    table = dataset.select_columns(list(ID_COLUMNS)).with_format("arrow")[:]
+    prompt, chosen, rejected = (pc.list_value_length(table.column(name)) for name in ID_COLUMNS)
+    return pc.add(prompt, pc.max_element_wise(chosen, rejected)).to_pylist()
+
+
+def _count(dataset: datasets.Dataset, column: str) -> int:
+    return int(pc.sum(dataset.with_format("arrow")[:].column(column)).as_py() or 0)
+
+
+def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_length: int,
+                  max_prompt_length: int | None) -> dict:
+    # Runs inside Dataset.map (maybe in worker processes): errors carry only the row; prepare_preference_dataset
+    # fills in the file and line (RowLocator.relocate), so the source is left empty here.
+    eos_id = tokenizer.eos_token_id
+    out = {"row": list(indices), **{name: [] for name in ID_COLUMNS}, _PROMPT_CUT: [], _RESPONSES_CUT: []}
+    if not indices:
+        return out
+    if fmt == STANDARD:
+        prompts = _token_ids(tokenizer, batch["prompt"], add_special_tokens=True)
+        chosen = [ids + [eos_id] for ids in _token_ids(tokenizer, batch["chosen"])]
+        rejected = [ids + [eos_id] for ids in _token_ids(tokenizer, batch["rejected"])]
+    else:
+        rendered = [_render_row(tokenizer, fmt, batch, i, row) for i, row in enumerate(indices)]
+        prompt_texts, chosen_texts, rejected_texts = (list(texts) for texts in zip(*rendered, strict=True))
+        prompts = _token_ids(tokenizer, prompt_texts)
+        chosen = _with_eos(tokenizer, chosen_texts, _token_ids(tokenizer, chosen_texts))
+        rejected = _with_eos(tokenizer, rejected_texts, _token_ids(tokenizer, rejected_texts))
+
+    for row, prompt, chosen_ids, rejected_ids in zip(indices, prompts, chosen, rejected, strict=True):
+        prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+        if prompt_cut:
+            prompt = prompt[-max_prompt_length:]
+        if not prompt:
+            # The first response token must be predicted from something; with no BOS and an empty prompt it is not.
+            raise DataError("", "the prompt has no tokens (use a non-empty prompt or a tokenizer that adds BOS)",
+                            row=row, field="prompt")
+        if len(prompt) >= max_length:
+            raise DataError("", f"prompt leaves no room for the response: it has {len(prompt)} tokens"
+                                f"{' after max_prompt_length truncation' if prompt_cut else ''}, "
+                                f"max_length is {max_length}", row=row, field="prompt")
+        budget = max_length - len(prompt)
+        out["prompt_input_ids"].append(prompt)
+        out["chosen_input_ids"].append(chosen_ids[:budget])
+        out["rejected_input_ids"].append(rejected_ids[:budget])
+        out[_PROMPT_CUT].append(int(prompt_cut))
+        out[_RESPONSES_CUT].append(int(len(chosen_ids) > budget) + int(len(rejected_ids) > budget))
+    return out
+
+
+def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
+
+
+def _render_row(tokenizer, fmt: str, batch: dict, i: int, row: int) -> tuple[str, str, str]:
+    """(prompt text, chosen response text, rejected response text) of one conversational row."""
+    if fmt == CONVERSATIONAL:
+        prompt, chosen, rejected = batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]
+    elif fmt == IMPLICIT_PROMPT:
+        prompt, chosen, rejected, _ = split_implicit_prompt(batch["chosen"][i], batch["rejected"][i])
+    else:
+        raise ValueError(f"not a conversational format: {fmt!r}")
+    prompt = _clean(prompt)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    responses = []
+    for field, response in (("chosen", chosen), ("rejected", rejected)):
+        full = tokenizer.apply_chat_template(prompt + _clean(response), tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError("", "the chat template does not extend the prompt: the rendered conversation does not "
+                                "start with the prompt rendered with add_generation_prompt=True", row=row, field=field)
+        text = full[len(prompt_text):]
+        if not text.strip():
+            raise DataError("", "empty response after rendering the chat template", row=row, field=field)
+        responses.append(text)
+    return prompt_text, responses[0], responses[1]
+
+
+def _clean(messages: list[dict]) -> list[dict]:
+    # Arrow stores a list of messages as structs with the union of all keys, so a message that had no "name" comes
+    # back with "name": None; templates test `'name' in message`, so drop the None-valued keys again.
+    return [{key: value for key, value in message.items() if value is not None} for message in messages]
+
+
+def _with_eos(tokenizer, texts: list[str], ids: list[list[int]]) -> list[list[int]]:
+    eos_text = tokenizer.eos_token
+    return [seq if eos_text and text.rstrip().endswith(eos_text) else seq + [tokenizer.eos_token_id]
+            for text, seq in zip(texts, ids, strict=True)]

@@ -34,7 +34,6 @@ def logprobs_from_logits(logits: Tensor, input_ids: Tensor, response_mask: Tenso
     log p(token) = logit[token] - logsumexp(logits), evaluated for ``chunk_rows`` rows at a time in fp32.
     """
     targets, mask = _shifted(input_ids, response_mask)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
     pieces = []
     for start in range(0, logits.shape[0], chunk_rows):
         chunk = logits[start:start + chunk_rows, :-1].float()
@@ -42,9 +41,8 @@ def logprobs_from_logits(logits: Tensor, input_ids: Tensor, response_mask: Tenso
         token_logit = chunk.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         pieces.append(token_logit - torch.logsumexp(chunk, dim=-1))
     per_token = torch.cat(pieces, dim=0) * mask
-    # Place log p(token at t) at position t, matching response_mask.
-    out = torch.cat([out[:, :1], per_token], dim=1)
-    return out
+    # Place log p(token at t) at position t, matching response_mask (position 0 is never a response token).
+    return torch.cat([torch.zeros_like(per_token[:, :1]), per_token], dim=1)
 
 
 class _LinearLogProbs(torch.autograd.Function):

@@ -33,6 +33,9 @@ def test_chi2mix_inverse_is_lambert_w_for_huge_arguments():
     u = torch.tensor([-700.0, -30.0, 0.0, 1.0, 50.0, 700.0, 1e4, 1e6], dtype=torch.float64)
     z = div.link_inverse(u)
     assert torch.isfinite(z).all()
+    # far below: e^u underflows; W0(e^u) ~ e^u -> 0, never NaN
+    tiny = div.link_inverse(torch.tensor([-800.0, -1e5], dtype=torch.float64))
+    assert torch.equal(tiny, torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(z + torch.log(z), u, rtol=1e-13, atol=1e-13)
     assert div.link_inverse(torch.tensor([1.0], dtype=torch.float64)).item() == pytest.approx(1.0, abs=1e-15)
 

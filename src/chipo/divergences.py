@@ -97,20 +97,19 @@ class FDivergence:
 def _lambert_w0_exp(u: Tensor) -> Tensor:
     """W0(e^u): the z > 0 solving z + log z = u, i.e. the inverse of chiPO's link phi.
 
-    Never exponentiates a large u (e^u overflows float64 at u ~ 709): start from z0 = e^u for u < 1 and
-    z0 = u - log u for u >= 1 (the asymptotic expansion of W0), then Newton on g(z) = z + log z - u,
-    g'(z) = 1 + 1/z, in log space for small z. g is concave and increasing, so Newton from these starts
-    converges monotonically; 8 iterations reach machine precision for all u (checked in the tests).
+    Newton on w = log z, h(w) = e^w + w - u, h'(w) = e^w + 1, never exponentiating a large u (e^u overflows
+    float64 at u ~ 709): start from w0 = u for u < 1 (log W0(e^u) = u - e^u + O(e^2u)) and from
+    w0 = log(u - log u) for u >= 1 (the asymptotic expansion of W0). h is convex and increasing, so the
+    iteration converges monotonically; 8 steps reach machine precision for all u (checked in the tests). For very
+    negative u, e^w underflows to 0 harmlessly (the step then returns w = u) and z = e^u underflows to 0.
     """
-    small = u < 1.0
-    z = torch.where(small, torch.exp(torch.clamp(u, max=1.0)), u - torch.log(torch.clamp(u, min=1.0)))
-    z = torch.clamp(z, min=torch.finfo(u.dtype).tiny)
+    large = u >= 1.0
+    safe = torch.clamp(u, min=1.0)
+    w = torch.where(large, torch.log(safe - torch.log(safe)), u)
     for _ in range(8):
-        # Newton step on log z: w = log z, h(w) = e^w + w - u, h'(w) = e^w + 1. Stable for tiny z too.
-        w = torch.log(z)
-        w = w - (z + w - u) / (z + 1.0)
-        z = torch.exp(w)
-    return z
+        e = torch.exp(w)  # w <= max(1, log u): no overflow
+        w = w - (e + w - u) / (e + 1.0)
+    return torch.exp(w)
 
 
 def _kl_f(L: Tensor, c: float) -> Tensor:

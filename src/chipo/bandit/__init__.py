@@ -1,0 +1,23 @@
+"""chipo.bandit: the exact theory testbed (tabular preference optimization checked to machine precision).
+
+Modules: ``instances`` (random and named hard instances), ``optimum`` (exact f-regularised optimum),
+``estimators`` (DPO, chiPO, KL-RLHF, chi2-RLHF on sampled Bradley-Terry data), ``measures`` (value, regret,
+KL / chi2 to pi_ref, concentrability, the seed's bound), ``experiments`` and ``cli`` (``chipo bandit``).
+Reference: Huang et al. 2024, arXiv 2407.13399 (chiPO), Proposition A.1 (KL-regularisation is not enough).
+"""
+
+from chipo.bandit.estimators import (
+    ESTIMATORS,
+    PreferenceData,
+    estimator_policy,
+    fit_direct_policy,
+    fit_reward,
+    fit_rewards,
+    sample_preferences,
+)
+from chipo.bandit.instances import Instance, kl_trap_instance, named_instance, random_instance
+from chipo.bandit.optimum import regularized_optimum
+
+__all__ = ["ESTIMATORS", "Instance", "PreferenceData", "estimator_policy", "fit_direct_policy", "fit_reward",
+           "fit_rewards", "kl_trap_instance", "named_instance", "random_instance", "regularized_optimum",
+           "sample_preferences"]

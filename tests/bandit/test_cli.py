@@ -1,0 +1,40 @@
+"""End to end: ``chipo bandit all --quick`` writes reports, PNGs and JSON with numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from chipo.bandit.cli import main
+
+
+def test_all_quick(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    assert main(["all", "--quick", "--out", str(out)]) == 0
+    top = (out / "report.md").read_text()
+    assert re.search(r"violations: \*\*0\*\*", top)
+    for name, pngs in {"regret": ["regret_kl_trap.png", "regret_random.png"], "bound": ["bound.png"],
+                       "overopt": ["overopt_kl_trap.png", "overopt_random.png"], "bench": ["bench.png"]}.items():
+        d = out / name
+        report = (d / "report.md").read_text()
+        assert re.search(r"\d\.\d", report), name
+        for png in pngs:
+            assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        results = json.loads((d / "results.json").read_text())
+        assert results["wall_seconds"] > 0
+    regret = json.loads((out / "regret" / "results.json").read_text())
+    for fam in regret["families"].values():
+        for rec in fam["methods"].values():
+            assert all(0.0 <= v <= 2.0 for v in rec["mean"])  # regret lies in [0, max reward]
+    bound = json.loads((out / "bound" / "results.json").read_text())
+    assert bound["violations"] == 0 and bound["n_checks"] > 100
+    assert not list(out.glob(".*"))  # no temporary directories left behind
+
+
+def test_bad_arguments() -> None:
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+    assert main(["bound", "--seeds", "0"]) == 2

@@ -102,7 +102,7 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}; `chipo train --help` lists them")
+            raise ConfigError(f"unknown config key {key!r}{hint}; the command's --help lists them")
         kwargs[key] = _coerce(value, hints[key], key)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

@@ -1,0 +1,215 @@
+"""Evaluate a policy pi against pi_ref under a gold reward, on held-out prompts.
+
+Gold view (what we care about), from samples y ~ pi(.|x) (ancestral sampling, settings recorded):
+
+* gold reward: J(pi) = E_x E_{y~pi}[r*(x, y)], reported as mean and standard error over samples;
+* win rate against pi_ref: P[r*(x, y) > r*(x, y')] + 1/2 P[r*(x, y) = r*(x, y')], y ~ pi, y' ~ pi_ref, every
+  policy sample compared with every pi_ref sample of its prompt (so pi_ref against itself scores 1/2); the standard
+  error treats the policy samples as the units (it ignores the noise of the fixed pi_ref samples);
+* win rate against the data's reference responses, when the prompts carry them (same tie rule).
+
+Distance from pi_ref, with z = pi(y|x) / pi_ref(y|x) for whole sequences and L = log z:
+
+* KL(pi || pi_ref): the plain Monte-Carlo mean of L on samples of pi ("k1", unbiased, can be negative per sample)
+  and ``chipo.divergences.KL.estimate_from_policy`` (E_pi[1/z - 1 + log z], "k3": unbiased, non-negative per
+  sample; Schulman 2020);
+* chi-squared, seed convention D = 1/2 E_ref[(z - 1)^2] = 1/2 (E_pi[z] - 1):
+  ``CHI2.estimate_from_policy`` = E_pi[(z - 2 + 1/z) / 2]. Caveat: its variance grows with E_pi[z^2], i.e. with
+  the very distance it estimates, and a finite sample misses the rare y with huge z, so large values are noisy
+  *lower* bounds; we report its standard error beside it. (This is why the seed calls chi-squared the right
+  measure of uncertainty: it is exactly the quantity that is hard to see from samples.)
+
+Proxy view: implicit-reward accuracy on held-out preference pairs, the fraction of pairs where
+beta * (link(z+) - link(z-)) > 0 (ties 1/2) with the loss's own link -- what the optimiser sees.
+
+Exact view (``ExactSpace``): when the gold scorer can enumerate a finite partition of all responses on whose cells
+its reward is constant (the embedded world, ``Language.exact_partition``), J and the win rates are computed exactly,
+and KL and chi-squared over the partition are lower bounds of the full-sequence values (data-processing
+inequality), tight when the lumped cells carry little mass. The Gao et al. (2023, arXiv 2210.10760) view plots the
+gold reward against d = sqrt(KL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chipo.divergences import CHI2, KL, clamped_exp
+from chipo.lab.generate import Samples, SamplingSettings, response_logps, sample_responses, token_logps
+from chipo.losses import preference_loss
+
+CHI2_CAVEAT = ("Monte-Carlo chi-squared E_pi[(z - 2 + 1/z)/2] has variance growing with E_pi[z^2], the distance "
+               "itself: with a finite sample, large values are noisy lower bounds.")
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return math.nan, math.nan
+    se = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+    return float(values.mean()), se
+
+
+def win_indicator(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[a > b] + 1/2 [a == b], elementwise (broadcasting)."""
+    return (a > b).astype(float) + 0.5 * (a == b)
+
+
+@dataclass
+class Baseline:
+    """pi_ref's side of the evaluation, computed once and shared by every checkpoint of a sweep."""
+
+    prompts: list[str]
+    references: list[str | None]
+    reference_rewards: np.ndarray  # [P], nan where a prompt has no reference response
+    ref_samples: Samples
+    ref_rewards: np.ndarray  # [N] gold rewards of pi_ref's samples
+    heldout: list[dict] | None = None  # held-out pairs with "ref_chosen_logps" / "ref_rejected_logps"
+    exact: ExactSpace | None = None
+
+
+@dataclass
+class ExactSpace:
+    """pi_ref's log-probs and the gold rewards on a partition of all responses (cells in a fixed order)."""
+
+    ref_logps: np.ndarray  # [P, C] float64
+    rewards: np.ndarray  # [P, C]
+    well_formed: np.ndarray  # [P, C] bool: cells of text the gold scorer considers valid
+
+
+def build_baseline(ref_model, tokenizer, prompts: Sequence[str], gold, *, references: Sequence[str | None] | None,
+                   settings: SamplingSettings, num_samples: int, heldout_pairs: Sequence[dict] | None = None,
+                   exact: bool = True, progress: bool = True) -> Baseline:
+    """Sample pi_ref, score its samples and the reference responses, cache its log-probs on held-out pairs."""
+    prompts = list(prompts)
+    references = list(references) if references is not None else [None] * len(prompts)
+    # pi_ref's comparison samples use their own seed, far from the policies' (settings.seed + run seed), so no policy
+    # sample shares its random stream with the pi_ref sample it is compared with.
+    ref_settings = dataclasses.replace(settings, seed=settings.seed + 100_003)
+    ref_samples = sample_responses(ref_model, tokenizer, prompts, num_samples, ref_settings, desc="sampling pi_ref",
+                                   progress=progress)
+    ref_rewards = np.asarray(gold.score(ref_samples.prompt_texts(), ref_samples.texts), dtype=float)
+    have = [i for i, r in enumerate(references) if r]
+    reference_rewards = np.full(len(prompts), np.nan)
+    if have:
+        reference_rewards[have] = gold.score([prompts[i] for i in have], [references[i] for i in have])
+    heldout = None
+    if heldout_pairs:
+        heldout = [dict(row) for row in heldout_pairs]
+        chosen = response_logps(ref_model, tokenizer, [r["prompt"] for r in heldout], [r["chosen"] for r in heldout])
+        rejected = response_logps(ref_model, tokenizer, [r["prompt"] for r in heldout],
+                                  [r["rejected"] for r in heldout])
+        for row, c, r in zip(heldout, chosen.tolist(), rejected.tolist()):
+            row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+    space = None
+    if exact and hasattr(gold, "exact_partition"):
+        space = ExactSpace(*gold.exact_partition(ref_model, tokenizer, prompts))
+    return Baseline(prompts, references, reference_rewards, ref_samples, ref_rewards, heldout, space)
+
+
+def win_probability(p: np.ndarray, q: np.ndarray, r: np.ndarray, r_other: np.ndarray | None = None) -> float:
+    """P[r(Y) > r(Y')] + 1/2 P[r(Y) = r(Y')], Y ~ p, Y' ~ q on cells with rewards r (O(C log C) by sorting).
+
+    With ``r_other`` (a scalar), Y' is that fixed reward instead: the win probability against one response.
+    """
+    if r_other is not None:
+        return float(p @ win_indicator(r, r_other))
+    order = np.argsort(r, kind="stable")
+    r_sorted, cum = r[order], np.concatenate([[0.0], np.cumsum(q[order])])
+    below = cum[np.searchsorted(r_sorted, r, side="left")]
+    upto = cum[np.searchsorted(r_sorted, r, side="right")]
+    return float(p @ (below + 0.5 * (upto - below)))
+
+
+def exact_metrics(logps: np.ndarray, baseline: Baseline) -> dict:
+    """Exact J and win rates, and KL / chi-squared over the partition (lower bounds), averaged over prompts."""
+    space = baseline.exact
+    p, q = np.exp(logps), np.exp(space.ref_logps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # 0 log 0 = 0; a cell pi_ref gives probability 0 (in float64) and pi does not would make KL infinite.
+        kl_terms = np.where(p > 0, p * (logps - space.ref_logps), 0.0)
+        chi_terms = np.where(p > 0, np.exp(2 * logps - space.ref_logps), 0.0)
+    gold = (p * space.rewards).sum(1)
+    wins = [win_probability(p[i], q[i], space.rewards[i]) for i in range(len(p))]
+    wins_reference = [win_probability(p[i], q[i], space.rewards[i], baseline.reference_rewards[i])
+                      for i in range(len(p)) if not np.isnan(baseline.reference_rewards[i])]
+    kl = float(kl_terms.sum(1).mean())
+    return {"gold": float(gold.mean()), "win_rate_vs_ref": float(np.mean(wins)),
+            "win_rate_vs_reference": float(np.mean(wins_reference)) if wins_reference else None,
+            "kl": kl, "chi2": float((0.5 * (chi_terms.sum(1) - 1.0)).mean()), "sqrt_kl": math.sqrt(max(kl, 0.0)),
+            "mass_malformed": float((p * ~space.well_formed).sum(1).mean()),
+            "total_mass": float(p.sum(1).mean())}
+
+
+def implicit_reward_accuracy(policy, tokenizer, heldout: list[dict], loss: str, beta: float,
+                             loss_options: dict | None = None) -> float:
+    """Fraction of held-out pairs whose implicit-reward margin is positive (ties 1/2)."""
+    prompts = [r["prompt"] for r in heldout]
+    chosen = response_logps(policy, tokenizer, prompts, [r["chosen"] for r in heldout])
+    rejected = response_logps(policy, tokenizer, prompts, [r["rejected"] for r in heldout])
+    ref_c = torch.tensor([r["ref_chosen_logps"] for r in heldout])
+    ref_r = torch.tensor([r["ref_rejected_logps"] for r in heldout])
+    _, metrics = preference_loss(loss, chosen, rejected, ref_c, ref_r, beta=beta, **(loss_options or {}))
+    margins = metrics["rewards/margins"].numpy()
+    return float(win_indicator(margins, 0.0).mean())
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, settings: SamplingSettings,
+                    num_samples: int, loss: str | None = None, beta: float | None = None,
+                    loss_options: dict | None = None, progress: bool = True) -> dict:
+    """All metrics of the module docstring for ``policy`` (see ``build_baseline`` for pi_ref's side)."""
+    samples = sample_responses(policy, tokenizer, baseline.prompts, num_samples, settings, desc="sampling policy",
+                               progress=progress)
+    rewards = np.asarray(gold.score(samples.prompt_texts(), samples.texts), dtype=float)
+    index = np.asarray(samples.prompt_index)
+    ref_index = np.asarray(baseline.ref_samples.prompt_index)
+    wins = np.empty(len(rewards))
+    for i in range(len(baseline.prompts)):
+        mine, theirs = index == i, baseline.ref_rewards[ref_index == i]
+        wins[mine] = win_indicator(rewards[mine][:, None], theirs[None, :]).mean(1)
+    out: dict = {"n_prompts": len(baseline.prompts), "n_samples": len(rewards), "sampling": settings.as_dict()}
+    out["gold_mean"], out["gold_se"] = _mean_se(rewards)
+    out["win_rate_vs_ref"], out["win_rate_vs_ref_se"] = _mean_se(wins)
+    has_ref = ~np.isnan(baseline.reference_rewards[index])
+    if has_ref.any():
+        out["win_rate_vs_reference"], out["win_rate_vs_reference_se"] = _mean_se(
+            win_indicator(rewards[has_ref], baseline.reference_rewards[index][has_ref]))
+
+    # Log-ratios of the policy's own samples, on the exact sampled token ids (EOS included when emitted).
+    prompt_ids = [tokenizer(baseline.prompts[i], add_special_tokens=True)["input_ids"] for i in samples.prompt_index]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log_ratio = (token_logps(policy, prompt_ids, samples.token_ids, pad)
+                 - token_logps(ref_model, prompt_ids, samples.token_ids, pad)).double()
+    weight = clamped_exp(-log_ratio)
+    out["kl_k1"], out["kl_k1_se"] = _mean_se(log_ratio.numpy())
+    out["kl_k3"] = float(KL.estimate_from_policy(log_ratio))
+    out["kl_k3_se"] = _mean_se((KL.f(log_ratio) * weight).numpy())[1]
+    out["chi2_mc"] = float(CHI2.estimate_from_policy(log_ratio))
+    out["chi2_mc_se"] = _mean_se((CHI2.f(log_ratio) * weight).numpy())[1]
+    out["log_ratio_max"] = float(log_ratio.max())
+    out["length_mean"], out["length_se"] = _mean_se(samples.lengths())
+    out["finished_frac"] = float(np.mean(samples.finished))
+    # A few samples of the first prompts, so the report can show what the policy writes.
+    out["examples"] = [{"prompt": baseline.prompts[i], "response": samples.texts[k], "gold": float(rewards[k])}
+                       for i in range(min(2, len(baseline.prompts))) for k in np.flatnonzero(index == i)[:3]]
+    if baseline.heldout and loss is not None and beta is not None:
+        out["implicit_acc"] = implicit_reward_accuracy(policy, tokenizer, baseline.heldout, loss, beta, loss_options)
+    if baseline.exact is not None:
+        out["exact"] = exact_metrics(gold.exact_partition(policy, tokenizer, baseline.prompts)[0], baseline)
+    return out
+
+
+def baseline_metrics(ref_model, tokenizer, gold, baseline: Baseline, *, settings: SamplingSettings,
+                     num_samples: int, progress: bool = True) -> dict:
+    """pi_ref evaluated like a policy (epoch 0 of every sweep cell): KL 0, win rate 1/2, implicit accuracy 1/2."""
+    out = evaluate_policy(ref_model, ref_model, tokenizer, gold, baseline, settings=settings,
+                          num_samples=num_samples, progress=progress)
+    if baseline.heldout:
+        out["implicit_acc"] = 0.5  # every margin is exactly 0 at pi = pi_ref
+    return out

@@ -1,0 +1,455 @@
+"""Sweeps: losses x beta x seeds, each trained once and evaluated at several epochs; resumable.
+
+One training run per cell (loss, beta, seed) through ``chipo.train.run.run_training`` with a *constant* learning
+rate and a checkpoint at every epoch, and every requested epoch is evaluated from its checkpoint. With a constant
+learning rate (and the trainer's per-epoch data order fixed by the seed) the epoch-e checkpoint of a long run is
+the policy an e-epoch run would produce, so no run is repeated per epoch count. Reference log-probs are computed
+once and shared through the trainer's disk cache (``reference="precompute"``, ``ref_cache_dir`` in the sweep).
+
+Every evaluated (cell, epoch) is appended as one JSON line to ``results.jsonl`` as soon as it is known; a rerun
+skips the cells whose epochs are all there (no training, no evaluation) and finishes a cell that was cut short
+(training resumes from its last checkpoint, evaluation skips the epochs already recorded). pi_ref itself is the
+``epoch 0`` row (``loss = "pi_ref"``) shared by all cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from chipo.config import ConfigError, _field
+from chipo.lab.generate import SamplingSettings, write_json
+
+logger = logging.getLogger("chipo.lab")
+
+
+@dataclass
+class SweepConfig:
+    """A sweep over losses x betas x seeds, each run evaluated at ``eval_epochs``."""
+
+    ref_model: str = _field(None, "pi_ref: HF causal LM directory or hub name (also the initial policy).")
+    train_prefs: str = _field(None, "Training preference data (path or hub name). May contain '{seed}' to use one "
+                                    "dataset per seed (fresh draws from pi_ref: the data's randomness counts).")
+    eval_prompts: str = _field(None, "Held-out prompts (jsonl/parquet/dir/hub): a 'prompt' column and optionally "
+                                     "'reference' (or 'completion' / 'chosen') reference responses.")
+    out_dir: str = _field(None, "Sweep directory: results.jsonl, sweep.json, runs/, ref_cache/.")
+    gold: str = _field("world", "Gold scorer: 'world', a reward-model path or hub name, or 'module:function'.")
+    gold_template: str = _field("{prompt}{response}", "Text given to a reward-model gold scorer.")
+    heldout_prefs: str | None = _field(None, "Held-out preference pairs for the implicit-reward accuracy.")
+    split: str = _field("train", "Split of the data sources.")
+    losses: list[str] = field(default_factory=lambda: ["dpo", "chipo"], metadata={"help": "Loss presets."})
+    betas: list[float] = field(default_factory=lambda: [0.05, 0.005], metadata={"help": "beta values."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds."})
+    epochs: int = _field(16, "Epochs of each run.")
+    eval_epochs: list[int] | None = _field(None, "Epochs to evaluate (default: 1, 2, 4, ... and the last).")
+    learning_rate: float = _field(1e-3, "Constant learning rate (AdamW).")
+    batch_size: int = _field(32, "Preference pairs per optimizer step.")
+    r_max: float | str | None = _field("default", "Margin clip bound of the losses that clip (chiPO): a number, "
+                                                  "'default' (the loss's own) or null (off). DPO never clips.")
+    max_length: int = _field(512, "Max prompt + response tokens in training.")
+    max_prompt_length: int | None = _field(None, "Max prompt tokens in training.")
+    num_samples: int = _field(64, "Samples per held-out prompt for evaluation.")
+    max_new_tokens: int = _field(64, "Sampling: max new tokens.")
+    temperature: float = _field(1.0, "Sampling temperature (1: samples from pi itself).")
+    top_p: float = _field(1.0, "Sampling nucleus (1: off).")
+    sample_seed: int = _field(1234, "Base seed of evaluation sampling (plus the run seed).")
+    max_eval_prompts: int | None = _field(None, "Evaluate on the first N held-out prompts only.")
+    exact: bool = _field(True, "Exact metrics when the gold scorer has an enumerable response space.")
+    keep_checkpoints: bool = _field(False, "Keep the per-epoch checkpoints after evaluation.")
+
+    def __post_init__(self) -> None:
+        for name in ("ref_model", "train_prefs", "eval_prompts", "out_dir"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required")
+        from chipo.losses import loss_names
+
+        for loss in self.losses:
+            if loss not in loss_names():
+                raise ConfigError(f"unknown loss {loss!r}; valid: {', '.join(loss_names())}")
+        if not self.losses or not self.betas or not self.seeds:
+            raise ConfigError("losses, betas and seeds must be non-empty")
+        if any(not b > 0 for b in self.betas):
+            raise ConfigError(f"betas must be positive, got {self.betas}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.eval_epochs is None:
+            self.eval_epochs = default_eval_epochs(self.epochs)
+        self.eval_epochs = sorted(set(self.eval_epochs))
+        if not all(1 <= e <= self.epochs for e in self.eval_epochs):
+            raise ConfigError(f"eval_epochs must lie in [1, {self.epochs}], got {self.eval_epochs}")
+
+    def sampling(self, seed: int = 0) -> SamplingSettings:
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                seed=self.sample_seed + seed)
+
+    def results_key(self) -> dict:
+        """Fields that change results: a rerun must match them to reuse results.jsonl."""
+        d = dataclasses.asdict(self)
+        for name in ("out_dir", "keep_checkpoints", "losses", "betas", "seeds"):
+            d.pop(name)
+        return d
+
+
+def default_eval_epochs(epochs: int) -> list[int]:
+    """1, 2, 4, ... up to ``epochs``, and ``epochs`` itself."""
+    out = [2 ** i for i in range(int(math.log2(epochs)) + 1)]
+    return sorted(set(out + [epochs]))
+
+
+def cell_name(loss: str, beta: float, seed: int) -> str:
+    return f"{loss}_beta{beta:g}_seed{seed}"
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Rows of results.jsonl (a torn last line from an interrupted write is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
+    """{epoch: checkpoint directory} from each checkpoint's trainer_state.json."""
+    out = {}
+    for ckpt in run_dir.glob("checkpoint-*"):
+        state = ckpt / "trainer_state.json"
+        if state.is_file():
+            epoch = json.loads(state.read_text()).get("epoch")
+            if epoch is not None:
+                out[int(round(epoch))] = ckpt
+    return out
+
+
+def _quiet_libraries() -> None:
+    """Silence library chatter (per-run tokenizing / weight-loading bars, info logs) in worker processes."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("chipo").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """``_quiet_libraries`` for the duration of a block, restoring the previous state (library callers, tests)."""
+    import datasets
+    import transformers
+
+    state = (datasets.is_progress_bar_enabled(), transformers.utils.logging.get_verbosity(),
+             transformers.utils.logging.is_progress_bar_enabled(), logging.getLogger("chipo").level)
+    _quiet_libraries()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars() if state[0] else datasets.disable_progress_bars()
+        transformers.utils.logging.set_verbosity(state[1])
+        if state[2]:
+            transformers.utils.logging.enable_progress_bar()
+        logging.getLogger("chipo").setLevel(state[3])
+
+
+class Sweep:
+    """Runs a ``SweepConfig``; ``train_fn`` (default ``run_training``) is injectable for tests (``workers=1``)."""
+
+    def __init__(self, config: SweepConfig, train_fn: Callable | None = None, progress: bool = True,
+                 workers: int = 1):
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.results_path = self.out / "results.jsonl"
+        self.train_fn = train_fn
+        self.progress = progress
+        self.workers = max(1, workers)
+        self.train_calls = 0
+
+    def cells(self) -> list[tuple[str, float, int]]:
+        c = self.config
+        return [(loss, beta, seed) for beta in c.betas for seed in c.seeds for loss in c.losses]
+
+    def _check_config(self) -> None:
+        meta = self.out / "sweep.json"
+        key = self.config.results_key()
+        if meta.is_file():
+            old = json.loads(meta.read_text()).get("results_key")
+            if old is not None and old != key:
+                diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+                raise ConfigError(f"{self.out} holds a sweep with different settings ({', '.join(diff)}); use "
+                                  "another out_dir or delete it")
+        write_json(meta, {"config": dataclasses.asdict(self.config), "results_key": key})
+
+    def run(self) -> list[dict]:
+        """Train and evaluate every unfinished cell; returns all result rows."""
+        with quiet_libraries():
+            return self._run()
+
+    def _run(self) -> list[dict]:
+        from chipo.lab.evaluate import baseline_metrics
+
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_config()
+        rows = read_results(self.results_path)
+        todo = [cell for cell in self.cells() if not set(c.eval_epochs) <= epochs_done(rows, *cell)]
+        need_ref_row = not any(r.get("loss") == "pi_ref" for r in rows)
+        if not todo and not need_ref_row:
+            return rows
+
+        start = time.perf_counter()
+        runner = CellRunner(c, train_fn=self.train_fn, progress=self.progress)
+        if need_ref_row:
+            metrics = baseline_metrics(runner.ref, runner.tokenizer, runner.gold, runner.baseline,
+                                       settings=c.sampling(), num_samples=c.num_samples, progress=self.progress)
+            row = {"loss": "pi_ref", "beta": None, "seed": None, "epoch": 0, "step": 0, **metrics,
+                   "eval_seconds": time.perf_counter() - start}
+            append_row(self.results_path, row)
+            rows.append(row)
+
+        bar = tqdm(total=len(self.cells()), initial=len(self.cells()) - len(todo), desc="sweep (runs)", unit="run",
+                   disable=not self.progress)
+        if self.workers == 1 or len(todo) == 1:
+            for loss, beta, seed in todo:
+                bar.set_postfix_str(cell_name(loss, beta, seed))
+                rows.extend(runner.run(loss, beta, seed, epochs_done(rows, loss, beta, seed)))
+                bar.update()
+            self.train_calls = runner.train_calls
+        else:
+            rows.extend(self._run_parallel(todo, rows, runner.baseline, bar))
+        bar.close()
+        return rows
+
+    def _run_parallel(self, todo, rows, baseline, bar) -> list[dict]:
+        """Cells in ``workers`` processes, one torch thread each (tiny models do not scale across threads)."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        out = []
+        ctx = multiprocessing.get_context("spawn")
+        # Workers' own bars (the trainer's reference log-probs) would interleave with ours: tqdm reads TQDM_DISABLE
+        # when a fresh (spawned) process imports it; this process's tqdm is already imported and unaffected.
+        saved = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(dataclasses.asdict(self.config), baseline)) as pool:
+                futures = {pool.submit(_worker_run, loss, beta, seed, epochs_done(rows, loss, beta, seed)):
+                           (loss, beta, seed) for loss, beta, seed in todo}
+                for future in as_completed(futures):
+                    out.extend(future.result())
+                    bar.set_postfix_str(cell_name(*futures[future]))
+                    bar.update()
+        finally:
+            if saved is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = saved
+        self.train_calls = len(todo)
+        return out
+
+
+def epochs_done(rows: list[dict], loss: str, beta: float, seed: int) -> set[int]:
+    """Epochs of cell (loss, beta, seed) already in the results."""
+    return {r["epoch"] for r in rows if r.get("loss") == loss and r.get("beta") == beta and r.get("seed") == seed}
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one JSON line with a single O_APPEND write (safe with several worker processes)."""
+    data = (json.dumps(row, default=float) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CellRunner:
+    """Holds pi_ref, the tokenizer, the gold scorer and pi_ref's baseline; trains and evaluates one cell."""
+
+    def __init__(self, config: SweepConfig, train_fn: Callable | None = None, progress: bool = True,
+                 baseline=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from chipo.lab.evaluate import build_baseline
+        from chipo.lab.gold import load_gold_scorer
+
+        c = self.config = config
+        self.out = Path(c.out_dir)
+        self.train_fn = train_fn
+        self.train_calls = 0
+        self.tokenizer = AutoTokenizer.from_pretrained(c.ref_model)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.ref = AutoModelForCausalLM.from_pretrained(c.ref_model).eval()
+        self.gold = load_gold_scorer(c.gold, template=c.gold_template)
+        if baseline is None:
+            prompts, references = load_prompts(c.eval_prompts, c.split, c.max_eval_prompts)
+            heldout = load_pairs(c.heldout_prefs, c.split) if c.heldout_prefs else None
+            baseline = build_baseline(self.ref, self.tokenizer, prompts, self.gold, references=references,
+                                      settings=c.sampling(), num_samples=c.num_samples, heldout_pairs=heldout,
+                                      exact=c.exact, progress=progress)
+        self.baseline = baseline
+
+    def train_config(self, loss: str, beta: float, seed: int, run_dir: Path, resume: bool):
+        from chipo.config import build_config
+        from chipo.train.config import TrainConfig
+
+        c = self.config
+        dataset = c.train_prefs.replace("{seed}", str(seed))
+        values = dict(
+            model=c.ref_model, dataset=dataset, split=c.split, output_dir=str(run_dir), overwrite_output_dir=True,
+            loss=loss, beta=beta, r_max=_r_max_for(loss, c.r_max), reference="precompute",
+            ref_cache_dir=str(self.out / "ref_cache"),
+            max_length=c.max_length, max_prompt_length=c.max_prompt_length, num_train_epochs=c.epochs,
+            per_device_train_batch_size=c.batch_size, learning_rate=c.learning_rate, lr_scheduler_type="constant",
+            save_strategy="epoch", logging_steps=_steps_per_epoch(dataset, c.batch_size), disable_tqdm=True,
+            seed=seed, resume_from_checkpoint="latest" if resume else None,
+        )
+        return build_config(TrainConfig, values)
+
+    def run(self, loss: str, beta: float, seed: int, done: set[int]) -> list[dict]:
+        """Train (or resume) the cell if a needed checkpoint is missing, evaluate its missing epochs."""
+        from transformers import AutoModelForCausalLM
+
+        from chipo.lab.evaluate import evaluate_policy
+
+        c = self.config
+        run_dir = self.out / "runs" / cell_name(loss, beta, seed)
+        missing = [e for e in c.eval_epochs if e not in done]
+        ckpts = checkpoints_by_epoch(run_dir) if run_dir.is_dir() else {}
+        train_seconds = None
+        if not all(e in ckpts for e in missing):
+            config = self.train_config(loss, beta, seed, run_dir, resume=bool(ckpts))
+            start = time.perf_counter()
+            self.train_calls += 1
+            train_fn = self.train_fn
+            if train_fn is None:
+                from chipo.train.run import run_training as train_fn
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # transformers prints every log dict to stdout when tqdm is off; keep it in the run's log instead.
+            with (run_dir / "train.log").open("a") as log, contextlib.redirect_stdout(log), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                train_fn(config)
+            train_seconds = time.perf_counter() - start
+            ckpts = checkpoints_by_epoch(run_dir)
+        train_log = _train_metrics_by_epoch(run_dir / "metrics.jsonl")
+        out = []
+        for epoch in missing:
+            if epoch not in ckpts:
+                raise RuntimeError(f"{run_dir}: no checkpoint for epoch {epoch} after training "
+                                   f"(found epochs {sorted(ckpts)})")
+            start = time.perf_counter()
+            policy = AutoModelForCausalLM.from_pretrained(ckpts[epoch]).eval()
+            metrics = evaluate_policy(policy, self.ref, self.tokenizer, self.gold, self.baseline,
+                                      settings=c.sampling(seed), num_samples=c.num_samples, loss=loss, beta=beta,
+                                      loss_options=_loss_options(loss, c.r_max), progress=False)
+            step = json.loads((ckpts[epoch] / "trainer_state.json").read_text()).get("global_step")
+            row = {"loss": loss, "beta": beta, "seed": seed, "epoch": epoch, "step": step, **metrics,
+                   **train_log.get(epoch, {}), "train_seconds": train_seconds,
+                   "eval_seconds": time.perf_counter() - start}
+            append_row(self.out / "results.jsonl", row)
+            out.append(row)
+        if not c.keep_checkpoints:
+            for ckpt in run_dir.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        return out
+
+
+_WORKER: CellRunner | None = None
+
+
+def _worker_init(config: dict, baseline) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(1)
+    _quiet_libraries()
+    _WORKER = CellRunner(SweepConfig(**config), progress=False, baseline=baseline)
+
+
+def _worker_run(loss: str, beta: float, seed: int, done: set[int]) -> list[dict]:
+    assert _WORKER is not None
+    return _WORKER.run(loss, beta, seed, done)
+
+
+def _r_max_for(loss: str, r_max):
+    """The sweep's r_max applies to the losses whose preset clips the margin (chiPO); the others keep theirs."""
+    from chipo.losses import LOSSES
+
+    return r_max if "r_max" in LOSSES[loss].defaults else "default"
+
+
+def _loss_options(loss: str, r_max) -> dict:
+    value = _r_max_for(loss, r_max)
+    return {} if value == "default" else {"r_max": value}
+
+
+def _steps_per_epoch(dataset: str, batch_size: int) -> int:
+    """Optimizer steps per epoch of a local JSON-lines file (log once per epoch); 10 when unknown."""
+    path = Path(dataset)
+    if path.is_file() and path.suffix == ".jsonl":
+        n = sum(1 for line in path.open() if line.strip())
+        return max(1, math.ceil(n / batch_size))
+    return 10
+
+
+def _train_metrics_by_epoch(path: Path) -> dict[int, dict]:
+    """Training-set loss and implicit-reward accuracy logged at each whole epoch (the proxy's own view)."""
+    out: dict[int, dict] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        epoch = rec.get("epoch")
+        if epoch is None or "loss" not in rec or abs(epoch - round(epoch)) > 1e-6:
+            continue
+        out[int(round(epoch))] = {"train_loss": rec["loss"], "train_acc": rec.get("rewards/accuracies")}
+    return out
+
+
+def load_prompts(source: str, split: str = "train", limit: int | None = None) -> tuple[list[str], list[str | None]]:
+    """Prompts and optional reference responses ('reference', 'completion' or 'chosen' column)."""
+    from chipo.data import load_preference_dataset
+
+    dataset = load_preference_dataset(source, split)
+    if "prompt" not in dataset.column_names:
+        raise ConfigError(f"{source}: needs a 'prompt' column (columns: {', '.join(dataset.column_names)})")
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    prompts = dataset["prompt"]
+    if not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{source}: the lab takes string prompts (standard format)")
+    column = next((c for c in ("reference", "completion", "chosen") if c in dataset.column_names), None)
+    references = list(dataset[column]) if column else [None] * len(prompts)
+    return list(prompts), [r if isinstance(r, str) and r.strip() else None for r in references]
+
+
+def load_pairs(source: str, split: str = "train") -> list[dict]:
+    """Standard-format preference rows (prompt / chosen / rejected strings)."""
+    from chipo.data import load_preference_dataset
+
+    dataset = load_preference_dataset(source, split)
+    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+    if missing:
+        raise ConfigError(f"{source}: missing column(s) {sorted(missing)}")
+    return [{"prompt": p, "chosen": c, "rejected": r}
+            for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])]

@@ -1,0 +1,37 @@
+"""`chipo demo --quick` end to end: the real world, the real trainer, a report with plots and numbers.
+
+The world (pi_ref's SFT) is cached under ``$CHIPO_CACHE`` or ``~/.cache/chipo/world`` like for any user, so the
+first run on a machine also builds it (about half a minute of CPU); later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from chipo.lab.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    report = out / "report"
+    for name in ("report.md", "winrate_vs_epochs.png", "gold_vs_sqrt_kl.png", "divergence_vs_epochs.png",
+                 "results.json", "results.csv"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    text = (report / "report.md").read_text()
+    for needle in ("Table 1", "chiPO vs DPO", "machine", "versions", "wall time", "seeds"):
+        assert needle in text, needle
+    rows = json.loads((report / "results.json").read_text())["rows"]
+    cells = {(r["loss"], r["beta"]) for r in rows if r["loss"] != "pi_ref"}
+    assert cells == {("dpo", 0.05), ("dpo", 0.005), ("chipo", 0.05), ("chipo", 0.005)}
+    for r in rows:
+        assert 0.0 <= r["win_rate_vs_ref"] <= 1.0 and math.isfinite(r["kl_k3"])
+        assert 0.0 <= r["exact"]["win_rate_vs_ref"] <= 1.0
+        assert r["exact"]["total_mass"] == pytest.approx(1.0, abs=1e-6)
+    ref = next(r for r in rows if r["loss"] == "pi_ref")
+    assert ref["exact"]["win_rate_vs_ref"] == pytest.approx(0.5) and ref["exact"]["kl"] == pytest.approx(0.0)
+    assert "Report:" in capsys.readouterr().out

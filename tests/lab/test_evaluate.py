@@ -1,0 +1,73 @@
+"""Estimators of the lab on small discrete cases where the exact value is computable."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from chipo.divergences import CHI2, KL, clamped_exp
+from chipo.lab.evaluate import Baseline, ExactSpace, exact_metrics, win_indicator, win_probability
+
+PI = np.array([0.4, 0.3, 0.2, 0.1])
+REF = np.array([0.25, 0.25, 0.25, 0.25])
+EXACT_KL = float((PI * np.log(PI / REF)).sum())  # = 0.1064...
+EXACT_CHI2 = float(0.5 * ((PI / REF - 1) ** 2 * REF).sum())  # seed convention 1/2 E_ref[(z - 1)^2] = 0.1
+
+
+def _log_ratios_from_pi(n: int, seed: int) -> torch.Tensor:
+    rng = np.random.Generator(np.random.PCG64(seed))
+    y = rng.choice(len(PI), size=n, p=PI)
+    return torch.tensor(np.log(PI[y] / REF[y]), dtype=torch.float64)
+
+
+def test_exact_values_of_the_case():
+    # Hand computation: KL = 0.4 ln 1.6 + 0.3 ln 1.2 + 0.2 ln 0.8 + 0.1 ln 0.4; chi2 = 2 * sum (pi - ref)^2 = 0.1.
+    assert EXACT_KL == pytest.approx(0.4 * math.log(1.6) + 0.3 * math.log(1.2) + 0.2 * math.log(0.8)
+                                     + 0.1 * math.log(0.4))
+    assert EXACT_CHI2 == pytest.approx(0.1)
+
+
+def test_monte_carlo_kl_and_chi2_from_policy_samples_match_exact_values():
+    """k1 (mean log-ratio), k3 (KL.estimate_from_policy) and CHI2.estimate_from_policy within 5 s.e."""
+    L = _log_ratios_from_pi(200_000, 0)
+    w = clamped_exp(-L)
+    k1_terms, k3_terms, chi_terms = L, KL.f(L) * w, CHI2.f(L) * w
+    for estimate, terms, exact in ((L.mean(), k1_terms, EXACT_KL),
+                                   (KL.estimate_from_policy(L), k3_terms, EXACT_KL),
+                                   (CHI2.estimate_from_policy(L), chi_terms, EXACT_CHI2)):
+        se = float(terms.std() / math.sqrt(len(L)))
+        assert abs(float(estimate) - exact) < 5 * se
+
+
+def test_k3_terms_are_nonnegative_and_k1_terms_are_not():
+    L = _log_ratios_from_pi(1000, 1)
+    assert (KL.f(L) * clamped_exp(-L) >= 0).all()
+    assert (L < 0).any()
+
+
+def test_exact_metrics_on_a_hand_made_partition():
+    """Cells with rewards; pi, pi_ref as above: exact J, KL, chi2 and win rates by hand."""
+    rewards = np.array([[1.0, 0.5, 0.5, 0.0]])
+    baseline = Baseline(prompts=["x"], references=["r"], reference_rewards=np.array([0.5]), ref_samples=None,
+                        ref_rewards=np.zeros(0),
+                        exact=ExactSpace(np.log(REF)[None], rewards, np.array([[True, True, True, False]])))
+    out = exact_metrics(np.log(PI)[None], baseline)
+    assert out["gold"] == pytest.approx(0.4 * 1 + 0.5 * 0.5)
+    assert out["kl"] == pytest.approx(EXACT_KL)
+    assert out["chi2"] == pytest.approx(EXACT_CHI2)
+    assert out["mass_malformed"] == pytest.approx(0.1)
+    brute = sum(PI[i] * REF[j] * win_indicator(rewards[0, i], rewards[0, j]) for i in range(4) for j in range(4))
+    assert out["win_rate_vs_ref"] == pytest.approx(brute)
+    assert out["win_rate_vs_reference"] == pytest.approx(0.4 + 0.5 * 0.5)
+
+
+def test_win_probability_by_sorting_matches_brute_force():
+    rng = np.random.Generator(np.random.PCG64(5))
+    r = rng.integers(0, 4, 50).astype(float)  # many ties
+    p, q = rng.dirichlet(np.ones(50)), rng.dirichlet(np.ones(50))
+    brute = p @ win_indicator(r[:, None], r[None, :]) @ q
+    assert win_probability(p, q, r) == pytest.approx(brute)
+    assert win_probability(q, q, r) == pytest.approx(0.5)  # any policy against itself

@@ -1,0 +1,77 @@
+"""Gold scorers: a reward model by path, a module:function callable, the world's judge; and the world itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from chipo.config import ConfigError
+from chipo.lab.generate import response_logps
+from chipo.lab.gold import CallableScorer, HFRewardModelScorer, WorldScorer, load_gold_scorer
+from chipo.lab.world import Language, WorldSpec, default_language, gold_reward
+
+
+def test_reward_model_by_path_scores_like_the_model(tiny_reward_model):
+    scorer = load_gold_scorer(str(tiny_reward_model))
+    assert isinstance(scorer, HFRewardModelScorer)
+    prompts, responses = ["t0 s1", "t1 s0", "t0 s0"], ["a b", "b", "c a"]
+    scores = scorer.score(prompts, responses)
+    assert scores.shape == (3,) and np.isfinite(scores).all()
+    # Batched and padded scoring equals one-at-a-time scoring of the concatenated text.
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model)
+    with torch.no_grad():
+        single = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item()
+                  for p, r in zip(prompts, responses)]
+    np.testing.assert_allclose(scores, single, rtol=1e-4, atol=1e-5)
+
+
+def test_callable_scorer_from_module_function():
+    scorer = load_gold_scorer("chipo.lab.world:gold_reward")
+    assert isinstance(scorer, CallableScorer)
+    language = default_language()
+    prompt = language.prompt_text(0, 0)
+    well = next(r for r in language.response_space() if language.gold_text(prompt, r) > 0)
+    expected = gold_reward([prompt, prompt], [well, "zz"])
+    np.testing.assert_allclose(scorer.score([prompt, prompt], [well, "zz"]), expected)
+
+
+@pytest.mark.parametrize("spec", ["no_such_module_xyz:fn", "chipo.lab.world:no_such_fn", "world:/nonexistent/dir"])
+def test_bad_gold_specs_raise_config_errors(spec):
+    with pytest.raises(ConfigError):
+        load_gold_scorer(spec)
+
+
+def test_world_gold_is_zero_outside_the_language_and_in_unit_interval_inside():
+    language = Language.generate(WorldSpec())
+    scorer = WorldScorer(language)
+    prompt = language.prompt_text(1, 2)
+    space = language.response_space()
+    rewards = scorer.score([prompt] * len(space), space)
+    well = np.array([language._well_formed(1, language.parse_response(r)) for r in space])
+    assert well.sum() == WorldSpec().branching ** WorldSpec().response_length
+    assert (rewards[~well] == 0).all() and ((rewards[well] > 0) & (rewards[well] < 1)).all()
+    for bad in ["", "a b c", "a b c d e", "t1 a b c", "<|pad|> a b c"]:
+        assert scorer.score([prompt], [bad])[0] == 0.0
+
+
+def test_exact_partition_sums_to_one_and_matches_direct_log_probs(tiny_world):
+    language = Language.from_json(json.loads((tiny_world / "language.json").read_text()))
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "pi_ref")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world / "pi_ref")
+    prompts = [language.prompt_text(*p) for p in language.all_prompts()]
+    logp, rewards, well = language.exact_partition(model, tokenizer, prompts)
+    np.testing.assert_allclose(np.exp(logp).sum(1), 1.0, atol=1e-9)
+    k, length = language.spec.n_letters, language.spec.response_length
+    offset = sum(2 * k ** j for j in range(length))  # cells "u + EOS" for |u| = L start here
+    space = language.response_space()
+    direct = response_logps(model, tokenizer, [prompts[0]] * len(space), space).double().numpy()
+    np.testing.assert_allclose(logp[0, offset:offset + k ** length], direct, atol=1e-4)
+    np.testing.assert_allclose(rewards[0, offset:offset + k ** length],
+                               [language.gold_text(prompts[0], r) for r in space])
+    assert rewards[:, :offset].max() == 0 and rewards[:, offset + k ** length:].max() == 0
+    assert (well.sum(1) == language.spec.branching ** length).all()

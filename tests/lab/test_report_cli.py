@@ -1,0 +1,117 @@
+"""The report from results rows, and the `chipo lab` commands with a gold reward model and data given by path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chipo.lab.cli import build_parser, main
+from chipo.lab.report import aggregate, primary, table1, write_report
+
+
+def _rows():
+    rows = [{"loss": "pi_ref", "beta": None, "seed": None, "epoch": 0, "win_rate_vs_ref": 0.5, "gold_mean": 0.4,
+             "kl_k3": 0.0, "kl_k1": 0.0, "chi2_mc": 0.0, "length_mean": 4.0, "n_prompts": 2, "n_samples": 8,
+             "examples": [{"prompt": "t0 s0", "response": "a b", "gold": 0.5}]}]
+    for seed in (0, 1):
+        for beta in (0.1, 0.01):
+            for epoch in (1, 2, 4):
+                for loss, drop in (("dpo", 0.1), ("chipo", 0.01)):
+                    win = 0.6 - drop * epoch + 0.01 * seed
+                    rows.append({"loss": loss, "beta": beta, "seed": seed, "epoch": epoch, "win_rate_vs_ref": win,
+                                 "gold_mean": win - 0.1, "kl_k3": epoch * (2.0 if loss == "dpo" else 1.0),
+                                 "kl_k1": epoch, "chi2_mc": 10.0 * epoch, "length_mean": 4.0,
+                                 "implicit_acc": 0.6, "train_acc": 0.7, "n_prompts": 2, "n_samples": 8})
+    return rows
+
+
+def test_report_writes_markdown_plots_and_raw_results(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    report = write_report(sweep, meta={"machine": {"machine": "test box"}, "timing": {"wall time": "1 s"}})
+    out = report.parent
+    for name in ("report.md", "winrate_vs_epochs.png", "gold_vs_sqrt_kl.png", "divergence_vs_epochs.png",
+                 "results.json", "results.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    text = report.read_text()
+    assert "test box" in text and "Table 1" in text and "chiPO vs DPO" in text
+    # Mean over the two seeds at beta 0.01, epoch 4: chiPO 0.6 - 0.04 + 0.005, DPO 0.6 - 0.4 + 0.005.
+    assert "56.5 vs 20.5" in text
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"]) == len(_rows()) and data["aggregate"]
+    # Rewriting replaces the report atomically (no stale temporary directories left behind).
+    write_report(sweep)
+    assert sorted(p.name for p in tmp_path.joinpath("sweep").iterdir()) == ["report", "results.jsonl"]
+
+
+def test_table1_layout():
+    rows = _rows()
+    keys = primary(rows)
+    text = table1(aggregate(rows, [keys["win"]]), keys)
+    lines = text.splitlines()
+    assert lines[0].startswith("| beta | epochs 1 (chiPO vs DPO) | 2 | 4 |")
+    assert lines[2].startswith("| 0.1 |") and lines[3].startswith("| 0.01 |")
+
+
+@pytest.mark.parametrize("command", ["demo", "generate-prefs", "evaluate", "sweep", "report"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_generate_prefs_and_evaluate_with_a_reward_model_and_data_by_path(tiny_world, tiny_reward_model, tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    code = main(["generate-prefs", "--policy", str(tiny_world / "pi_ref"), "--prompts",
+                 str(tiny_world / "prompts_eval.jsonl"), "--gold", str(tiny_reward_model), "--pairs-per-prompt", "3",
+                 "--scale", "2", "--max-new-tokens", "4", "--out", str(prefs)])
+    assert code == 0
+    rows = [json.loads(line) for line in prefs.open()]
+    assert rows and {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"} <= set(rows[0])
+    meta = json.loads((tmp_path / "prefs.jsonl.meta.json").read_text())
+    assert meta["settings"]["gold"].startswith("hf:") and meta["settings"]["scale"] == 2.0
+
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--policy", str(tiny_world / "pi_ref"), "--ref", str(tiny_world / "pi_ref"),
+                 "--prompts", str(tiny_world / "prompts_eval.jsonl"), "--gold", str(tiny_reward_model),
+                 "--heldout-prefs", str(prefs), "--loss", "dpo", "--beta", "0.1", "--num-samples", "4",
+                 "--max-new-tokens", "4", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    for key in ("gold_mean", "gold_se", "win_rate_vs_ref", "win_rate_vs_reference", "kl_k1", "kl_k3", "chi2_mc",
+                "length_mean", "implicit_acc", "sampling"):
+        assert key in metrics, key
+    assert metrics["kl_k1"] == pytest.approx(0.0, abs=1e-5)  # the policy is pi_ref itself
+    assert metrics["implicit_acc"] == 0.5
+    assert "exact" not in metrics  # a reward model has no enumerable response space
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    code = main(["generate-prefs", "--policy", str(tmp_path / "nope"), "--prompts", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "x.jsonl")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chipo generate-prefs: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_command_with_the_real_trainer_a_reward_model_and_data_by_path(tiny_world, tiny_reward_model,
+                                                                               tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--ref", str(tiny_world / "pi_ref"), "--train-prefs", str(tiny_world / "prefs.jsonl"),
+            "--eval-prompts", str(tiny_world / "prompts_eval.jsonl"), "--heldout-prefs",
+            str(tiny_world / "prefs.jsonl"), "--gold", str(tiny_reward_model), "--gold-template",
+            "{prompt} {response}", "--losses", "dpo,chipo", "--betas", "0.1", "--seeds", "0", "--epochs", "2",
+            "--num-samples", "4", "--max-new-tokens", "4", "--max-length", "16", "--out", str(out), "--report"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").open()]
+    assert sorted((r["loss"], r["epoch"]) for r in rows) == [("chipo", 1), ("chipo", 2), ("dpo", 1), ("dpo", 2),
+                                                             ("pi_ref", 0)]
+    trained = next(r for r in rows if r["loss"] == "chipo" and r["epoch"] == 2)
+    assert trained["step"] > 0 and trained["kl_k1"] != 0.0  # the real trainer moved the policy
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "winrate_vs_epochs.png").is_file()
+    # A rerun finds every cell finished.
+    assert main(argv) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)

@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny Llama + tokenizer saved as an HF directory, and preference files built locally."""
 
-import json
 import os
 
 import pytest
@@ -20,7 +19,3 @@ def tiny_dir(tmp_path_factory):
     write_jsonl(toy_preference_rows(32, seed=0), root / "train.jsonl")
     write_jsonl(toy_preference_rows(16, seed=1), root / "test.jsonl")
     return root
-
-
-def read_metrics(path):
-    return [json.loads(line) for line in open(path)]

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from chipo.data import PreferenceCollator, load_preference_dataset, prepare_preference_dataset
+from chipo.train.io import read_jsonl as read_metrics
 from chipo.train.preference import NonFiniteError, NonFiniteGradientGuard, PreferenceTrainer
 from chipo.train.reference import compute_reference_logps
-from conftest import read_metrics
 
 
 class _PoisonAfterStep(TrainerCallback):

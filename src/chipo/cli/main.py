@@ -15,7 +15,11 @@ from chipo import __version__
 
 COMMANDS = {
     "train": ("chipo.cli.train:main", "Preference-train a causal LM (chiPO, DPO, IPO, ...) from YAML + key=value."),
-    "demo": ("chipo.lab.cli:demo_main", "Watch DPO overoptimize and chiPO hold on an embedded world (CPU, minutes)."),
+    "sft": ("chipo.cli.sft:main", "Supervised fine-tuning (prompt/completion or messages), loss on completions only."),
+    "reward": ("chipo.cli.reward:main", "Train a Bradley-Terry reward model (HF sequence classifier)."),
+    "rl": ("chipo.cli.rl:main", "Online RL (RLOO) against a reward, regularized by kl, chi2 or chi2mix."),
+    "judge": ("chipo.cli.judge:main", "Pairwise win rate of a over b by an LLM (OpenAI-compatible) or reward model."),
+    "demo": ("chipo.lab.cli:main demo", "Watch DPO overoptimize and chiPO hold on an embedded world (CPU, minutes)."),
     "lab": ("chipo.lab.cli:main", "Overoptimization lab: generate preference data, evaluate, sweep, report."),
     "bandit": ("chipo.bandit.cli:main", "The exact tabular testbed: regret, bound check, overoptimization vs beta."),
 }
@@ -41,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     target, _ = COMMANDS[argv[0]]
-    module, func = target.split(":")
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    entry, *prefix = target.split()  # "module:function [leading args]"
+    module, func = entry.split(":")
+    return int(getattr(importlib.import_module(module), func)([*prefix, *argv[1:]]) or 0)
 
 
 def run_guarded(fn, *args) -> int:

@@ -30,7 +30,8 @@ class TrainConfig:
     loss: str = _field("chipo", f"Preference loss preset: {', '.join(loss_names())}.")
     beta: float = _field(0.1, "Regularisation strength beta (> 0): implicit reward = beta * link(pi/pi_ref).")
     r_max: float | str | None = _field("default", "Reward bound of the margin clip [-2 r_max, 2 r_max]. 'default': "
-                                                  "the loss's own (chipo: 5.0, others: none); null: no clip.")
+                                                  "the loss's own (chipo: 5.0, others: none); a number clips any "
+                                                  "loss; null: no clip.")
     link: str | None = _field(None, "Override the loss's link: kl, chi2mix, chi2, fkl, js, alpha.")
     label_smoothing: float | None = _field(None, "Label-flip rate for robust/cdpo (default: the loss's own, 0.1).")
     alpha: float = _field(0.5, "Parameter of the alpha-divergence link, in (0, 1).")

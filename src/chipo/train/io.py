@@ -50,3 +50,9 @@ class JsonlMetricsCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All records of a JSON-lines file such as ``metrics.jsonl`` (blank lines skipped)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -54,7 +54,7 @@ def cache_key(model_fp: str, data_fp: str, settings: dict) -> str:
 @torch.no_grad()
 def compute_reference_logps(model: nn.Module, dataset, collator, batch_size: int = 8, impl: str = "fused",
                             chunk_tokens: int = 1024, disable_adapter: bool = False,
-                            desc: str = "reference log-probs") -> tuple[Tensor, Tensor]:
+                            desc: str = "reference log-probs", progress: bool = True) -> tuple[Tensor, Tensor]:
     """(chosen [N], rejected [N]) summed response log-probs of ``model`` for every row, in dataset order."""
     was_training = model.training
     model.eval()
@@ -63,7 +63,8 @@ def compute_reference_logps(model: nn.Module, dataset, collator, batch_size: int
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     columns = [c for c in dataset.column_names if c in (*_TOKEN_COLUMNS, "row")]
     with adapter_off:
-        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch", leave=False):
+        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch", leave=False,
+                          disable=not progress):
             rows = dataset.select_columns(columns)[start:start + batch_size]
             features = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = {k: v.to(device) for k, v in collator(features).items()}

@@ -241,10 +241,15 @@ def claim_checks(agg: dict, keys: dict) -> list[str]:
         return agg[(loss, beta, e)][keys["win"]]
 
     def diff_sig(a, b):
-        """a - b and whether it exceeds 2 combined standard errors (nan se -> not judged significant)."""
+        """a - b and whether it exceeds 2 combined standard errors (None: no standard error, e.g. one seed)."""
         d = a[0] - b[0]
         se = math.sqrt(np.nan_to_num(a[1]) ** 2 + np.nan_to_num(b[1]) ** 2)
-        return d, (se > 0 and abs(d) > 2 * se)
+        return d, (abs(d) > 2 * se if se > 0 else None)
+
+    def fall(drop, sig, falls, holds, falls_untested, holds_untested):
+        if sig is None:
+            return f"{falls_untested if drop > 0 else holds_untested} (one seed: no significance test)"
+        return falls if sig and drop > 0 else holds
 
     for beta in betas:
         dpo_best_e = max(epochs, key=lambda e: w("dpo", beta, e)[0])
@@ -252,14 +257,16 @@ def claim_checks(agg: dict, keys: dict) -> list[str]:
         d_drop, d_sig = diff_sig(w("dpo", beta, dpo_best_e), w("dpo", beta, last))
         c_drop, c_sig = diff_sig(w("chipo", beta, chipo_best_e), w("chipo", beta, last))
         gap, gap_sig = diff_sig(w("chipo", beta, last), w("dpo", beta, last))
+        gap_verdict = ("one seed: no significance test" if gap_sig is None
+                       else "significant at 2 s.e." if gap_sig else "not significant at 2 s.e.")
         lines.append(
             f"- beta {beta:g}: DPO's win rate peaks at {_fmt(w('dpo', beta, dpo_best_e)[0], scale=100)}% (epoch "
             f"{dpo_best_e}) and ends at {_fmt(w('dpo', beta, last)[0], scale=100)}% (epoch {last}): "
-            f"{'a significant fall' if d_sig and d_drop > 0 else 'no significant fall'}. chiPO peaks at "
+            f"{fall(d_drop, d_sig, 'a significant fall', 'no significant fall', 'a fall', 'no fall')}. chiPO peaks at "
             f"{_fmt(w('chipo', beta, chipo_best_e)[0], scale=100)}% (epoch {chipo_best_e}) and ends at "
             f"{_fmt(w('chipo', beta, last)[0], scale=100)}%: "
-            f"{'it holds' if not (c_sig and c_drop > 0) else 'it falls too'}. At epoch {last} chiPO - DPO = "
-            f"{gap * 100:+.1f} points ({'significant' if gap_sig else 'not significant'} at 2 s.e.).")
+            f"{fall(c_drop, c_sig, 'it falls too', 'it holds', 'it falls', 'it holds')}. At epoch {last} chiPO - DPO = "
+            f"{gap * 100:+.1f} points ({gap_verdict}).")
         kl_below = sum(agg[("chipo", beta, e)]["kl_k3"][0] < agg[("dpo", beta, e)]["kl_k3"][0] for e in epochs)
         chi_below = sum(agg[("chipo", beta, e)][keys["chi2"]][0] < agg[("dpo", beta, e)][keys["chi2"]][0]
                         for e in epochs)

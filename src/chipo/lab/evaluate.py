@@ -47,7 +47,8 @@ CHI2_CAVEAT = ("Monte-Carlo chi-squared E_pi[(z - 2 + 1/z)/2] has variance growi
                "itself: with a finite sample, large values are noisy lower bounds.")
 
 
-def _mean_se(values: np.ndarray) -> tuple[float, float]:
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n); nan for fewer than 2 values)."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return math.nan, math.nan
@@ -159,6 +160,21 @@ def implicit_reward_accuracy(policy, tokenizer, heldout: list[dict], loss: str, 
     return float(win_indicator(margins, 0.0).mean())
 
 
+def divergence_stats(log_ratio: torch.Tensor) -> dict:
+    """KL (k1: mean log-ratio; k3: ``KL.estimate_from_policy``) and chi-squared (``CHI2.estimate_from_policy``)
+    Monte-Carlo estimates with standard errors, from log pi - log pi_ref of the policy's own samples."""
+    log_ratio = log_ratio.double()
+    weight = clamped_exp(-log_ratio)  # importance weight 1/z of the "from policy" estimators
+    out = {}
+    out["kl_k1"], out["kl_k1_se"] = mean_se(log_ratio.numpy())
+    out["kl_k3"] = float(KL.estimate_from_policy(log_ratio))
+    out["kl_k3_se"] = mean_se((KL.f(log_ratio) * weight).numpy())[1]
+    out["chi2_mc"] = float(CHI2.estimate_from_policy(log_ratio))
+    out["chi2_mc_se"] = mean_se((CHI2.f(log_ratio) * weight).numpy())[1]
+    out["log_ratio_max"] = float(log_ratio.max())
+    return out
+
+
 @torch.no_grad()
 def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, settings: SamplingSettings,
                     num_samples: int, loss: str | None = None, beta: float | None = None,
@@ -174,11 +190,11 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
         mine, theirs = index == i, baseline.ref_rewards[ref_index == i]
         wins[mine] = win_indicator(rewards[mine][:, None], theirs[None, :]).mean(1)
     out: dict = {"n_prompts": len(baseline.prompts), "n_samples": len(rewards), "sampling": settings.as_dict()}
-    out["gold_mean"], out["gold_se"] = _mean_se(rewards)
-    out["win_rate_vs_ref"], out["win_rate_vs_ref_se"] = _mean_se(wins)
+    out["gold_mean"], out["gold_se"] = mean_se(rewards)
+    out["win_rate_vs_ref"], out["win_rate_vs_ref_se"] = mean_se(wins)
     has_ref = ~np.isnan(baseline.reference_rewards[index])
     if has_ref.any():
-        out["win_rate_vs_reference"], out["win_rate_vs_reference_se"] = _mean_se(
+        out["win_rate_vs_reference"], out["win_rate_vs_reference_se"] = mean_se(
             win_indicator(rewards[has_ref], baseline.reference_rewards[index][has_ref]))
 
     # Log-ratios of the policy's own samples, on the exact sampled token ids (EOS included when emitted).
@@ -186,14 +202,8 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log_ratio = (token_logps(policy, prompt_ids, samples.token_ids, pad)
                  - token_logps(ref_model, prompt_ids, samples.token_ids, pad)).double()
-    weight = clamped_exp(-log_ratio)
-    out["kl_k1"], out["kl_k1_se"] = _mean_se(log_ratio.numpy())
-    out["kl_k3"] = float(KL.estimate_from_policy(log_ratio))
-    out["kl_k3_se"] = _mean_se((KL.f(log_ratio) * weight).numpy())[1]
-    out["chi2_mc"] = float(CHI2.estimate_from_policy(log_ratio))
-    out["chi2_mc_se"] = _mean_se((CHI2.f(log_ratio) * weight).numpy())[1]
-    out["log_ratio_max"] = float(log_ratio.max())
-    out["length_mean"], out["length_se"] = _mean_se(samples.lengths())
+    out.update(divergence_stats(log_ratio))
+    out["length_mean"], out["length_se"] = mean_se(samples.lengths())
     out["finished_frac"] = float(np.mean(samples.finished))
     # A few samples of the first prompts, so the report can show what the policy writes.
     out["examples"] = [{"prompt": baseline.prompts[i], "response": samples.texts[k], "gold": float(rewards[k])}

@@ -316,7 +316,7 @@ class CellRunner:
         dataset = c.train_prefs.replace("{seed}", str(seed))
         values = dict(
             model=c.ref_model, dataset=dataset, split=c.split, output_dir=str(run_dir), overwrite_output_dir=True,
-            loss=loss, beta=beta, r_max=_r_max_for(loss, c.r_max), reference="precompute",
+            loss=loss, beta=beta, r_max=r_max_for(loss, c.r_max), reference="precompute",
             ref_cache_dir=str(self.out / "ref_cache"),
             max_length=c.max_length, max_prompt_length=c.max_prompt_length, num_train_epochs=c.epochs,
             per_device_train_batch_size=c.batch_size, learning_rate=c.learning_rate, lr_scheduler_type="constant",
@@ -391,7 +391,7 @@ def _worker_run(loss: str, beta: float, seed: int, done: set[int]) -> list[dict]
     return _WORKER.run(loss, beta, seed, done)
 
 
-def _r_max_for(loss: str, r_max):
+def r_max_for(loss: str, r_max):
     """The sweep's r_max applies to the losses whose preset clips the margin (chiPO); the others keep theirs."""
     from chipo.losses import LOSSES
 
@@ -399,7 +399,7 @@ def _r_max_for(loss: str, r_max):
 
 
 def _loss_options(loss: str, r_max) -> dict:
-    value = _r_max_for(loss, r_max)
+    value = r_max_for(loss, r_max)
     return {} if value == "default" else {"r_max": value}
 
 

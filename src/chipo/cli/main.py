@@ -21,6 +21,7 @@ COMMANDS = {
     "judge": ("chipo.cli.judge:main", "Pairwise win rate of a over b by an LLM (OpenAI-compatible) or reward model."),
     "demo": ("chipo.lab.cli:main demo", "Watch DPO overoptimize and chiPO hold on an embedded world (CPU, minutes)."),
     "lab": ("chipo.lab.cli:main", "Overoptimization lab: generate preference data, evaluate, sweep, report."),
+    "tldr": ("chipo.recipes.tldr.cli:main", "The paper's TL;DR experiment: sft, sweep, generate, judge, report."),
     "bandit": ("chipo.bandit.cli:main", "The exact tabular testbed: regret, bound check, overoptimization vs beta."),
 }
 

@@ -47,6 +47,9 @@ class TrainConfig:
     logprobs_impl: str = _field("auto", "'fused' (logits only at response tokens, chunked, recomputed in "
                                         "backward), 'logits' (chunked log-softmax of full logits), or 'auto'.")
     logprob_chunk: int = _field(1024, "Tokens per chunk in the fused log-prob path.")
+    padding_buckets: int = _field(4, "Run each batch as up to N forwards over rows of similar length, skipping most "
+                                     "padding; same results up to round-off, sample order unchanged. Single-process "
+                                     "runs only (DDP needs one forward per backward); 1 disables.")
     group_by_length: bool = _field(False, "Batch rows of similar length together (less padding; changes the "
                                           "sample order beyond plain shuffling, so off by default).")
     # --- LoRA
@@ -62,7 +65,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = _field(8, "Pairs per device per evaluation batch.")
     gradient_accumulation_steps: int = _field(1, "Micro-batches per optimizer step.")
     learning_rate: float = _field(5e-7, "Peak learning rate.")
-    optim: str = _field("adamw_torch", "Optimizer name understood by transformers (adamw_torch, sgd, adafactor, ...).")
+    optim: str = _field("adamw_torch_fused", "Optimizer name understood by transformers (adamw_torch_fused, "
+                                             "adamw_torch, sgd, adafactor, ...).")
     lr_scheduler_type: str = _field("linear", "transformers scheduler name (linear, cosine, constant, ...).")
     warmup_ratio: float = _field(0.0, "Fraction of steps of linear warm-up, in [0, 1).")
     weight_decay: float = _field(0.0, "AdamW weight decay.")
@@ -108,7 +112,7 @@ class TrainConfig:
             raise ConfigError(f"max_prompt_length must lie in (0, max_length={self.max_length}), "
                               f"got {self.max_prompt_length}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "logprob_chunk", "lora_r"):
+                     "logging_steps", "logprob_chunk", "lora_r", "padding_buckets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:

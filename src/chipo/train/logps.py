@@ -16,14 +16,51 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def length_buckets(lengths: list[int], max_buckets: int, overhead: float = 0.05) -> list[list[int]]:
+    """Split rows into <= ``max_buckets`` groups of similar length, to run one forward per group.
+
+    Rows are sorted by length and cut into k groups of equal count, k = 1..max_buckets; the k minimising the
+    padded area sum_g |g| * max_len(g), plus ``overhead`` x (the unbucketed area) per extra forward pass (kernel
+    launches, Python), wins. Returns the row indices of each group (k = 1: one group of all rows).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    full_area = len(lengths) * max(lengths, default=0)
+    best, best_cost = [order], float(full_area)
+    for k in range(2, max_buckets + 1):
+        groups = [g for g in (order[i * len(order) // k:(i + 1) * len(order) // k] for i in range(k)) if g]
+        cost = sum(len(g) * lengths[g[-1]] for g in groups) + overhead * full_area * (len(groups) - 1)
+        if cost < best_cost:
+            best, best_cost = groups, cost
+    return best
+
+
 def batch_sequence_logps(model: nn.Module, batch: dict[str, Tensor], impl: str = "fused",
-                         chunk_tokens: int = 1024) -> Tensor:
+                         chunk_tokens: int = 1024, max_buckets: int = 1) -> Tensor:
     """Summed response log-probs [2B] for ``batch`` (chosen rows first, then rejected; see the collator).
 
     ``fused`` calls the (wrapped) model -- so DDP/accelerate hooks run -- asking for hidden states and a single
     logit column, then applies the LM head only at response positions (``chipo.logprobs.logprobs_from_hidden``).
     ``logits`` materialises the model's logits and takes a chunked fp32 log-softmax.
+
+    ``max_buckets > 1`` runs the rows in up to that many length groups (``length_buckets``), each trimmed to its
+    longest row, so short rows stop paying for the batch's longest (in preference data typically over half of a
+    padded batch is padding). Rows are right-padded and attention is causal, so trimming trailing padding changes
+    no real token's output: the results equal the single forward up to float round-off. Only for unwrapped models:
+    DDP/FSDP expect exactly one forward per backward.
     """
+    if max_buckets > 1 and _unwrap(model) is model:
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        groups = length_buckets(lengths, max_buckets)
+        if len(groups) > 1:
+            device = batch["input_ids"].device
+            parts = []
+            for group in groups:
+                rows = torch.tensor(group, device=device)
+                width = max(lengths[i] for i in group)
+                sub = {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "response_mask")}
+                parts.append(batch_sequence_logps(model, sub, impl, chunk_tokens))
+            permutation = torch.tensor([i for group in groups for i in group], device=device)
+            return torch.cat(parts)[torch.argsort(permutation)]
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     if impl == "fused":
         out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1, use_cache=False)

@@ -28,6 +28,10 @@ class NonFiniteGradientGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # One fused norm and one host sync; NaN/inf in any gradient make it non-finite. Names only on failure.
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
+            return
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
             raise NonFiniteError(f"non-finite gradient at optimizer step {state.global_step + 1} in "
@@ -48,12 +52,13 @@ class PreferenceTrainer(Trainer):
     Args (beyond Trainer's): ``loss_name``, ``beta``, ``loss_options`` (see ``chipo.losses``), ``ref_model``
     (a frozen reference evaluated each step; None when the batches carry precomputed ``ref_*_logps`` or when
     ``ref_adapter_disabled``), ``ref_adapter_disabled`` (LoRA: reference = policy with adapters off),
-    ``logprobs_impl`` and ``logprob_chunk``.
+    ``logprobs_impl``, ``logprob_chunk`` and ``padding_buckets`` (length buckets per batch, single process only;
+    see ``chipo.train.logps.batch_sequence_logps``).
     """
 
     def __init__(self, *args: Any, loss_name: str, beta: float, loss_options: dict | None = None,
                  ref_model: nn.Module | None = None, ref_adapter_disabled: bool = False,
-                 logprobs_impl: str = "fused", logprob_chunk: int = 1024, **kwargs: Any):
+                 logprobs_impl: str = "fused", logprob_chunk: int = 1024, padding_buckets: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_name = loss_name
         self.beta = beta
@@ -61,6 +66,8 @@ class PreferenceTrainer(Trainer):
         self.ref_adapter_disabled = ref_adapter_disabled
         self.logprobs_impl = logprobs_impl
         self.logprob_chunk = logprob_chunk
+        # Several forwards per backward are only valid without DDP/FSDP/DeepSpeed wrapping (one process).
+        self.padding_buckets = padding_buckets if self.accelerator.num_processes == 1 else 1
         # The loss is a mean over pairs: let Trainer divide it by the accumulation steps (equal micro-batches).
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
@@ -78,18 +85,20 @@ class PreferenceTrainer(Trainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         with torch.no_grad():
             if self.ref_model is not None:
-                logps = batch_sequence_logps(self.ref_model, inputs, self.logprobs_impl, self.logprob_chunk)
+                logps = batch_sequence_logps(self.ref_model, inputs, self.logprobs_impl, self.logprob_chunk,
+                                             self.padding_buckets)
             elif self.ref_adapter_disabled:
                 unwrapped = self.accelerator.unwrap_model(model)
                 with unwrapped.disable_adapter():
-                    logps = batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk)
+                    logps = batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk,
+                                                 self.padding_buckets)
             else:
                 raise RuntimeError("no reference: pass ref_model, ref_adapter_disabled=True or precomputed logps")
         return logps.detach().chunk(2)
 
     def pair_losses(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-pair losses [B] and per-pair metrics for a collated batch."""
-        policy = batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk)
+        policy = batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk, self.padding_buckets)
         policy_chosen, policy_rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
         return preference_loss(self.loss_name, policy_chosen, policy_rejected, ref_chosen, ref_rejected,

@@ -68,7 +68,7 @@ def compute_reference_logps(model: nn.Module, dataset, collator, batch_size: int
             rows = dataset.select_columns(columns)[start:start + batch_size]
             features = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = {k: v.to(device) for k, v in collator(features).items()}
-            logps = batch_sequence_logps(model, batch, impl, chunk_tokens).float().cpu()
+            logps = batch_sequence_logps(model, batch, impl, chunk_tokens, max_buckets=4).float().cpu()
             c, r = logps.chunk(2)
             chosen.append(c)
             rejected.append(r)

@@ -192,7 +192,7 @@ def run_training(config: TrainConfig) -> Path:
         callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
         loss_name=config.loss, beta=config.beta, loss_options=config.loss_options(), ref_model=ref_model,
         ref_adapter_disabled=config.lora and config.reference == "model" and not config.ref_model,
-        logprobs_impl=impl, logprob_chunk=config.logprob_chunk,
+        logprobs_impl=impl, logprob_chunk=config.logprob_chunk, padding_buckets=config.padding_buckets,
     )
     resume = config.resume_from_checkpoint
     if resume == "latest":

@@ -246,10 +246,14 @@ def claim_checks(agg: dict, keys: dict) -> list[str]:
         se = math.sqrt(np.nan_to_num(a[1]) ** 2 + np.nan_to_num(b[1]) ** 2)
         return d, (abs(d) > 2 * se if se > 0 else None)
 
-    def fall(drop, sig, falls, holds, falls_untested, holds_untested):
+    def fall(drop, sig):
+        """The change from the peak to the last epoch, with its significance stated (not rounded to a verdict)."""
+        if drop <= 0:
+            return "no fall"
+        size = f"a fall of {drop * 100:.1f} points"
         if sig is None:
-            return f"{falls_untested if drop > 0 else holds_untested} (one seed: no significance test)"
-        return falls if sig and drop > 0 else holds
+            return f"{size} (one seed: no significance test)"
+        return f"{size}, {'significant' if sig else 'not significant'} at 2 standard errors"
 
     for beta in betas:
         dpo_best_e = max(epochs, key=lambda e: w("dpo", beta, e)[0])
@@ -262,10 +266,10 @@ def claim_checks(agg: dict, keys: dict) -> list[str]:
         lines.append(
             f"- beta {beta:g}: DPO's win rate peaks at {_fmt(w('dpo', beta, dpo_best_e)[0], scale=100)}% (epoch "
             f"{dpo_best_e}) and ends at {_fmt(w('dpo', beta, last)[0], scale=100)}% (epoch {last}): "
-            f"{fall(d_drop, d_sig, 'a significant fall', 'no significant fall', 'a fall', 'no fall')}. chiPO peaks at "
+            f"{fall(d_drop, d_sig)}. chiPO peaks at "
             f"{_fmt(w('chipo', beta, chipo_best_e)[0], scale=100)}% (epoch {chipo_best_e}) and ends at "
             f"{_fmt(w('chipo', beta, last)[0], scale=100)}%: "
-            f"{fall(c_drop, c_sig, 'it falls too', 'it holds', 'it falls', 'it holds')}. At epoch {last} chiPO - DPO = "
+            f"{fall(c_drop, c_sig)}. At epoch {last} chiPO - DPO = "
             f"{gap * 100:+.1f} points ({gap_verdict}).")
         kl_below = sum(agg[("chipo", beta, e)]["kl_k3"][0] < agg[("dpo", beta, e)]["kl_k3"][0] for e in epochs)
         chi_below = sum(agg[("chipo", beta, e)][keys["chi2"]][0] < agg[("dpo", beta, e)][keys["chi2"]][0]

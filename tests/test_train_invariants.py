@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 
 from chipo.data import PreferenceCollator, load_preference_dataset, prepare_preference_dataset
 from chipo.train.io import read_jsonl as read_metrics
-from chipo.train.preference import NonFiniteError, NonFiniteGradientGuard, PreferenceTrainer
+from chipo.train.pairwise import NonFiniteError, NonFiniteGradientGuard
+from chipo.train.preference import PreferenceTrainer
 from chipo.train.reference import compute_reference_logps
 
 

@@ -55,7 +55,7 @@ def run_guarded(fn, *args) -> int:
     """Run ``fn``; user errors become one line on stderr and exit code 2 (3 for non-finite training)."""
     from chipo.config import ConfigError
     from chipo.data import DataError
-    from chipo.train.preference import NonFiniteError
+    from chipo.train.pairwise import NonFiniteError
 
     try:
         fn(*args)

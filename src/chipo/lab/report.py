@@ -20,8 +20,6 @@ import csv
 import io
 import math
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import numpy as np
 
 from chipo.lab.generate import write_json
 from chipo.lab.sweep import read_results
+from chipo.train.io import atomic_directory
 
 LOSS_LABELS = {"dpo": "DPO", "chipo": "chiPO", "pi_ref": "pi_ref"}
 LOSS_COLORS = {"dpo": "tab:red", "chipo": "tab:blue"}
@@ -315,9 +314,7 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
              "exact.kl", "exact.chi2", "exact.mass_malformed"]
     agg = aggregate(rows, names)
     final = Path(out_dir) if out_dir is not None else sweep_dir / "report"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-    try:
+    with atomic_directory(final) as tmp:
         plots = plot_all(rows, agg, keys, tmp)
         write_json(tmp / "results.json", {"rows": rows, "aggregate": [
             {"loss": k[0], "beta": k[1], "epoch": k[2], **{n: {"mean": v[0], "se": v[1], "n": v[2]}
@@ -325,15 +322,6 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
             for k, stats in sorted(agg.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2]))], "meta": meta})
         (tmp / "results.csv").write_text(rows_to_csv(rows))
         (tmp / "report.md").write_text(render_markdown(rows, agg, keys, plots, meta, analysis))
-        if final.exists():
-            old = final.with_name(f".{final.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final / "report.md"
 
 

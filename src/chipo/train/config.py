@@ -6,26 +6,20 @@ from dataclasses import dataclass
 
 from chipo.config import ConfigError, _field
 from chipo.losses import loss_names, resolve_options
+from chipo.train.common import TrainerConfig
 
 REFERENCE_MODES = ("precompute", "model")
 LOGPROB_IMPLS = ("auto", "fused", "logits")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainerConfig):
     """Preference training of a causal LM (chiPO, DPO and variants) on a preference dataset."""
 
     model: str = _field(None, "Policy to train: a hub model name or a local HF directory (also pi_ref by default).")
     dataset: str = _field(None, "Preference data: hub dataset name, local .json/.jsonl/.parquet/.arrow file, or a "
                                 "directory saved by datasets. TRL formats: standard, conversational, implicit prompt.")
-    output_dir: str = _field("outputs/chipo-run", "Where checkpoints, the final HF model, run_config.yaml and "
-                                                  "metrics.jsonl go.")
-    overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir (otherwise an error).")
-    split: str = _field("train", "Training split of `dataset`.")
-    eval_dataset: str | None = _field(None, "Evaluation data (same forms as `dataset`); default: `dataset`.")
-    eval_split: str | None = _field(None, "Evaluation split; null disables evaluation.")
-    max_train_samples: int | None = _field(None, "Use only the first N training rows (debugging, demos).")
-    tokenizer: str | None = _field(None, "Tokenizer name or path; default: `model`.")
+    learning_rate: float = _field(5e-7, "Peak learning rate.")
     # --- the objective
     loss: str = _field("chipo", f"Preference loss preset: {', '.join(loss_names())}.")
     beta: float = _field(0.1, "Regularisation strength beta (> 0): implicit reward = beta * link(pi/pi_ref).")
@@ -41,9 +35,7 @@ class TrainConfig:
                                           "copy evaluated every step).")
     ref_model: str | None = _field(None, "Reference model name/path; default: the initial policy (`model`).")
     ref_cache_dir: str = _field("~/.cache/chipo/ref_logps", "Directory of the reference log-prob cache.")
-    # --- sequence handling
-    max_length: int = _field(512, "Max tokens of prompt + response; responses are cut to fit (see docs).")
-    max_prompt_length: int | None = _field(None, "Max prompt tokens; longer prompts keep their last tokens.")
+    # --- speed
     logprobs_impl: str = _field("auto", "'fused' (logits only at response tokens, chunked, recomputed in "
                                         "backward), 'logits' (chunked log-softmax of full logits), or 'auto'.")
     logprob_chunk: int = _field(1024, "Tokens per chunk in the fused log-prob path.")
@@ -58,39 +50,9 @@ class TrainConfig:
     lora_alpha: int = _field(32, "LoRA scaling alpha.")
     lora_dropout: float = _field(0.0, "LoRA dropout.")
     lora_target_modules: str = _field("all-linear", "Modules to adapt (peft syntax, comma-separated or all-linear).")
-    # --- optimisation (passed to transformers.TrainingArguments)
-    num_train_epochs: float = _field(1.0, "Epochs over the training data.")
-    max_steps: int = _field(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
-    per_device_train_batch_size: int = _field(8, "Preference pairs per device per micro-batch.")
-    per_device_eval_batch_size: int = _field(8, "Pairs per device per evaluation batch.")
-    gradient_accumulation_steps: int = _field(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _field(5e-7, "Peak learning rate.")
-    optim: str = _field("adamw_torch_fused", "Optimizer name understood by transformers (adamw_torch_fused, "
-                                             "adamw_torch, sgd, adafactor, ...).")
-    lr_scheduler_type: str = _field("linear", "transformers scheduler name (linear, cosine, constant, ...).")
-    warmup_ratio: float = _field(0.0, "Fraction of steps of linear warm-up, in [0, 1).")
-    weight_decay: float = _field(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
-    seed: int = _field(42, "Random seed (data order, initialisation of adapters, dropout).")
-    bf16: bool = _field(False, "bf16 mixed precision (margins and divergences stay fp32).")
-    fp16: bool = _field(False, "fp16 mixed precision with loss scaling.")
-    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
-    logging_steps: int = _field(10, "Log metrics every N optimizer steps.")
-    eval_steps: int | None = _field(None, "Evaluate every N steps (default: at the end of each epoch).")
-    save_strategy: str = _field("epoch", "When to save checkpoints: epoch, steps or no.")
-    save_steps: int = _field(500, "Checkpoint every N steps when save_strategy=steps.")
-    save_total_limit: int | None = _field(None, "Keep at most N checkpoints.")
-    report_to: str = _field("none", "Loggers: none, tensorboard, wandb (comma-separated).")
-    resume_from_checkpoint: str | None = _field(None, "'latest' or a checkpoint directory to resume from.")
-    dataloader_num_workers: int = _field(0, "DataLoader worker processes.")
-    num_proc: int | None = _field(None, "Processes for dataset tokenisation.")
-    disable_tqdm: bool = _field(False, "Hide progress bars.")
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("model is required (a hub name or a local directory)")
-        if not self.dataset:
-            raise ConfigError("dataset is required (a hub name or a local file/directory)")
+        super().__post_init__()
         if isinstance(self.r_max, str):
             if self.r_max.lower() in ("none", "null", "off"):
                 self.r_max = None
@@ -106,27 +68,9 @@ class TrainConfig:
             raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
         if self.logprobs_impl not in LOGPROB_IMPLS:
             raise ConfigError(f"logprobs_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprobs_impl!r}")
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
-        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-            raise ConfigError(f"max_prompt_length must lie in (0, max_length={self.max_length}), "
-                              f"got {self.max_prompt_length}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "logprob_chunk", "lora_r", "padding_buckets"):
+        for name in ("logprob_chunk", "lora_r", "padding_buckets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.num_train_epochs <= 0 and self.max_steps <= 0:
-            raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
-        if self.bf16 and self.fp16:
-            raise ConfigError("choose at most one of bf16 and fp16")
-        if self.save_strategy not in ("epoch", "steps", "no"):
-            raise ConfigError(f"save_strategy must be epoch, steps or no, got {self.save_strategy!r}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError(f"max_train_samples must be at least 1, got {self.max_train_samples}")
 
     def loss_options(self) -> dict:
         """Options for ``chipo.losses.preference_loss`` (only those that differ from the preset's defaults)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -30,6 +32,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and rename it to ``final`` when the block succeeds.
+
+    An existing ``final`` is replaced (moved aside, then deleted); if the block raises, the temporary directory is
+    removed and ``final`` is left as it was, so readers never see a half-written directory.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}-old-{os.getpid()}")
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def move_contents(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -30,19 +30,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification
 from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
+from chipo.train.common import training_arguments
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text
-from chipo.train.preference import NonFiniteError, NonFiniteGradientGuard
+from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
 from chipo.train.run import check_output_dir, load_tokenizer, save_final_model
 
 logger = logging.getLogger("chipo")
-
-_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/mean")
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None,
@@ -75,65 +74,24 @@ class RewardCollator:
         return batch
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(PairwiseTrainer):
     """``transformers.Trainer`` whose loss is the Bradley-Terry loss above (one forward over chosen + rejected).
 
     Args (beyond Trainer's): ``center_rewards_coefficient`` (None: off). A ``margin`` key in the batch enables the
     margin term.
     """
 
+    mean_metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/mean")
+
     def __init__(self, *args: Any, center_rewards_coefficient: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
-        self.loss_is_scaled_for_ga = False  # the loss is a mean over pairs: Trainer divides by accumulation steps
-        self.model_accepts_loss_kwargs = False
-        self._sums: dict[str, Tensor] = {}  # split -> [count, sum of each metric], kept on device
-        self.add_callback(NonFiniteGradientGuard())
 
     def pair_losses(self, model, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                         use_cache=False).logits[:, 0].float()
         chosen, rejected = rewards.chunk(2)
         return bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.center_rewards_coefficient)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        losses, metrics = self.pair_losses(model, inputs)
-        if not torch.isfinite(losses).all():
-            raise NonFiniteError(f"non-finite reward-model loss at optimizer step {self.state.global_step + 1}; "
-                                 f"the last good checkpoint is kept in {self.args.output_dir}")
-        self._record(metrics, "train" if model.training else "eval")
-        loss = losses.mean()
-        return (loss, metrics) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            losses, metrics = self.pair_losses(model, inputs)
-        self._record(metrics, "eval")
-        return losses.mean().detach(), None, None
-
-    def _record(self, metrics: dict[str, Tensor], split: str) -> None:
-        first = metrics[_METRICS[0]]
-        sums = torch.stack([torch.tensor(float(first.numel()), dtype=torch.float64, device=first.device),
-                            *(metrics[n].double().sum() for n in _METRICS)])
-        self._sums[split] = sums if split not in self._sums else self._sums[split] + sums
-
-    def _reduced(self, split: str) -> dict[str, float]:
-        sums = self._sums.pop(split, None)
-        if self.accelerator.num_processes > 1:
-            if sums is None:
-                sums = torch.zeros(len(_METRICS) + 1, dtype=torch.float64)
-            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
-        if sums is None or sums[0].item() == 0:
-            return {}
-        totals = sums.tolist()
-        return {name: totals[i + 1] / totals[0] for i, name in enumerate(_METRICS)}
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
-        logs.update({prefix + k: v for k, v in self._reduced(split).items()})
-        super().log(logs, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- recipe
@@ -168,27 +126,6 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
     return prepared
 
 
-def reward_training_arguments(config: RewardConfig, has_eval: bool) -> TrainingArguments:
-    eval_strategy = "no" if not has_eval else ("steps" if config.eval_steps else "epoch")
-    return TrainingArguments(
-        output_dir=config.output_dir, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
-        optim=config.optim, lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed, bf16=config.bf16,
-        fp16=config.fp16, activation_checkpointing=config.gradient_checkpointing,
-        logging_steps=config.logging_steps, logging_first_step=True, eval_strategy=eval_strategy,
-        eval_steps=config.eval_steps, save_strategy=config.save_strategy, save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=[r for r in config.report_to.split(",") if r and r != "none"] or "none",
-        dataloader_num_workers=config.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=config.disable_tqdm, remove_unused_columns=False,
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-    )
-
-
 def load_reward_model(name: str, pad_token_id: int):
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1)
@@ -203,7 +140,7 @@ def load_reward_model(name: str, pad_token_id: int):
 def run_reward_training(config: RewardConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF reward model + tokenizer."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    args = reward_training_arguments(config, has_eval=bool(config.eval_split))
+    args = training_arguments(config, has_eval=bool(config.eval_split))
     datasets = {"train": prepare_reward_split(config, tokenizer, config.dataset, config.split,
                                               config.max_train_samples)}
     if config.eval_split:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -68,9 +67,9 @@ from chipo.data import DataError, load_preference_dataset
 from chipo.divergences import CHI2, EXP_CLAMP, KL, FDivergence, get_divergence
 from chipo.inference.generation import encode_prompts, generate, response_batch
 from chipo.inference.rewards import load_reward, score_checked
-from chipo.train.io import atomic_write_text, move_contents
+from chipo.train.io import atomic_directory, atomic_write_text, move_contents
 from chipo.train.logps import batch_sequence_logps, choose_logprobs_impl
-from chipo.train.preference import NonFiniteError
+from chipo.train.pairwise import NonFiniteError
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
 from chipo.train.run import check_output_dir, load_tokenizer
 
@@ -304,19 +303,12 @@ class RLTrainer:
     def save_checkpoint(self, step: int) -> Path:
         """Policy + optimizer + step + RNG states in ``checkpoint-<step>``, written to a temp dir and renamed."""
         final = self.out / f"checkpoint-{step}"
-        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=f".checkpoint-{step}-"))
-        try:
+        with atomic_directory(final) as tmp:
             self.policy.save_pretrained(tmp)
             state = {"step": step, "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                      "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
             torch.save(state, tmp / "rl_state.pt")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         limit = self.config.save_total_limit
         if limit is not None:
             for old in list_checkpoints(self.out)[:-limit]:

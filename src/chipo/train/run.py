@@ -14,13 +14,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import PreferenceCollator, lengths, load_preference_dataset, prepare_preference_dataset
+from chipo.train.common import training_arguments
 from chipo.train.config import TrainConfig
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text, move_contents
 from chipo.train.logps import choose_logprobs_impl
@@ -67,44 +67,6 @@ def check_output_dir(config: TrainConfig) -> Path:
             and not Path(config.resume_from_checkpoint).is_dir():
         raise ConfigError(f"resume_from_checkpoint {config.resume_from_checkpoint} is not a directory")
     return out
-
-
-def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
-    eval_strategy = "no" if not has_eval else ("steps" if config.eval_steps else "epoch")
-    return TrainingArguments(
-        output_dir=config.output_dir,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        optim=config.optim,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        bf16=config.bf16,
-        fp16=config.fp16,
-        activation_checkpointing=config.gradient_checkpointing,
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        eval_strategy=eval_strategy,
-        eval_steps=config.eval_steps,
-        save_strategy=config.save_strategy,
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=[r for r in config.report_to.split(",") if r and r != "none"] or "none",
-        dataloader_num_workers=config.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=config.disable_tqdm,
-        remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        length_column_name="length",
-        # Without an accelerator, use_cpu makes accelerate set up gloo DDP under torchrun / accelerate launch.
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-    )
 
 
 def apply_lora(model, config: TrainConfig):

@@ -49,9 +49,10 @@ from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, load_preference_dataset
 from chipo.data.formats import describe, messages_problem, response_problem, text_problem
 from chipo.data.origin import RowLocator
+from chipo.train.common import training_arguments
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text
-from chipo.train.preference import NonFiniteGradientGuard
-from chipo.train.run import check_output_dir, load_causal_lm, load_tokenizer, save_final_model, training_arguments
+from chipo.train.pairwise import NonFiniteGradientGuard
+from chipo.train.run import check_output_dir, load_causal_lm, load_tokenizer, save_final_model
 from chipo.train.sft_config import SFTConfig
 
 logger = logging.getLogger("chipo")

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 
 from chipo.config import ConfigError
@@ -31,6 +28,7 @@ from chipo.recipes.tldr.cost import render_markdown as cost_markdown
 from chipo.recipes.tldr.cost import resolve_params
 from chipo.recipes.tldr.judge import generated_cells
 from chipo.recipes.tldr.layout import SFT_CELL, Layout, read_json
+from chipo.train.io import atomic_directory
 
 METRICS = ["win", "kl_k3", "kl_k1", "chi2_mc", "length_mean", "invalid_frac"]
 DAGGER = "†"
@@ -319,22 +317,11 @@ def write_report(config: ReportStageConfig, argv: list[str] | None = None) -> Pa
         raise ConfigError(f"no judged cells for tag {tag!r}: run the judge stage first")
     stats = Stats(rows)
     final = Path(config.output_dir) if config.output_dir else layout.root / "report"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-    try:
+    with atomic_directory(final) as tmp:
         plots = plot(stats, rows, tmp)
         (tmp / "table1.md").write_text(table1(stats, rows) + "\n")
         (tmp / "kl.md").write_text(kl_table(stats, rows) + "\n")
         (tmp / "results.json").write_text(json.dumps({"tag": tag, "rows": rows}, indent=2) + "\n")
         (tmp / "results.csv").write_text(rows_to_csv(rows))
         (tmp / "report.md").write_text(render(config, layout, tag, rows, stats, plots, argv))
-        if final.exists():
-            old = final.with_name(f".{final.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final / "report.md"

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Bradley-Terry labels, DPO and chiPO over two betas, several epochs and seeds, "
                                    "evaluation, report.md with plots. Rerunning resumes finished runs.")
     p.add_argument("--quick", action="store_true", help="smoke-test size: 1 seed, 4 epochs (< 2 min)")
+    p.add_argument("--full", action="store_true",
+                   help="also standard RLHF (reward model + RL with kl and chi2mix), best-of-n and inference-time "
+                        "pessimism on the same world and data, in the report (adds about 3 minutes on 2 cores)")
     p.add_argument("--out", default="chipo-demo", help="output directory (default: ./chipo-demo)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (default 2)")
@@ -162,7 +165,13 @@ def cmd_demo(args) -> int:
     import dataclasses
 
     settings = dataclasses.replace(settings, workers=args.workers)
-    run_demo(args.out, settings, progress=not args.no_progress, world_cache=args.world_cache)
+    rlhf_settings = None
+    if args.full and args.quick:
+        from chipo.lab.rlhf import RLHFSettings
+
+        rlhf_settings = RLHFSettings.quick()
+    run_demo(args.out, settings, progress=not args.no_progress, world_cache=args.world_cache, full=args.full,
+             rlhf_settings=rlhf_settings)
     return 0
 
 

@@ -549,23 +549,26 @@ def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) 
 
     # What the curves show.
     out += ["What the curves show (computed from the numbers below; 'turns down' = final gold more than "
-            f"{tol:g} below the curve's peak):", ""]
+            f"{tol:g}, and for RL more than the run's largest step-to-step movement, below the curve's peak):", ""]
     ref_gold = inf.get("pi_ref", {}).get("gold")
     best = {}
     for key, c in curves.items():
         name = c.get("name") or _rlhf_name(key)
         peak = int(np.argmax(c["gold"]))
         best[name] = (c["gold"][peak], c["x"][peak])
-        verdict = _turns_down(c["gold"], c["proxy"], tol)
+        noise = 0.0
+        if c["unit"] == "step" and len(c["gold"]) > 2:
+            noise = float(np.abs(np.diff(c["gold"][1:])).max())
+        # A fall no larger than the run's own step-to-step movement is not called a turn down.
+        verdict = _turns_down(c["gold"], c["proxy"], max(tol, noise))
         line = (f"- {name}: gold {c['gold'][0]:.3f} -> peak {c['gold'][peak]:.3f} at {c['unit']} "
                 f"{c['label'][peak]} (sqrt KL {c['x'][peak]:.2f}) -> {c['gold'][-1]:.3f} at {c['unit']} "
                 f"{c['label'][-1]} (sqrt KL {c['x'][-1]:.2f})")
         if c["proxy"] is not None:
             line += f"; proxy {c['proxy'][0]:.2f} -> {c['proxy'][-1]:.2f}"
-        if c["unit"] == "step" and len(c["gold"]) > 2:
-            jumps = np.abs(np.diff(c["gold"][1:]))
-            line += (f"; gold moves by up to {jumps.max():.3f} between consecutive evaluations after the first, "
-                     "so smaller differences are within training noise")
+        if noise:
+            line += (f"; gold moves by up to {noise:.3f} between consecutive evaluations after the first, "
+                     "so a smaller fall from the peak is within training noise and not called a turn down")
         line += {"yes": ". Overoptimization in the Gao et al. sense: the proxy kept rising while the gold turned "
                         "down.",
                  "gold-only": ". The gold turned down, but the proxy did not keep rising with it.",

@@ -73,5 +73,29 @@ def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentP
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def config_command(argv: list[str], *, prog: str, description: str, example: str, config_cls: type,
+                   runner: str, saved: str) -> int:
+    """A ``<prog> --config run.yaml key=value ...`` command: parse, build ``config_cls``, call ``runner``.
+
+    ``runner`` is "module:function" (imported only when the command runs, so ``--help`` stays fast); it takes the
+    config and returns the output directory, reported as "chipo: <saved> saved to <dir>".
+    """
+    from chipo.config import config_help, load_config
+
+    epilog = example + "\nconfig keys (YAML file and/or key=value; values parsed as YAML scalars):\n"
+    parser = build_parser(prog, description, epilog + config_help(config_cls))
+    parser.add_argument("--config", help="YAML file of config keys (overridden by key=value arguments)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = parser.parse_args(argv)
+
+    def _run() -> None:
+        module, func = runner.split(":")
+        config = load_config(config_cls, args.config, args.overrides)
+        out = getattr(importlib.import_module(module), func)(config)
+        print(f"chipo: {saved} saved to {out}")
+
+    return run_guarded(_run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,12 +8,17 @@ turns any of them into ``TrainingArguments``.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, _field
+
+logger = logging.getLogger("chipo")
 
 
 @dataclass
@@ -90,6 +95,17 @@ class TrainerConfig:
             raise ConfigError(f"save_strategy must be epoch, steps or no, got {self.save_strategy!r}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ConfigError(f"max_train_samples must be at least 1, got {self.max_train_samples}")
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | None:
+    """``resume_from_checkpoint`` for Trainer.train: 'latest' becomes the newest checkpoint in ``output_dir``
+    (None, with a warning, when there is none yet, so the same command starts or resumes a run)."""
+    if resume != "latest":
+        return resume
+    latest = get_last_checkpoint(str(output_dir))
+    if latest is None:
+        logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", output_dir)
+    return latest
 
 
 def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArguments:

@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification
-from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
-from chipo.train.common import training_arguments
+from chipo.train.common import resolve_resume, training_arguments
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
@@ -159,12 +158,7 @@ def run_reward_training(config: RewardConfig) -> Path:
         callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
         center_rewards_coefficient=config.center_rewards_coefficient,
     )
-    resume = config.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(str(out))
-        if resume is None:
-            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
     if datasets.get("eval") is not None:
         trainer.evaluate()
     save_final_model(trainer, tokenizer, out, merge_lora=False)

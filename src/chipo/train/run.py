@@ -16,11 +16,10 @@ from pathlib import Path
 
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import PreferenceCollator, lengths, load_preference_dataset, prepare_preference_dataset
-from chipo.train.common import training_arguments
+from chipo.train.common import resolve_resume, training_arguments
 from chipo.train.config import TrainConfig
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text, move_contents
 from chipo.train.logps import choose_logprobs_impl
@@ -156,12 +155,7 @@ def run_training(config: TrainConfig) -> Path:
         ref_adapter_disabled=config.lora and config.reference == "model" and not config.ref_model,
         logprobs_impl=impl, logprob_chunk=config.logprob_chunk, padding_buckets=config.padding_buckets,
     )
-    resume = config.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(str(out))
-        if resume is None:
-            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
     save_final_model(trainer, tokenizer, out, merge_lora=config.lora)
     return out
 

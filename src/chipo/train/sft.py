@@ -43,13 +43,12 @@ import datasets
 import torch
 from accelerate import PartialState
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, load_preference_dataset
 from chipo.data.formats import describe, messages_problem, response_problem, text_problem
 from chipo.data.origin import RowLocator
-from chipo.train.common import training_arguments
+from chipo.train.common import resolve_resume, training_arguments
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text
 from chipo.train.pairwise import NonFiniteGradientGuard
 from chipo.train.run import check_output_dir, load_causal_lm, load_tokenizer, save_final_model
@@ -317,11 +316,6 @@ def run_sft(config: SFTConfig) -> Path:
         data_collator=SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss),
         callbacks=[JsonlMetricsCallback(out / "metrics.jsonl"), NonFiniteGradientGuard()],
     )
-    resume = config.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(str(out))
-        if resume is None:
-            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
     save_final_model(trainer, tokenizer, out, merge_lora=False)
     return out

@@ -31,26 +31,36 @@ from chipo.config import ConfigError
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+def load_sequence_classifier(name_or_path: str, what: str = "reward model"):
+    """(tokenizer, model) of a one-output ``AutoModelForSequenceClassification``, ready to score right-padded rows.
+
+    One-line ``ConfigError`` when it cannot be loaded or has more than one output. The pad id is set on the model
+    config because sequence classifiers pool at the rightmost non-pad token.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load {what} {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if model.config.num_labels != 1:
+        raise ConfigError(f"{what} {name_or_path!r} has {model.config.num_labels} outputs; a reward model has "
+                          "exactly one (num_labels=1)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    return tokenizer, model
+
+
 class RewardModelScorer:
     """An HF ``AutoModelForSequenceClassification`` with one output; score = that logit at the last real token."""
 
     def __init__(self, name_or_path: str, batch_size: int = 64, device: str | torch.device | None = None,
                  max_length: int | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load reward model {name_or_path!r}: {str(e).splitlines()[0]}") from None
-        if self.model.config.num_labels != 1:
-            raise ConfigError(f"reward model {name_or_path!r} has {self.model.config.num_labels} outputs; a reward "
-                              "model has exactly one (num_labels=1)")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:
-            # Sequence classifiers pool at the rightmost non-pad token, so they must know the pad id.
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer, self.model = load_sequence_classifier(name_or_path, "reward model")
         self.model.eval().to(device or "cpu")
         self.batch_size = batch_size
         self.max_length = max_length

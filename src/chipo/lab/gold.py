@@ -52,24 +52,9 @@ class HFRewardModelScorer:
 
     def __init__(self, name_or_path: str, template: str = "{prompt}{response}", batch_size: int = 64,
                  device: str | None = None, max_length: int | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from chipo.inference.rewards import load_sequence_classifier
 
-        from chipo.config import ConfigError
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load gold reward model {name_or_path!r}: {str(e).splitlines()[0]}") from None
-        if self.model.config.num_labels != 1:
-            raise ConfigError(f"gold reward model {name_or_path!r} has {self.model.config.num_labels} outputs; "
-                              "a reward model has exactly one (num_labels=1)")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:
-            # Sequence classifiers read the score at the last non-pad token, so they must know the pad id.
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.tokenizer.padding_side = "right"
+        self.tokenizer, self.model = load_sequence_classifier(name_or_path, "gold reward model")
         self.model.eval().to(device or "cpu")
         self.template = template
         self.batch_size = batch_size

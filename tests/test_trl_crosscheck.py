@@ -108,6 +108,27 @@ def _trl_features(trainer) -> list[dict]:
     return [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
 
 
+def _in_chipo_order(features: list[dict], prepared) -> list[dict]:
+    """TRL's prepared rows reordered to chipo's row order, matched by their token ids.
+
+    Both pipelines are given the rows in the same order, but the comparison must not depend on TRL keeping it
+    (one unexplained early failure of the row-by-row checks looked like a reordering); matching by content keeps
+    every check exact. TRL truncates in its collator, chipo when preparing rows, so a chipo response must be a
+    prefix of TRL's. A row TRL tokenized differently has no match, which fails loudly here.
+    """
+    def matches(f, r):
+        return (f["prompt_ids"] == r["prompt_input_ids"]
+                and f["chosen_ids"][:len(r["chosen_input_ids"])] == r["chosen_input_ids"]
+                and f["rejected_ids"][:len(r["rejected_input_ids"])] == r["rejected_input_ids"])
+
+    ordered = []
+    for i, row in enumerate(prepared):
+        found = [f for f in features if matches(f, row)]
+        assert found, f"chipo row {i} has no TRL row with the same tokens"
+        ordered.append(found[0])
+    return ordered
+
+
 def _trl_per_example(trainer, features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TRL's own numbers per example: (loss [B] from ``compute_loss`` on one-row batches, policy chosen/rejected
     log-probs [B] from ``compute_ref_log_probs`` -- TRL's reference-side function, applied to the policy)."""
@@ -135,10 +156,10 @@ def setup(tmp_path_factory):
     policy, ref = _models(tokenizer)
     rows = aligned_rows()
     trl_trainer = _trl_trainer(policy, ref, tokenizer, rows, tmp_path)
-    features = _trl_features(trl_trainer)
     prepared, stats = prepare_preference_dataset(datasets.Dataset.from_list(rows), tokenizer, source="mem",
                                                  max_length=MAX_LENGTH)
     assert stats.truncated_responses > 0, "max_length should cut some responses so truncation is compared too"
+    features = _in_chipo_order(_trl_features(trl_trainer), prepared)
     return {"tokenizer": tokenizer, "policy": policy, "ref": ref, "trl": trl_trainer, "features": features,
             "prepared": prepared, "tmp": tmp_path}
 
@@ -155,8 +176,8 @@ def test_identical_token_sequences(setup):
 def test_reference_logps_match(setup):
     """chipo's precomputed reference log-probs equal those TRL's precompute_ref_log_probs stored."""
     collator = PreferenceCollator(pad_token_id=setup["tokenizer"].pad_token_id)
-    trl_chosen = torch.tensor(setup["trl"].train_dataset["ref_chosen_logps"])
-    trl_rejected = torch.tensor(setup["trl"].train_dataset["ref_rejected_logps"])
+    trl_chosen = torch.tensor([f["ref_chosen_logps"] for f in setup["features"]])
+    trl_rejected = torch.tensor([f["ref_rejected_logps"] for f in setup["features"]])
     for impl in ("fused", "logits"):
         chosen, rejected = compute_reference_logps(setup["ref"], setup["prepared"], collator, batch_size=5, impl=impl)
         torch.testing.assert_close(chosen, trl_chosen, **LOGP_TOL)
@@ -172,8 +193,8 @@ def test_per_example_losses_and_policy_logps_match(setup, impl):
     spread = trl_losses.max() - trl_losses.min()
     assert spread > 1.0, "losses should spread (policy != reference), else the check is vacuous"
 
-    prepared = _with_ref(setup["prepared"], torch.tensor(trl_trainer.train_dataset["ref_chosen_logps"]),
-                         torch.tensor(trl_trainer.train_dataset["ref_rejected_logps"]))
+    prepared = _with_ref(setup["prepared"], torch.tensor([f["ref_chosen_logps"] for f in features]),
+                         torch.tensor([f["ref_rejected_logps"] for f in features]))
     chipo = _chipo_trainer(setup["policy"], setup["tokenizer"], prepared, setup["tmp"], impl)
     batch = chipo.data_collator(list(prepared))
     with torch.no_grad():
@@ -188,8 +209,8 @@ def test_per_example_losses_and_policy_logps_match(setup, impl):
 def test_gradients_match(setup):
     """The gradient of the batch-mean loss w.r.t. every policy parameter agrees (same update direction)."""
     trl_trainer, features = setup["trl"], setup["features"]
-    prepared = _with_ref(setup["prepared"], torch.tensor(trl_trainer.train_dataset["ref_chosen_logps"]),
-                         torch.tensor(trl_trainer.train_dataset["ref_rejected_logps"]))
+    prepared = _with_ref(setup["prepared"], torch.tensor([f["ref_chosen_logps"] for f in features]),
+                         torch.tensor([f["ref_rejected_logps"] for f in features]))
     chipo = _chipo_trainer(setup["policy"], setup["tokenizer"], prepared, setup["tmp"], "fused")
     trl_model = trl_trainer.model
     trl_model.zero_grad()

@@ -116,20 +116,25 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
         raise ConfigError(str(e)) from None
 
 
+def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
+    """A YAML config file as a dict ({} for None); one-line ``ConfigError`` when missing or malformed."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping of key: value")
+    return loaded
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Read ``path`` (YAML mapping, optional), apply ``key=value`` overrides, build and validate ``cls``."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of key: value")
-        values.update(loaded)
+    values = read_yaml_mapping(path)
     values.update(parse_overrides(overrides or []))
     return build_config(cls, values)
 

@@ -35,6 +35,22 @@ from chipo.lab.generate import SamplingSettings, write_json
 logger = logging.getLogger("chipo.lab")
 
 
+def validate_grid(losses, betas, seeds, epochs: int) -> None:
+    """One-line ``ConfigError`` unless the sweep grid is usable: known, non-empty losses; positive betas; seeds;
+    at least one epoch."""
+    from chipo.losses import loss_names
+
+    for loss in losses:
+        if loss not in loss_names():
+            raise ConfigError(f"unknown loss {loss!r}; valid: {', '.join(loss_names())}")
+    if not losses or not betas or not seeds:
+        raise ConfigError("losses, betas and seeds must be non-empty")
+    if any(not b > 0 for b in betas):
+        raise ConfigError(f"betas must be positive, got {betas}")
+    if epochs < 1:
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
+
+
 @dataclass
 class SweepConfig:
     """A sweep over losses x betas x seeds, each run evaluated at ``eval_epochs``."""
@@ -73,17 +89,7 @@ class SweepConfig:
         for name in ("ref_model", "train_prefs", "eval_prompts", "out_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
-        from chipo.losses import loss_names
-
-        for loss in self.losses:
-            if loss not in loss_names():
-                raise ConfigError(f"unknown loss {loss!r}; valid: {', '.join(loss_names())}")
-        if not self.losses or not self.betas or not self.seeds:
-            raise ConfigError("losses, betas and seeds must be non-empty")
-        if any(not b > 0 for b in self.betas):
-            raise ConfigError(f"betas must be positive, got {self.betas}")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        validate_grid(self.losses, self.betas, self.seeds, self.epochs)
         if self.eval_epochs is None:
             self.eval_epochs = default_eval_epochs(self.epochs)
         self.eval_epochs = sorted(set(self.eval_epochs))

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from chipo.config import ConfigError, _field, build_config, parse_overrides
+from chipo.config import ConfigError, _field, build_config, parse_overrides, read_yaml_mapping
 from chipo.recipes.tldr.cost import CostAssumptions
 
 DEFAULT_OUT = "runs/tldr"
@@ -68,17 +65,9 @@ class SweepStageConfig:
     def __post_init__(self) -> None:
         if not self.sft_model:
             raise ConfigError("sft_model is required (the SFT stage's output_dir or a hub name)")
-        from chipo.losses import loss_names
+        from chipo.lab.sweep import validate_grid
 
-        for loss in self.losses:
-            if loss not in loss_names():
-                raise ConfigError(f"unknown loss {loss!r}; valid: {', '.join(loss_names())}")
-        if not self.losses or not self.betas or not self.seeds:
-            raise ConfigError("losses, betas and seeds must be non-empty")
-        if any(not b > 0 for b in self.betas):
-            raise ConfigError(f"betas must be positive, got {self.betas}")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        validate_grid(self.losses, self.betas, self.seeds, self.epochs)
         self.eval_epochs = sorted(set(self.eval_epochs))
         if not self.eval_epochs or not all(1 <= e <= self.epochs for e in self.eval_epochs):
             raise ConfigError(f"eval_epochs must be non-empty and lie in [1, epochs={self.epochs}], "
@@ -198,22 +187,6 @@ class ReportStageConfig(CostAssumptions):
     tag: str | None = _field(None, "Judge results to report (judgements/<tag>/); default: the only one there.")
     output_dir: str | None = _field(None, "Where the report goes; default: <out_dir>/report.")
     max_invalid_frac: float = _field(0.05, "Flag cells with a larger fraction of items without a verdict.")
-
-
-def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
-    """A YAML config file as a dict ({} for None); one-line ``ConfigError`` when missing or malformed."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        loaded = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: expected a mapping of key: value")
-    return loaded
 
 
 def load_judge_stage(path: str | None, overrides: list[str]) -> tuple[JudgeStageConfig, Any]:

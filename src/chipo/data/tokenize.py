@@ -152,24 +152,35 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
         rejected = _with_eos(tokenizer, rejected_texts, _token_ids(tokenizer, rejected_texts))
 
     for row, prompt, chosen_ids, rejected_ids in zip(indices, prompts, chosen, rejected, strict=True):
-        prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
-        if prompt_cut:
-            prompt = prompt[-max_prompt_length:]
-        if not prompt:
-            # The first response token must be predicted from something; with no BOS and an empty prompt it is not.
-            raise DataError("", "the prompt has no tokens (use a non-empty prompt or a tokenizer that adds BOS)",
-                            row=row, field="prompt")
-        if len(prompt) >= max_length:
-            raise DataError("", f"prompt leaves no room for the response: it has {len(prompt)} tokens"
-                                f"{' after max_prompt_length truncation' if prompt_cut else ''}, "
-                                f"max_length is {max_length}", row=row, field="prompt")
-        budget = max_length - len(prompt)
+        prompt, prompt_cut, budget = truncate_prompt(prompt, row, max_length, max_prompt_length)
         out["prompt_input_ids"].append(prompt)
         out["chosen_input_ids"].append(chosen_ids[:budget])
         out["rejected_input_ids"].append(rejected_ids[:budget])
         out[_PROMPT_CUT].append(int(prompt_cut))
         out[_RESPONSES_CUT].append(int(len(chosen_ids) > budget) + int(len(rejected_ids) > budget))
     return out
+
+
+def truncate_prompt(prompt: list[int], row: int, max_length: int, max_prompt_length: int | None,
+                    what: str = "response", field: str = "prompt") -> tuple[list[int], bool, int]:
+    """The truncation policy's prompt half: (kept prompt ids, whether it was cut, tokens left for the ``what``).
+
+    A prompt longer than ``max_prompt_length`` keeps its last tokens (the end is what the answer follows); an
+    empty prompt, or one that leaves no room under ``max_length``, is a ``DataError`` naming ``row`` and ``field``.
+    """
+    prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+    if prompt_cut:
+        prompt = prompt[-max_prompt_length:]
+    if not prompt:
+        # The first answer token must be predicted from something; with no BOS and an empty prompt it is not.
+        raise DataError("", "the prompt has no tokens (use a non-empty prompt or a tokenizer that adds BOS)",
+                        row=row, field=field)
+    if len(prompt) >= max_length:
+        raise DataError("", f"prompt leaves no room for the {what}: it has {len(prompt)} tokens"
+                            f"{' after max_prompt_length truncation' if prompt_cut else ''}, "
+                            f"max_length is {max_length} (raise max_length or set max_prompt_length)",
+                        row=row, field=field)
+    return prompt, prompt_cut, max_length - len(prompt)
 
 
 def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:

@@ -48,6 +48,7 @@ from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, load_preference_dataset
 from chipo.data.formats import describe, messages_problem, response_problem, text_problem
 from chipo.data.origin import RowLocator
+from chipo.data.tokenize import truncate_prompt
 from chipo.train.common import resolve_resume, training_arguments
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text
 from chipo.train.pairwise import NonFiniteGradientGuard
@@ -186,17 +187,8 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
         completions = [ids if tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token) else ids + [eos]
                        for text, ids in zip(texts, _ids(tokenizer, texts), strict=True)]
     for row, prompt, completion in zip(indices, prompts, completions, strict=True):
-        prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
-        if prompt_cut:
-            prompt = prompt[-max_prompt_length:]
-        if not prompt:
-            raise DataError("", "the prompt has no tokens (use a non-empty prompt or a tokenizer that adds BOS)",
-                            row=row, field="prompt")
-        if len(prompt) >= max_length:
-            raise DataError("", f"prompt leaves no room for the completion: it has {len(prompt)} tokens, max_length "
-                                f"is {max_length} (raise max_length or set max_prompt_length)", row=row,
-                            field="messages" if fmt == MESSAGES else "prompt")
-        budget = max_length - len(prompt)
+        prompt, prompt_cut, budget = truncate_prompt(prompt, row, max_length, max_prompt_length, what="completion",
+                                                     field="messages" if fmt == MESSAGES else "prompt")
         out["prompt_input_ids"].append(prompt)
         out["completion_input_ids"].append(completion[:budget])
         out[_PROMPT_CUT].append(int(prompt_cut))

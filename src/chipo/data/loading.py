@@ -35,8 +35,8 @@ _USUAL_SPLITS = {"train", "validation", "valid", "dev", "test", "eval"}
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
 
 
-def load_preference_dataset(source: str, split: str = "train") -> datasets.Dataset:
-    """Load ``source`` (see the module docstring) as one ``datasets.Dataset``.
+def load_preference_dataset(source: str, split: str = "train", max_rows: int | None = None) -> datasets.Dataset:
+    """Load ``source`` (see the module docstring) as one ``datasets.Dataset``, its first ``max_rows`` rows if set.
 
     ``split`` selects from a saved ``DatasetDict``, a directory of data files or a hub dataset; a single file is
     one split and ignores it. Raises ``DataError`` naming the source for a missing file, an unknown split
@@ -50,11 +50,17 @@ def load_preference_dataset(source: str, split: str = "train") -> datasets.Datas
     elif _looks_like_a_path(source):
         raise DataError(source, "file not found")
     else:
-        return _load_from_hub(source, split)
+        return _first_rows(_load_from_hub(source, split), max_rows)
     if len(dataset) == 0:
         raise DataError(source, "no rows")
+    # A prefix keeps every row at its index, so the recorded files and lines still name the right rows.
+    dataset = _first_rows(dataset, max_rows)
     remember_origin(dataset, source, segments)
     return dataset
+
+
+def _first_rows(dataset: datasets.Dataset, max_rows: int | None) -> datasets.Dataset:
+    return dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
 
 
 def _looks_like_a_path(source: str) -> bool:

@@ -141,15 +141,15 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
     if not indices:
         return out
     if fmt == STANDARD:
-        prompts = _token_ids(tokenizer, batch["prompt"], add_special_tokens=True)
-        chosen = [ids + [eos_id] for ids in _token_ids(tokenizer, batch["chosen"])]
-        rejected = [ids + [eos_id] for ids in _token_ids(tokenizer, batch["rejected"])]
+        prompts = token_ids(tokenizer, batch["prompt"], add_special_tokens=True)
+        chosen = [ids + [eos_id] for ids in token_ids(tokenizer, batch["chosen"])]
+        rejected = [ids + [eos_id] for ids in token_ids(tokenizer, batch["rejected"])]
     else:
         rendered = [_render_row(tokenizer, fmt, batch, i, row) for i, row in enumerate(indices)]
         prompt_texts, chosen_texts, rejected_texts = (list(texts) for texts in zip(*rendered, strict=True))
-        prompts = _token_ids(tokenizer, prompt_texts)
-        chosen = _with_eos(tokenizer, chosen_texts, _token_ids(tokenizer, chosen_texts))
-        rejected = _with_eos(tokenizer, rejected_texts, _token_ids(tokenizer, rejected_texts))
+        prompts = token_ids(tokenizer, prompt_texts)
+        chosen = _with_eos(tokenizer, chosen_texts, token_ids(tokenizer, chosen_texts))
+        rejected = _with_eos(tokenizer, rejected_texts, token_ids(tokenizer, rejected_texts))
 
     for row, prompt, chosen_ids, rejected_ids in zip(indices, prompts, chosen, rejected, strict=True):
         prompt, prompt_cut, budget = truncate_prompt(prompt, row, max_length, max_prompt_length)
@@ -183,7 +183,8 @@ def truncate_prompt(prompt: list[int], row: int, max_length: int, max_prompt_len
     return prompt, prompt_cut, max_length - len(prompt)
 
 
-def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+def token_ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each text (no attention masks); special tokens only when asked for."""
     return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
 
 

@@ -436,11 +436,9 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
     """Prompts and optional reference responses ('reference', 'completion' or 'chosen' column)."""
     from chipo.data import load_preference_dataset
 
-    dataset = load_preference_dataset(source, split)
+    dataset = load_preference_dataset(source, split, max_rows=limit)
     if "prompt" not in dataset.column_names:
         raise ConfigError(f"{source}: needs a 'prompt' column (columns: {', '.join(dataset.column_names)})")
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
     prompts = dataset["prompt"]
     if not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"{source}: the lab takes string prompts (standard format)")

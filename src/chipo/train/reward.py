@@ -98,9 +98,7 @@ class RewardTrainer(PairwiseTrainer):
 
 def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: str, limit: int | None = None):
     """Load + tokenize one split; attach the margin column (by original row) when ``margin_column`` is set."""
-    dataset = load_preference_dataset(source, split)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+    dataset = load_preference_dataset(source, split, max_rows=limit)
     margins = None
     if config.margin_column:
         if config.margin_column not in dataset.column_names:

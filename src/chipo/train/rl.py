@@ -156,11 +156,9 @@ def exact_objective(logits: Tensor, ref_logps: Tensor, rewards: Tensor, beta: fl
 
 def _load_prompt_rows(source: str, split: str, limit: int | None) -> list:
     """The 'prompt' column of a prompt dataset (strings or message lists)."""
-    dataset = load_preference_dataset(source, split)
+    dataset = load_preference_dataset(source, split, max_rows=limit)
     if "prompt" not in dataset.column_names:
         raise DataError(source, f"needs a 'prompt' column (columns: {', '.join(dataset.column_names)})")
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
     rows = list(dataset["prompt"])
     for i, row in enumerate(rows):
         if not (isinstance(row, str) and row.strip()) and not (isinstance(row, list) and row):

@@ -47,9 +47,7 @@ def load_causal_lm(name: str):
 
 
 def prepare_split(config: TrainConfig, tokenizer, source: str, split: str, limit: int | None = None):
-    dataset = load_preference_dataset(source, split)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+    dataset = load_preference_dataset(source, split, max_rows=limit)
     prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
                                                  max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
     logger.info("%s[%s]: %s", source, split, stats)

@@ -48,7 +48,7 @@ from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, load_preference_dataset
 from chipo.data.formats import describe, messages_problem, response_problem, text_problem
 from chipo.data.origin import RowLocator
-from chipo.data.tokenize import truncate_prompt
+from chipo.data.tokenize import token_ids, truncate_prompt
 from chipo.train.common import resolve_resume, training_arguments
 from chipo.train.io import JsonlMetricsCallback, atomic_write_text
 from chipo.train.pairwise import NonFiniteGradientGuard
@@ -177,15 +177,15 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
         return out
     eos = tokenizer.eos_token_id
     if fmt == PROMPT_COMPLETION:
-        prompts = _ids(tokenizer, batch["prompt"], add_special_tokens=True)
-        completions = [ids + [eos] for ids in _ids(tokenizer, batch["completion"])]
+        prompts = token_ids(tokenizer, batch["prompt"], add_special_tokens=True)
+        completions = [ids + [eos] for ids in token_ids(tokenizer, batch["completion"])]
     else:
         rendered = [_render(tokenizer, fmt, batch, i, row) for i, row in enumerate(indices)]
-        prompts = _ids(tokenizer, [p for p, _ in rendered])
+        prompts = token_ids(tokenizer, [p for p, _ in rendered])
         texts = [c for _, c in rendered]
         # Templates that close the assistant turn with the EOS text already carry it; do not add a second.
         completions = [ids if tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token) else ids + [eos]
-                       for text, ids in zip(texts, _ids(tokenizer, texts), strict=True)]
+                       for text, ids in zip(texts, token_ids(tokenizer, texts), strict=True)]
     for row, prompt, completion in zip(indices, prompts, completions, strict=True):
         prompt, prompt_cut, budget = truncate_prompt(prompt, row, max_length, max_prompt_length, what="completion",
                                                      field="messages" if fmt == MESSAGES else "prompt")
@@ -194,10 +194,6 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
         out[_PROMPT_CUT].append(int(prompt_cut))
         out[_COMPLETION_CUT].append(int(len(completion) > budget))
     return out
-
-
-def _ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
 
 
 def _render(tokenizer, fmt: str, batch: dict, i: int, row: int) -> tuple[str, str]:
@@ -269,9 +265,8 @@ def _as_list(ids) -> list[int]:
 
 
 def prepare_split(config: SFTConfig, tokenizer, source: str, split: str, limit: int | None = None):
-    dataset = load_preference_dataset(source, split)  # a generic loader: local files, saved datasets, the hub
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+    # a generic loader: local files, saved datasets, the hub
+    dataset = load_preference_dataset(source, split, max_rows=limit)
     prepared, stats = prepare_sft_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
                                           max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
     logger.info("%s[%s]: %s", source, split, stats)

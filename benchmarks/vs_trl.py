@@ -63,7 +63,7 @@ QUICK = {
     "memory": {"max_length": 256, "pairs": 12, "batch": 4, "steps": 3, "prompt": (8, 64), "response": (8, 240)},
 }
 OPTIM = "adamw_torch_fused"
-"""Pinned for both (chipo's TrainConfig.optim defaults to adamw_torch, transformers' to adamw_torch_fused)."""
+"""Pinned for both (chipo's PreferenceConfig.optim defaults to adamw_torch, transformers' to adamw_torch_fused)."""
 COMMON = {"beta": 0.1, "learning_rate": 1e-4, "seed": 42, "logging_steps": 10}
 
 
@@ -243,7 +243,7 @@ def _write_profile(spec: dict, profiler, torch_prof) -> None:
 def worker_chipo(spec: dict, result: dict) -> None:
     import chipo.train.run as run
     from chipo.config import load_config
-    from chipo.train.config import TrainConfig
+    from chipo.train.config import PreferenceConfig
 
     t0 = time.perf_counter()
     timings = result.setdefault("phases_s", {})
@@ -276,7 +276,7 @@ def worker_chipo(spec: dict, result: dict) -> None:
     run.prepare_split, run.add_reference_logps, run.cached_reference_logps = \
         prepare_split, add_reference_logps, cached_reference_logps
     run.PreferenceTrainer = TimedPreferenceTrainer
-    config = load_config(TrainConfig, overrides=spec["chipo_overrides"])
+    config = load_config(PreferenceConfig, overrides=spec["chipo_overrides"])
     result["logprobs_impl_requested"] = config.logprobs_impl
     run.run_training(config)
 

@@ -12,10 +12,11 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A directory with a tiny random Llama (hidden 64, 2 layers) and its BPE tokenizer, plus data files."""
-    from chipo.toy import save_tiny_model, toy_preference_rows, write_jsonl
+    from chipo.io import write_jsonl
+    from chipo.toy import save_tiny_model, toy_preference_rows
 
     root = tmp_path_factory.mktemp("tiny")
     save_tiny_model(root / "model")
-    write_jsonl(toy_preference_rows(32, seed=0), root / "train.jsonl")
-    write_jsonl(toy_preference_rows(16, seed=1), root / "test.jsonl")
+    write_jsonl(root / "train.jsonl", toy_preference_rows(32, seed=0))
+    write_jsonl(root / "test.jsonl", toy_preference_rows(16, seed=1))
     return root

@@ -3,9 +3,10 @@
 import dataclasses
 
 import pytest
+from transformers import TrainingArguments
 
-from chipo.config import ConfigError, config_help, load_config
-from chipo.train.config import TrainConfig
+from chipo.config import ConfigError, config_fields, config_help, load_config
+from chipo.train.config import PreferenceConfig
 
 BASE = ["model=m", "dataset=d"]
 
@@ -13,15 +14,16 @@ BASE = ["model=m", "dataset=d"]
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\ndataset: d\nloss: dpo\nbeta: 0.2\nsave_strategy: no\n")
-    config = load_config(TrainConfig, path, ["beta=0.05", "lora=true", "max_prompt_length=null", "r_max=null"])
+    config = load_config(PreferenceConfig, path, ["beta=0.05", "lora=true", "max_prompt_length=null",
+                                                  "clip_margin=false"])
     assert config.loss == "dpo" and config.beta == 0.05 and config.lora is True
     assert config.save_strategy == "no"  # YAML 1.1 reads an unquoted `no` as False; restored for string fields
-    assert config.r_max is None and config.loss_options()["r_max"] is None
+    assert config.r_max is None and config.loss_options()["r_max"] is None  # clip_margin=false: no clip at all
 
 
 def test_loss_options_only_overrides():
-    assert "r_max" not in load_config(TrainConfig, None, BASE).loss_options()  # preset default applies
-    opts = load_config(TrainConfig, None, [*BASE, "link=chi2mix", "r_max=2", "label_smoothing=0.2"]).loss_options()
+    assert "r_max" not in load_config(PreferenceConfig, None, BASE).loss_options()  # preset default applies
+    opts = load_config(PreferenceConfig, None, [*BASE, "link=chi2mix", "r_max=2", "label_smoothing=0.2"]).loss_options()
     assert opts["link"] == "chi2mix" and opts["r_max"] == 2.0 and opts["label_smoothing"] == 0.2
 
 
@@ -36,25 +38,77 @@ def test_loss_options_only_overrides():
     ("reference=none", "reference must be one of"),
     ("r_max=-1", "r_max must be positive"),
     ("novalue", "not of the form key=value"),
+    ("learning_rate=nan", "learning_rate: expected a finite number"),
+    ("max_grad_norm=.inf", "max_grad_norm: expected a finite number"),
+    ("seed=-1", "seed must lie in [0, 2**32)"),
+    ("optim=adamw_nope", "optim"),
+    ("lr_scheduler_type=zigzag", "lr_scheduler_type"),
+    ("report_to=tensorbored", "report_to: unknown logger 'tensorbored'"),
 ])
 def test_errors_are_one_line(override, message):
     with pytest.raises(ConfigError) as info:
-        load_config(TrainConfig, None, [*BASE, override])
+        load_config(PreferenceConfig, None, [*BASE, override])
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config(TrainConfig, tmp_path / "nope.yaml")
+        load_config(PreferenceConfig, tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
-        load_config(TrainConfig, bad)
+        load_config(PreferenceConfig, bad)
 
 
 def test_every_field_has_help():
-    text = config_help(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    """Every config key -- chipo's own and every TrainingArguments option -- is listed with a non-empty help."""
+    text = config_help(PreferenceConfig)
+    names = [f.name for f in config_fields(PreferenceConfig)]
+    assert set(names) >= {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for f in config_fields(PreferenceConfig):
         assert f.metadata.get("help"), f.name
-        assert f"  {f.name} (" in text
-    assert "model (str, required)" in text
+        block = ("\n" + text).split(f"\n  {f.name} (", 1)
+        assert len(block) == 2, f.name
+        assert block[1].split("\n", 2)[1].strip(), f.name  # the help line under the key is not empty
+
+
+def test_training_arguments_options_work_as_keys():
+    """The config is a TrainingArguments: any HF option is a key, coerced to its type (dicts stay dicts)."""
+    config = load_config(PreferenceConfig, None, [*BASE, "torch_compile=true", "adam_beta2=0.95", "run_name=x",
+                                                  "lr_scheduler_kwargs={min_lr: 0.0}", "warmup_ratio=0.1"])
+    assert isinstance(config, TrainingArguments)
+    assert config.torch_compile is True and config.adam_beta2 == 0.95 and config.run_name == "x"
+    assert config.lr_scheduler_kwargs == {"min_lr": 0.0} and config.warmup_steps == 0.1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: m\nmodel: n\n", "duplicate key 'model'"),
+    ("a: &x [1]\nb: *x\n", "anchors"),
+])
+def test_strict_yaml(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(PreferenceConfig, path)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    """A billion-laughs file (267 bytes, hundreds of MB expanded) is one short error, not memory exhaustion."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(PreferenceConfig, path)
+    assert len(str(info.value)) < 200
+
+
+def test_binary_and_bom_files(tmp_path):
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00model: m")
+    with pytest.raises(ConfigError, match="not UTF-8|binary"):
+        load_config(PreferenceConfig, binary)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffmodel: m\ndataset: d\n".encode())
+    assert load_config(PreferenceConfig, bom).model == "m"

@@ -1,14 +1,16 @@
-"""sample_with_mode and load_reward on a tiny Llama: the lab's entry points for best-of-n vs pessimism curves."""
+"""sample_with_mode and load_scorer on a tiny Llama: the lab's entry points for best-of-n vs pessimism curves."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import chipo.lab  # noqa: F401  (registers the lab's 'world' scorer)
 from chipo.config import ConfigError
-from chipo.inference import load_reward, sample_with_mode, select
-from chipo.inference.generation import encode_prompts, generate, response_batch
-from chipo.train.logps import batch_sequence_logps
+from chipo.generation import encode_prompts, generate
+from chipo.inference import sample_with_mode, select
+from chipo.rewards import load_scorer
+from chipo.sequences import batch_sequence_logps, response_batch
 
 
 def length_reward(prompts, responses):
@@ -23,7 +25,7 @@ def tiny(tiny_dir):
 @pytest.mark.parametrize("mode", ["plain", "bon", "pessimism"])
 def test_sample_with_mode(tiny, mode):
     model, tok = tiny
-    reward = load_reward("test_inference_e2e:length_reward")
+    reward = load_scorer("test_inference_e2e:length_reward")
     prompts = ["why is the cat short? ", [{"role": "user", "content": "why?"}]]
     sel = sample_with_mode(model, tok, prompts, mode=mode, n=3, reward=reward, beta=0.1, max_new_tokens=5, seed=3)
     m = {"plain": 1, "bon": 3, "pessimism": 7}[mode]
@@ -53,10 +55,10 @@ def test_generation_logps_are_those_of_the_sampled_tokens(tiny):
     assert logps[0].item() == pytest.approx(one.item(), abs=1e-4)  # padding does not change a row's log-prob
 
 
-def test_load_reward_specs_and_select_pool():
-    world = load_reward("world")  # the lab's gold scorer, reused
+def test_load_scorer_specs_and_select_pool():
+    world = load_scorer("world")  # the lab's gold scorer, reused
     assert world.score(["t0 s0"], ["not a response"]).tolist() == [0.0]
     with pytest.raises(ConfigError):
-        load_reward("no_such_module:fn")
+        load_scorer("no_such_module:fn")
     pool = np.array([[0.0, 1.0, 2.0, 3.0, 4.0]])
     assert select("bon", pool, 5)[0].tolist() == [4] and select("bon", pool, 2)[0].tolist() == [1]

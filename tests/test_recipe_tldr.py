@@ -312,8 +312,9 @@ def test_cost_estimate_follows_the_stated_formula():
 
 def test_report_standard_errors_are_over_seeds_when_there_are_several(tmp_path):
     """Two seeds: mean and s.e. of the per-seed win rates (no dagger); the SFT row is epoch 0 of every curve."""
+    from chipo.io import write_json
     from chipo.recipes.tldr.config import ReportStageConfig
-    from chipo.recipes.tldr.layout import SFT, Cell, Layout, write_json
+    from chipo.recipes.tldr.layout import SFT, Cell, Layout
     from chipo.recipes.tldr.report import write_report
 
     layout = Layout(tmp_path)

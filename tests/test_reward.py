@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from chipo.cli.reward import main as reward_main
-from chipo.inference.rewards import RewardModelScorer, load_reward
-from chipo.train.io import read_jsonl as read_metrics
+from chipo.data import PreferenceCollator, load_preference_dataset, prepare_preference_dataset
+from chipo.io import read_jsonl as read_metrics
+from chipo.rewards import RewardModelScorer, load_scorer
 from chipo.train.reward import bradley_terry_loss
 
 
@@ -46,14 +47,19 @@ def test_reward_cli_trains_separable_data_and_saves_hf_model(tiny_dir, tmp_path)
     assert evals[-1]["eval_rewards/accuracies"] > 0.9 and evals[-1]["eval_rewards/margins"] > 0.5
     assert "eval_rewards/mean" in evals[-1]
     # the saved model scores new text through the inference interface, chosen-like text above rejected-like
-    scorer = load_reward(str(out))
+    scorer = load_scorer(str(out))
     assert isinstance(scorer, RewardModelScorer)
     good, bad = scorer.score(["why is the cat short? "] * 2, ["good helpful answer.", "bad bad harmless."])
     assert good > bad
-    # scores match the trainer's view of the same pair (same tokenization, same pooled token)
-    rows = [json.loads(line) for line in open(tiny_dir / "test.jsonl")][:2]
+    # scores match the trainer's view of the same pairs: chipo.data's tokenization and collation, pooled token
+    rows = [json.loads(line) for line in open(tiny_dir / "test.jsonl")][:4]
     direct = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    assert direct.shape == (2,) and direct.dtype.kind == "f"
+    prepared, _ = prepare_preference_dataset(load_preference_dataset(str(tiny_dir / "test.jsonl"), max_rows=4),
+                                             scorer.tokenizer, source="test.jsonl", max_length=512)
+    batch = PreferenceCollator(scorer.tokenizer.pad_token_id)([prepared[i] for i in range(4)])
+    with torch.no_grad():
+        trained_view = scorer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:4, 0]
+    torch.testing.assert_close(torch.from_numpy(direct).float(), trained_view, rtol=1e-4, atol=1e-5)
 
 
 def test_reward_margin_column(tiny_dir, tmp_path):

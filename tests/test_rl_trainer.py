@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from chipo.cli.rl import main as rl_main
-from chipo.train.io import read_jsonl as read_metrics
+from chipo.io import read_jsonl as read_metrics
 
 
 def toy_reward(prompts, responses):

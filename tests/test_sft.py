@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chipo.cli.sft import main as sft_main
 from chipo.config import ConfigError, load_config
 from chipo.data import DataError, load_preference_dataset
-from chipo.train.io import read_jsonl as read_metrics
-from chipo.train.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
+from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
+from chipo.io import read_jsonl as read_metrics
 from chipo.train.sft_config import SFTConfig
 
 WORDS = "cat dog model policy reward summary post answer".split()

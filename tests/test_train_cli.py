@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chipo.cli.main import main
-from chipo.train.io import read_jsonl as read_metrics
+from chipo.io import read_jsonl as read_metrics
 
 
 def _train(tiny_dir, out, *overrides):

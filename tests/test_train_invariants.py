@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from chipo.data import PreferenceCollator, load_preference_dataset, prepare_preference_dataset
-from chipo.train.io import read_jsonl as read_metrics
+from chipo.io import read_jsonl as read_metrics
 from chipo.train.pairwise import NonFiniteError, NonFiniteGradientGuard
 from chipo.train.preference import PreferenceTrainer
 from chipo.train.reference import compute_reference_logps

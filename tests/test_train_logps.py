@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from chipo.data import PreferenceCollator
+from chipo.sequences import batch_sequence_logps, length_buckets
 from chipo.toy import tiny_model_and_tokenizer
-from chipo.train.logps import batch_sequence_logps, length_buckets
 
 
 def _batch(tokenizer, n=6):

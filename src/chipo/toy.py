@@ -102,12 +102,6 @@ def toy_preference_rows(n: int = 64, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_jsonl(rows: Iterable[dict], path) -> None:
-    import json
-    from pathlib import Path
-
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-
 
 def save_tiny_model(directory, seed: int = 0, **model_kwargs) -> None:
     """Build a tiny Llama + tokenizer and save both as an HF directory (loadable by from_pretrained)."""

@@ -1,4 +1,4 @@
-"""Preference data by the seed's process: Bradley-Terry labels and the written rows."""
+"""Preference data by the paper's process: Bradley-Terry labels and the written rows."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chipo.lab.generate import (
-    SamplingSettings,
-    bradley_terry_labels,
-    bradley_terry_probability,
-    generate_preferences,
-    sample_responses,
-    write_jsonl,
-)
-from chipo.lab.gold import load_gold_scorer
+from chipo.generation import SamplingSettings, sample_responses
+from chipo.io import write_jsonl
+from chipo.lab.generate import bradley_terry_labels, bradley_terry_probability, generate_preferences
+from chipo.rewards import load_scorer
 
 
 @pytest.mark.parametrize("gap, scale", [(0.0, 5.0), (0.1, 5.0), (0.4, 5.0), (-1.0, 2.0), (3.0, 1.0)])
@@ -58,7 +53,7 @@ def test_generate_preferences_writes_standard_rows_chipo_train_reads(tiny_world,
 
     model = AutoModelForCausalLM.from_pretrained(tiny_world / "pi_ref")
     tokenizer = AutoTokenizer.from_pretrained(tiny_world / "pi_ref")
-    gold = load_gold_scorer(f"world:{tiny_world}")
+    gold = load_scorer(f"world:{tiny_world}")
     prompts = [json.loads(line)["prompt"] for line in open(tiny_world / "prompts_eval.jsonl")]
     settings = SamplingSettings(max_new_tokens=4, seed=3)
     rows, stats = generate_preferences(model, tokenizer, prompts, gold, pairs_per_prompt=8, scale=5.0,
@@ -88,7 +83,7 @@ def test_sampled_token_ids_end_at_eos_and_match_text(tiny_world):
     samples = sample_responses(model, tokenizer, ["t0 s1", "t1 s0"], 20, SamplingSettings(max_new_tokens=5, seed=1),
                                progress=False)
     assert len(samples.texts) == 40 and samples.prompt_index[:20] == [0] * 20
-    for ids, done, text in zip(samples.token_ids, samples.finished, samples.texts):
+    for ids, done, text in zip(samples.response_ids, samples.finished, samples.texts):
         assert (ids[-1] == tokenizer.eos_token_id) == done
         assert tokenizer.eos_token_id not in ids[:-1]
         assert len(ids) <= 5

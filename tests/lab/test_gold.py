@@ -1,4 +1,5 @@
-"""Gold scorers: a reward model by path, a module:function callable, the world's judge; and the world itself."""
+"""Scorers through ``chipo.rewards.load_scorer``: a reward model by path, a module:function callable, the world's
+judge (registered by ``chipo.lab``); and the world itself."""
 
 from __future__ import annotations
 
@@ -11,27 +12,37 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from chipo.config import ConfigError
 from chipo.lab.generate import response_logps
-from chipo.lab.gold import CallableScorer, HFRewardModelScorer, WorldScorer, load_gold_scorer
-from chipo.lab.world import Language, WorldSpec, default_language, gold_reward
+from chipo.lab.world import Language, WorldScorer, WorldSpec, default_language, gold_reward
+from chipo.rewards import CallableScorer, RewardModelScorer, load_scorer
 
 
-def test_reward_model_by_path_scores_like_the_model(tiny_reward_model):
-    scorer = load_gold_scorer(str(tiny_reward_model))
-    assert isinstance(scorer, HFRewardModelScorer)
+def test_reward_model_by_path_scores_as_chipo_reward_trains(tiny_reward_model):
+    """The one tokenization rule: prompt with special tokens, response without them + EOS, tokenized separately;
+    batched right-padded scoring equals scoring each such row alone (the logit at its last token, EOS)."""
+    scorer = load_scorer(str(tiny_reward_model))
+    assert isinstance(scorer, RewardModelScorer)
     prompts, responses = ["t0 s1", "t1 s0", "t0 s0"], ["a b", "b", "c a"]
     scores = scorer.score(prompts, responses)
     assert scores.shape == (3,) and np.isfinite(scores).all()
-    # Batched and padded scoring equals one-at-a-time scoring of the concatenated text.
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model)
     with torch.no_grad():
-        single = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item()
-                  for p, r in zip(prompts, responses)]
+        single = []
+        for p, r in zip(prompts, responses):
+            ids = (tokenizer(p, add_special_tokens=True)["input_ids"]
+                   + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            single.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
     np.testing.assert_allclose(scores, single, rtol=1e-4, atol=1e-5)
+    # A template is the opt-in for hub models trained on another text format: the formatted text, no EOS added.
+    templated = load_scorer(str(tiny_reward_model), template="{prompt}{response}").score(prompts, responses)
+    with torch.no_grad():
+        plain = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item() for p, r in zip(prompts, responses)]
+    np.testing.assert_allclose(templated, plain, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(templated, scores)
 
 
 def test_callable_scorer_from_module_function():
-    scorer = load_gold_scorer("chipo.lab.world:gold_reward")
+    scorer = load_scorer("chipo.lab.world:gold_reward")
     assert isinstance(scorer, CallableScorer)
     language = default_language()
     prompt = language.prompt_text(0, 0)
@@ -43,7 +54,14 @@ def test_callable_scorer_from_module_function():
 @pytest.mark.parametrize("spec", ["no_such_module_xyz:fn", "chipo.lab.world:no_such_fn", "world:/nonexistent/dir"])
 def test_bad_gold_specs_raise_config_errors(spec):
     with pytest.raises(ConfigError):
-        load_gold_scorer(spec)
+        load_scorer(spec)
+
+
+def test_world_spec_is_registered_by_the_lab(tiny_world):
+    assert isinstance(load_scorer("world"), WorldScorer)
+    saved = load_scorer(f"world:{tiny_world}")
+    assert isinstance(saved, WorldScorer) and saved.language.spec == Language.from_json(
+        json.loads((tiny_world / "language.json").read_text())).spec
 
 
 def test_world_gold_is_zero_outside_the_language_and_in_unit_interval_inside():

@@ -72,7 +72,7 @@ def test_generate_prefs_and_evaluate_with_a_reward_model_and_data_by_path(tiny_w
     rows = [json.loads(line) for line in prefs.open()]
     assert rows and {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"} <= set(rows[0])
     meta = json.loads((tmp_path / "prefs.jsonl.meta.json").read_text())
-    assert meta["settings"]["gold"].startswith("hf:") and meta["settings"]["scale"] == 2.0
+    assert meta["settings"]["gold"].startswith("rm:") and meta["settings"]["scale"] == 2.0
 
     out = tmp_path / "eval.json"
     code = main(["evaluate", "--policy", str(tiny_world / "pi_ref"), "--ref", str(tiny_world / "pi_ref"),

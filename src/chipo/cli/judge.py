@@ -81,8 +81,8 @@ def main(argv: list[str]) -> int:
 
 def run_judge(args) -> dict:
     """Load inputs and config (all checked before any request), judge, write the results; returns the summary."""
+    from chipo.io import atomic_write_text
     from chipo.judges import JUDGE_CONFIGS, build_judge
-    from chipo.train.io import atomic_write_text
 
     config = load_config(JUDGE_CONFIGS[args.judge], args.config, args.overrides)
     prompts, a, b, inputs = read_inputs(args)

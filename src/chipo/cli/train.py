@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chipo.cli.main import config_command
-from chipo.train.config import TrainConfig
+from chipo.train.config import PreferenceConfig
 
 EXAMPLE = """example:
   chipo train model=EleutherAI/pythia-1b dataset=trl-lib/tldr-preference loss=chipo beta=0.05 \\
@@ -13,6 +13,6 @@ EXAMPLE = """example:
 
 
 def main(argv: list[str]) -> int:
-    return config_command(argv, prog="chipo train", example=EXAMPLE, config_cls=TrainConfig,
+    return config_command(argv, prog="chipo train", example=EXAMPLE, config_cls=PreferenceConfig,
                           description="Preference-train a causal LM with chiPO, DPO or a variant.",
                           runner="chipo.train.run:run_training", saved="model")

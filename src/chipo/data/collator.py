@@ -7,6 +7,7 @@ chosen and rejected under the same dropout / batch statistics; ``chosen = batch[
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,19 +42,8 @@ class PreferenceCollator:
         prompts = [_as_list(f["prompt_input_ids"]) for f in features]
         responses = ([_as_list(f["chosen_input_ids"]) for f in features]
                      + [_as_list(f["rejected_input_ids"]) for f in features])
-        prompts = prompts + prompts
-        width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        input_ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(responses), width), dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
-        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-            end = len(prompt) + len(response)
-            input_ids[i, :end] = torch.tensor(prompt + response, dtype=torch.long)
-            attention_mask[i, :end] = 1
-            response_mask[i, len(prompt):end] = True
+        input_ids, attention_mask, response_mask = right_pad(prompts + prompts, responses, self.pad_token_id,
+                                                             self.pad_to_multiple_of)
 
         batch = {
             "input_ids": input_ids,
@@ -68,6 +58,28 @@ class PreferenceCollator:
             elif present:
                 raise ValueError(f"{key} is present in {present} of {len(features)} features; expected all or none")
         return batch
+
+
+def right_pad(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+              pad_to_multiple_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids`` [N, T], ``attention_mask`` [N, T] and ``response_mask`` [N, T] (bool) of prompt + response rows.
+
+    Every (prompt, response) sequence of chipo is laid out this way: tokens from column 0, padding on the right
+    (so causal attention never sees it), the response mask True exactly on the response tokens. T is the longest
+    row, rounded up to ``pad_to_multiple_of`` if set.
+    """
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    if pad_to_multiple_of:
+        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        end = len(prompt) + len(response)
+        input_ids[i, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        attention_mask[i, :end] = 1
+        response_mask[i, len(prompt):end] = True
+    return input_ids, attention_mask, response_mask
 
 
 def _as_list(ids) -> list[int]:

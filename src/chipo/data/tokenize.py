@@ -221,3 +221,16 @@ def _with_eos(tokenizer, texts: list[str], ids: list[list[int]]) -> list[list[in
     eos_text = tokenizer.eos_token
     return [seq if eos_text and text.rstrip().endswith(eos_text) else seq + [tokenizer.eos_token_id]
             for text, seq in zip(texts, ids, strict=True)]
+
+
+def encode_text_pairs(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids + EOS) of text pairs, exactly as standard-format preference rows are tokenized.
+
+    The one rule every scorer of text uses (reward models, log-probs of text in the lab): the prompt with the
+    tokenizer's special tokens (none when it already starts with the BOS text, i.e. was rendered by a chat
+    template), the response without them plus EOS, each tokenized separately so no BPE merge crosses the boundary.
+    """
+    bos = tokenizer.bos_token
+    prompt_ids = [token_ids(tokenizer, [p], add_special_tokens=not (bos and p.startswith(bos)))[0] for p in prompts]
+    response_ids = [ids + [tokenizer.eos_token_id] for ids in token_ids(tokenizer, list(responses))]
+    return prompt_ids, response_ids

@@ -1,11 +1,9 @@
-"""Inference: reward functions, sampling from a policy, and inference-time alignment (best-of-n, pessimism).
+"""Inference-time alignment: best-of-n and chi-squared-regularised rejection sampling (pessimism).
 
-Modules: ``rewards`` (``load_reward``: reward models, ``module:function``, the lab's world), ``generation``
-(batched HF ``generate`` with KV cache, optional vLLM, padded scoring batches), ``samplers`` (best-of-n,
-chi-squared-regularised rejection sampling of Huang et al. 2025, their exact output laws, ``sample_with_mode``).
+``samplers`` holds best-of-n, the chi-squared-regularised rejection sampler of Huang et al. 2025, their exact output
+laws and ``sample_with_mode``; sampling comes from ``chipo.generation`` and rewards from ``chipo.rewards``.
 """
 
-from chipo.inference.rewards import RewardModelScorer, load_reward
 from chipo.inference.samplers import (
     MODES,
     Selection,
@@ -19,11 +17,9 @@ from chipo.inference.samplers import (
 
 __all__ = [
     "MODES",
-    "RewardModelScorer",
     "Selection",
     "best_of_n_distribution",
     "best_of_n_kl_bound",
-    "load_reward",
     "pessimism_distribution",
     "pessimism_normalizer",
     "sample_with_mode",

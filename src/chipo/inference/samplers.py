@@ -191,12 +191,12 @@ def sample_with_mode(model, tokenizer, prompts: Sequence, *, mode: str, n: int, 
                      generator=None, divergence: FDivergence | str = CHI2) -> Selection:
     """Sample candidates from ``model`` (pi_ref), score them with ``reward`` and pick one per prompt by ``mode``.
 
-    ``reward`` has ``score(prompts, responses)`` (``chipo.inference.rewards.load_reward``); ``generator`` is an
-    optional backend with the signature of ``chipo.inference.generation.generate`` minus model/tokenizer (e.g. a
+    ``reward`` has ``score(prompts, responses)`` (``chipo.rewards.load_scorer``); ``generator`` is an
+    optional backend with the signature of ``chipo.generation.generate`` minus model/tokenizer (e.g. a
     ``VLLMGenerator``'s bound ``generate``). The lab calls this per n, or samples one pool and calls ``select``.
     """
-    from chipo.inference.generation import encode_prompts, generate
-    from chipo.inference.rewards import score_checked
+    from chipo.generation import encode_prompts, generate
+    from chipo.rewards import score_checked
 
     need = samples_needed(mode, n)
     prompt_ids, texts = encode_prompts(tokenizer, prompts, max_prompt_length)

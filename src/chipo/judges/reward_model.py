@@ -1,14 +1,13 @@
 """``RewardModelJudge``: a pairwise judge from any scorer ``score(prompts, responses) -> array``.
 
-The scorer is the lab's ``GoldScorer`` interface (``chipo.lab.gold``), so everything the lab can score with works
-here: an HF sequence-classification reward model (a local directory or a hub name), the embedded world's gold
-reward (``"world"``), or a ``module:function`` callable. a wins when its score exceeds b's by more than
-``tie_tolerance``; a non-finite score (a reward model that produced NaN) gives no verdict and counts as malformed.
+The scorer is a ``chipo.rewards.Scorer``, so everything the RL trainer and the lab score with works here: an HF
+sequence-classification reward model (a local directory or a hub name), a registered scorer such as the lab's
+``world``, or a ``module:function`` callable. a wins when its score exceeds b's by more than ``tie_tolerance``; a
+non-finite score (a reward model that produced NaN) gives no verdict and counts as malformed.
 
-A spec string is resolved by ``chipo.inference.rewards.load_reward`` (which tokenizes prompt and response exactly as
-``chipo reward`` trained the model, reading the score at the same EOS token), or, when a ``template`` is given, by
-``chipo.lab.gold.load_gold_scorer`` (the model scores ``template.format(prompt=..., response=...)``: for hub reward
-models that expect their own text format).
+A spec string is resolved by ``chipo.rewards.load_scorer``: a reward model tokenizes prompt and response exactly as
+``chipo reward`` trained it, or, when a ``template`` is given, scores ``template.format(prompt=..., response=...)``
+(for hub reward models that expect their own text format).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ class RewardModelJudge:
 
     Args:
         scorer: an object with ``score(prompts, responses)`` (and optionally ``name``), or a spec string resolved
-            by ``chipo.lab.gold.load_gold_scorer``: a reward-model directory or hub name, ``world`` or
+            by ``chipo.rewards.load_scorer``: a reward-model directory or hub name, a registered name or
             ``module:function``.
         tie_tolerance: |score_a - score_b| <= this is a tie (0.5). Default 0: only exactly equal scores tie.
         template: for a spec string naming a reward model: None (default) scores prompt and response tokenized
@@ -36,15 +35,9 @@ class RewardModelJudge:
         if tie_tolerance < 0:
             raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
         if isinstance(scorer, str):
-            # Reuse the project's loaders rather than a third copy of reward-model loading (padding, num_labels).
-            if template is None:
-                from chipo.inference.rewards import load_reward
+            from chipo.rewards import load_scorer
 
-                scorer = load_reward(scorer, batch_size=batch_size)
-            else:
-                from chipo.lab.gold import load_gold_scorer
-
-                scorer = load_gold_scorer(scorer, template=template, batch_size=batch_size)
+            scorer = load_scorer(scorer, batch_size=batch_size, template=template)
         if not callable(getattr(scorer, "score", None)):
             raise TypeError(f"scorer must have a score(prompts, responses) method, got {type(scorer).__name__}")
         self.scorer = scorer

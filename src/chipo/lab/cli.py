@@ -25,10 +25,8 @@ def _strs(text: str) -> list[str]:
 
 
 def _r_max(text: str):
-    if text.lower() in ("none", "null", "off"):
+    if text.lower() in ("none", "null", "default"):
         return None
-    if text == "default":
-        return "default"
     return float(text)
 
 
@@ -46,8 +44,9 @@ def _add_gold(p: argparse.ArgumentParser) -> None:
                    help="gold scorer: 'world' (embedded world), 'world:DIR', a reward-model directory or hub name "
                         "(AutoModelForSequenceClassification, one output), or 'module:function' "
                         "(function(prompts, responses) -> list of floats). Default: world")
-    p.add_argument("--gold-template", default="{prompt}{response}",
-                   help="text a reward-model gold scorer reads (default: prompt + response)")
+    p.add_argument("--gold-template", default=None,
+                   help="for a hub reward model trained on another text format: the text it scores, e.g. "
+                        "'{prompt}\\n{response}' (default: prompt and response tokenized as chipo reward trains)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-epochs", type=_ints, default=None, help="default 1,2,4,... and the last")
     p.add_argument("--lr", type=float, default=1e-3, help="constant learning rate")
     p.add_argument("--train-batch-size", type=int, default=32)
-    p.add_argument("--r-max", type=_r_max, default="default", help="chiPO margin clip: number, default or none")
+    p.add_argument("--r-max", type=_r_max, default=None, help="chiPO margin clip bound (default: chiPO's own, 5)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--num-samples", type=int, default=64, help="samples per held-out prompt")
     p.add_argument("--max-prompts", type=int, default=None)
@@ -141,14 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling(args):
-    from chipo.lab.generate import SamplingSettings
+    from chipo.generation import SamplingSettings
 
     return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.sample_seed, batch_size=args.batch_size)
 
 
 def _load_lm(name: str):
-    from chipo.train.run import load_causal_lm, load_tokenizer
+    from chipo.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(name).eval(), load_tokenizer(name)
 
@@ -176,13 +175,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from chipo.lab.generate import generate_preferences, write_json, write_jsonl
-    from chipo.lab.gold import load_gold_scorer
+    from chipo.io import write_json, write_jsonl
+    from chipo.lab.generate import generate_preferences
     from chipo.lab.sweep import load_prompts
+    from chipo.rewards import load_scorer
 
     prompts, _ = load_prompts(args.prompts, args.split, args.max_prompts)
     model, tokenizer = _load_lm(args.policy)
-    gold = load_gold_scorer(args.gold, template=args.gold_template)
+    gold = load_scorer(args.gold, template=args.gold_template)
     rows, stats = generate_preferences(model, tokenizer, prompts, gold, pairs_per_prompt=args.pairs_per_prompt,
                                        scale=args.scale, settings=_sampling(args))
     write_jsonl(args.out, rows)
@@ -193,16 +193,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from chipo.io import write_json
     from chipo.lab.evaluate import build_baseline, evaluate_policy
-    from chipo.lab.generate import write_json
-    from chipo.lab.gold import load_gold_scorer
     from chipo.lab.sweep import load_pairs, load_prompts
+    from chipo.rewards import load_scorer
 
     prompts, references = load_prompts(args.prompts, args.split, args.max_prompts)
     heldout = load_pairs(args.heldout_prefs, args.split) if args.heldout_prefs else None
     ref, tokenizer = _load_lm(args.ref)
     policy, _ = _load_lm(args.policy)
-    gold = load_gold_scorer(args.gold, template=args.gold_template)
+    gold = load_scorer(args.gold, template=args.gold_template)
     settings = _sampling(args)
     baseline = build_baseline(ref, tokenizer, prompts, gold, references=references, settings=settings,
                               num_samples=args.num_samples, heldout_pairs=heldout, exact=not args.no_exact)

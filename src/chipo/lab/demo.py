@@ -27,7 +27,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from chipo.lab.generate import SamplingSettings, generate_preferences, write_json, write_jsonl
+from chipo.data.prompts import load_prompts
+from chipo.generation import SamplingSettings
+from chipo.io import write_json, write_jsonl
+from chipo.lab.generate import generate_preferences
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,8 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
     tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
     ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
     gold = world.scorer()
-    train_prompts = [json.loads(line)["prompt"] for line in open(world.train_prompts_path)]
-    eval_prompts = [json.loads(line)["prompt"] for line in open(world.eval_prompts_path)]
+    train_prompts = load_prompts(world.train_prompts_path, text_only=True).prompts
+    eval_prompts = load_prompts(world.eval_prompts_path, text_only=True).prompts
     data_stats = {}
     for seed in range(settings.seeds):
         path = out / "data" / f"train_seed{seed}.jsonl"

@@ -40,8 +40,10 @@ import numpy as np
 import torch
 
 from chipo.divergences import CHI2, KL, clamped_exp
-from chipo.lab.generate import Samples, SamplingSettings, response_logps, sample_responses, token_logps
+from chipo.generation import Samples, SamplingSettings, sample_responses
+from chipo.lab.generate import response_logps
 from chipo.losses import preference_loss
+from chipo.sequences import sequence_logps
 
 CHI2_CAVEAT = ("Monte-Carlo chi-squared E_pi[(z - 2 + 1/z)/2] has variance growing with E_pi[z^2], the distance "
                "itself: with a finite sample, large values are noisy lower bounds.")
@@ -200,8 +202,10 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
     # Log-ratios of the policy's own samples, on the exact sampled token ids (EOS included when emitted).
     prompt_ids = [tokenizer(baseline.prompts[i], add_special_tokens=True)["input_ids"] for i in samples.prompt_index]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log_ratio = (token_logps(policy, prompt_ids, samples.token_ids, pad)
-                 - token_logps(ref_model, prompt_ids, samples.token_ids, pad)).double()
+    policy.eval()
+    ref_model.eval()
+    log_ratio = (sequence_logps(policy, prompt_ids, samples.response_ids, pad)
+                 - sequence_logps(ref_model, prompt_ids, samples.response_ids, pad)).double().cpu()
     out.update(divergence_stats(log_ratio))
     out["length_mean"], out["length_se"] = mean_se(samples.lengths())
     out["finished_frac"] = float(np.mean(samples.finished))

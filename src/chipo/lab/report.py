@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chipo.lab.generate import write_json
+from chipo.io import atomic_directory, write_json
 from chipo.lab.sweep import read_results
-from chipo.train.io import atomic_directory
 
 LOSS_LABELS = {"dpo": "DPO", "chipo": "chiPO", "pi_ref": "pi_ref"}
 LOSS_COLORS = {"dpo": "tab:red", "chipo": "tab:blue"}
@@ -628,7 +627,7 @@ def write_rlhf_section(report_dir: str | os.PathLike, results: dict, rows: list[
 
     The section goes before "## Machine, versions, time" (or at the end); rewriting it is idempotent.
     """
-    from chipo.train.io import atomic_write_text
+    from chipo.io import atomic_write_text
 
     report_dir = Path(report_dir)
     plot_rlhf(rlhf_curves(results, rows), report_dir)

@@ -35,7 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from chipo.lab.generate import SamplingSettings, generate_preferences, write_json, write_jsonl
+from chipo.data.prompts import load_prompts
+from chipo.generation import SamplingSettings
+from chipo.io import write_json, write_jsonl
+from chipo.lab.generate import generate_preferences
+from chipo.rewards import load_scorer
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,7 @@ REGULARIZERS = ("kl", "chi2mix")
 
 
 def _prompts(path: str, limit: int | None = None) -> list[str]:
-    rows = [json.loads(line)["prompt"] for line in open(path) if line.strip()]
-    return rows[:limit] if limit else rows
+    return load_prompts(path, max_rows=limit, text_only=True).prompts
 
 
 def run_rlhf(world, out_dir: str | Path, settings: RLHFSettings | None = None, *, demo_pairs: str | None = None,
@@ -176,9 +179,7 @@ def _train_reward_model(world, data: str, out: Path, settings: RLHFSettings) -> 
 
 def reward_model_accuracy(rm_dir: str | Path, pairs: list[dict]) -> dict:
     """Held-out accuracy of a reward model: against the BT labels and against the gold ordering (ties skipped)."""
-    from chipo.inference.rewards import load_reward
-
-    rm = load_reward(str(rm_dir))
+    rm = load_scorer(str(rm_dir))
     chosen = rm.score([r["prompt"] for r in pairs], [r["chosen"] for r in pairs])
     rejected = rm.score([r["prompt"] for r in pairs], [r["rejected"] for r in pairs])
     diff = chosen - rejected
@@ -247,10 +248,9 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
 
 def inference_curves(ref, tokenizer, prompts: list[str], gold, rm_path: str, settings: RLHFSettings) -> dict:
     """Best-of-n and pessimism scaling curves from one scored pool of pi_ref samples (module docstring)."""
+    from chipo.generation import sample_responses
     from chipo.inference import best_of_n_distribution, best_of_n_kl_bound, pessimism_distribution, select
-    from chipo.inference.rewards import load_reward
     from chipo.lab.evaluate import mean_se
-    from chipo.lab.generate import sample_responses
 
     width = 2 * max(settings.ns) + 1
     m = settings.replicates * width
@@ -258,7 +258,7 @@ def inference_curves(ref, tokenizer, prompts: list[str], gold, rm_path: str, set
                                                                             seed=7000 + settings.seed),
                                progress=False)
     texts = samples.prompt_texts()
-    proxy = load_reward(rm_path).score(texts, samples.texts).reshape(len(prompts), m)
+    proxy = load_scorer(rm_path).score(texts, samples.texts).reshape(len(prompts), m)
     true = np.asarray(gold.score(texts, samples.texts), dtype=float).reshape(len(prompts), m)
     r_max = float(proxy.max())  # the proxy's upper bound, estimated by the largest reward in the pool
     rep_proxy, rep_gold = proxy.reshape(-1, width), true.reshape(-1, width)

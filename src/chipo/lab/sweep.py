@@ -30,7 +30,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chipo.config import ConfigError, _field
-from chipo.lab.generate import SamplingSettings, write_json
+from chipo.generation import SamplingSettings
+from chipo.io import write_json
 
 logger = logging.getLogger("chipo.lab")
 
@@ -62,7 +63,9 @@ class SweepConfig:
                                      "'reference' (or 'completion' / 'chosen') reference responses.")
     out_dir: str = _field(None, "Sweep directory: results.jsonl, sweep.json, runs/, ref_cache/.")
     gold: str = _field("world", "Gold scorer: 'world', a reward-model path or hub name, or 'module:function'.")
-    gold_template: str = _field("{prompt}{response}", "Text given to a reward-model gold scorer.")
+    gold_template: str | None = _field(None, "For a hub reward model trained on another text format: the text it "
+                                             "scores, e.g. '{prompt}\\n{response}'. null: prompt and response "
+                                             "tokenized as `chipo reward` trains (chipo.rewards).")
     heldout_prefs: str | None = _field(None, "Held-out preference pairs for the implicit-reward accuracy.")
     split: str = _field("train", "Split of the data sources.")
     losses: list[str] = field(default_factory=lambda: ["dpo", "chipo"], metadata={"help": "Loss presets."})
@@ -72,8 +75,8 @@ class SweepConfig:
     eval_epochs: list[int] | None = _field(None, "Epochs to evaluate (default: 1, 2, 4, ... and the last).")
     learning_rate: float = _field(1e-3, "Constant learning rate (AdamW).")
     batch_size: int = _field(32, "Preference pairs per optimizer step.")
-    r_max: float | str | None = _field("default", "Margin clip bound of the losses that clip (chiPO): a number, "
-                                                  "'default' (the loss's own) or null (off). DPO never clips.")
+    r_max: float | None = _field(None, "Margin clip bound of the losses that clip (chiPO): a number, or null "
+                                       "(the loss's own, 5 for chiPO). DPO never clips.")
     max_length: int = _field(512, "Max prompt + response tokens in training.")
     max_prompt_length: int | None = _field(None, "Max prompt tokens in training.")
     num_samples: int = _field(64, "Samples per held-out prompt for evaluation.")
@@ -295,7 +298,7 @@ class CellRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from chipo.lab.evaluate import build_baseline
-        from chipo.lab.gold import load_gold_scorer
+        from chipo.rewards import load_scorer
 
         c = self.config = config
         self.out = Path(c.out_dir)
@@ -305,7 +308,7 @@ class CellRunner:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.ref = AutoModelForCausalLM.from_pretrained(c.ref_model).eval()
-        self.gold = load_gold_scorer(c.gold, template=c.gold_template)
+        self.gold = load_scorer(c.gold, template=c.gold_template)
         if baseline is None:
             prompts, references = load_prompts(c.eval_prompts, c.split, c.max_eval_prompts)
             heldout = load_pairs(c.heldout_prefs, c.split) if c.heldout_prefs else None
@@ -316,7 +319,7 @@ class CellRunner:
 
     def train_config(self, loss: str, beta: float, seed: int, run_dir: Path, resume: bool):
         from chipo.config import build_config
-        from chipo.train.config import TrainConfig
+        from chipo.train.config import PreferenceConfig
 
         c = self.config
         dataset = c.train_prefs.replace("{seed}", str(seed))
@@ -329,7 +332,7 @@ class CellRunner:
             save_strategy="epoch", logging_steps=_steps_per_epoch(dataset, c.batch_size), disable_tqdm=True,
             seed=seed, resume_from_checkpoint="latest" if resume else None,
         )
-        return build_config(TrainConfig, values)
+        return build_config(PreferenceConfig, values)
 
     def run(self, loss: str, beta: float, seed: int, done: set[int]) -> list[dict]:
         """Train (or resume) the cell if a needed checkpoint is missing, evaluate its missing epochs."""
@@ -401,12 +404,12 @@ def r_max_for(loss: str, r_max):
     """The sweep's r_max applies to the losses whose preset clips the margin (chiPO); the others keep theirs."""
     from chipo.losses import LOSSES
 
-    return r_max if "r_max" in LOSSES[loss].defaults else "default"
+    return r_max if "r_max" in LOSSES[loss].defaults else None
 
 
 def _loss_options(loss: str, r_max) -> dict:
     value = r_max_for(loss, r_max)
-    return {} if value == "default" else {"r_max": value}
+    return {} if value is None else {"r_max": value}
 
 
 def _steps_per_epoch(dataset: str, batch_size: int) -> int:
@@ -433,18 +436,11 @@ def _train_metrics_by_epoch(path: Path) -> dict[int, dict]:
 
 
 def load_prompts(source: str, split: str = "train", limit: int | None = None) -> tuple[list[str], list[str | None]]:
-    """Prompts and optional reference responses ('reference', 'completion' or 'chosen' column)."""
-    from chipo.data import load_preference_dataset
+    """String prompts and optional reference responses ('reference', 'completion' or 'chosen' column)."""
+    from chipo.data.prompts import load_prompts as load_prompt_rows
 
-    dataset = load_preference_dataset(source, split, max_rows=limit)
-    if "prompt" not in dataset.column_names:
-        raise ConfigError(f"{source}: needs a 'prompt' column (columns: {', '.join(dataset.column_names)})")
-    prompts = dataset["prompt"]
-    if not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"{source}: the lab takes string prompts (standard format)")
-    column = next((c for c in ("reference", "completion", "chosen") if c in dataset.column_names), None)
-    references = list(dataset[column]) if column else [None] * len(prompts)
-    return list(prompts), [r if isinstance(r, str) and r.strip() else None for r in references]
+    rows = load_prompt_rows(source, split, limit, text_only=True)
+    return rows.prompts, rows.references
 
 
 def load_pairs(source: str, split: str = "train") -> list[dict]:

@@ -370,9 +370,7 @@ class World:
     def info(self) -> dict:
         return json.loads((self.root / "world.json").read_text())
 
-    def scorer(self):
-        from chipo.lab.gold import WorldScorer
-
+    def scorer(self) -> WorldScorer:
         return WorldScorer(self.language)
 
     @property
@@ -446,6 +444,39 @@ def writers_entropy(language: Language) -> float:
 def default_language() -> Language:
     """The language of ``WorldSpec()`` (tables only; no model is trained)."""
     return Language.generate(WorldSpec())
+
+
+class WorldScorer:
+    """The world's gold reward as a ``chipo.rewards.Scorer``, with its enumerable response space (exact evaluation).
+
+    Registered in ``chipo.rewards`` as ``world`` (the default world) and ``world:DIR`` (a world directory holding
+    ``language.json``) when ``chipo.lab`` is imported.
+    """
+
+    reward_range = (0.0, 1.0)
+
+    def __init__(self, language: Language):
+        self.language = language
+        self.name = "world"
+
+    def score(self, prompts, responses) -> np.ndarray:
+        return np.array([self.language.gold_text(p, r) for p, r in zip(prompts, responses, strict=True)])
+
+    def exact_partition(self, model, tokenizer, prompts):
+        """(log pi [P, C], rewards [P, C], well-formed [P, C]) on a partition of all sequences (module docstring)."""
+        return self.language.exact_partition(model, tokenizer, list(prompts))
+
+
+def world_scorer(directory: str | None = None) -> WorldScorer:
+    """The scorer of the default world (``directory`` None) or of the world saved in ``directory``."""
+    from chipo.config import ConfigError
+
+    if directory is None:
+        return WorldScorer(default_language())
+    path = Path(directory).expanduser() / "language.json"
+    if not path.is_file():
+        raise ConfigError(f"gold scorer 'world:{directory}': {path} not found (expected a world directory)")
+    return WorldScorer(Language.from_json(json.loads(path.read_text())))
 
 
 def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:

@@ -1,6 +1,6 @@
 """Training: the preference trainer (chiPO/DPO/variants) and its recipe."""
 
-from chipo.train.config import TrainConfig
+from chipo.train.config import PreferenceConfig
 from chipo.train.preference import NonFiniteError, PreferenceTrainer
 
-__all__ = ["TrainConfig", "PreferenceTrainer", "NonFiniteError"]
+__all__ = ["PreferenceConfig", "PreferenceTrainer", "NonFiniteError"]

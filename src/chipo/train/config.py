@@ -1,4 +1,5 @@
-"""``chipo train`` configuration: every field has help text; ``__post_init__`` validates values."""
+"""``chipo train`` configuration: a ``TrainingArguments`` subclass (every HF option works) with the objective,
+reference, speed and LoRA fields; every field has help text and ``__post_init__`` validates values."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ LOGPROB_IMPLS = ("auto", "fused", "logits")
 
 
 @dataclass
-class TrainConfig(TrainerConfig):
+class PreferenceConfig(TrainerConfig):
     """Preference training of a causal LM (chiPO, DPO and variants) on a preference dataset."""
 
     model: str = _field(None, "Policy to train: a hub model name or a local HF directory (also pi_ref by default).")
@@ -23,9 +24,9 @@ class TrainConfig(TrainerConfig):
     # --- the objective
     loss: str = _field("chipo", f"Preference loss preset: {', '.join(loss_names())}.")
     beta: float = _field(0.1, "Regularisation strength beta (> 0): implicit reward = beta * link(pi/pi_ref).")
-    r_max: float | str | None = _field("default", "Reward bound of the margin clip [-2 r_max, 2 r_max]. 'default': "
-                                                  "the loss's own (chipo: 5.0, others: none); a number clips any "
-                                                  "loss; null: no clip.")
+    r_max: float | None = _field(None, "Reward bound of the margin clip [-2 r_max, 2 r_max]; a number clips any "
+                                       "loss. null: the loss's own (chipo: 5.0; the others: no clip).")
+    clip_margin: bool = _field(True, "false: no margin clip at all, whatever the loss (chiPO without its clip).")
     link: str | None = _field(None, "Override the loss's link: kl, chi2mix, chi2, fkl, js, alpha.")
     label_smoothing: float | None = _field(None, "Label-flip rate for robust/cdpo (default: the loss's own, 0.1).")
     alpha: float = _field(0.5, "Parameter of the alpha-divergence link, in (0, 1).")
@@ -42,8 +43,6 @@ class TrainConfig(TrainerConfig):
     padding_buckets: int = _field(4, "Run each batch as up to N forwards over rows of similar length, skipping most "
                                      "padding; same results up to round-off, sample order unchanged. Single-process "
                                      "runs only (DDP needs one forward per backward); 1 disables.")
-    group_by_length: bool = _field(False, "Batch rows of similar length together (less padding; changes the "
-                                          "sample order beyond plain shuffling, so off by default).")
     # --- LoRA
     lora: bool = _field(False, "Train LoRA adapters (peft); the reference is the base model with adapters off.")
     lora_r: int = _field(16, "LoRA rank.")
@@ -52,12 +51,6 @@ class TrainConfig(TrainerConfig):
     lora_target_modules: str = _field("all-linear", "Modules to adapt (peft syntax, comma-separated or all-linear).")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.r_max, str):
-            if self.r_max.lower() in ("none", "null", "off"):
-                self.r_max = None
-            elif self.r_max != "default":
-                raise ConfigError(f"r_max: expected a number, 'default' or null, got {self.r_max!r}")
         if not self.beta > 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
         try:
@@ -71,11 +64,14 @@ class TrainConfig(TrainerConfig):
         for name in ("logprob_chunk", "lora_r", "padding_buckets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        super().__post_init__()
 
     def loss_options(self) -> dict:
         """Options for ``chipo.losses.preference_loss`` (only those that differ from the preset's defaults)."""
         opts: dict = {"alpha": self.alpha}
-        if self.r_max != "default":
+        if not self.clip_margin:
+            opts["r_max"] = None
+        elif self.r_max is not None:
             opts["r_max"] = self.r_max
         if self.link is not None:
             opts["link"] = self.link

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from chipo.losses import preference_loss
-from chipo.train.logps import batch_sequence_logps
+from chipo.sequences import batch_sequence_logps
 from chipo.train.pairwise import NonFiniteError, NonFiniteGradientGuard, PairwiseTrainer
 
 __all__ = ["NonFiniteError", "NonFiniteGradientGuard", "PreferenceTrainer"]
@@ -27,7 +27,7 @@ class PreferenceTrainer(PairwiseTrainer):
     (a frozen reference evaluated each step; None when the batches carry precomputed ``ref_*_logps`` or when
     ``ref_adapter_disabled``), ``ref_adapter_disabled`` (LoRA: reference = policy with adapters off),
     ``logprobs_impl``, ``logprob_chunk`` and ``padding_buckets`` (length buckets per batch, single process only;
-    see ``chipo.train.logps.batch_sequence_logps``).
+    see ``chipo.sequences.batch_sequence_logps``).
     """
 
     # Means over pairs (TRL's names where TRL has them) and maxima (the distribution shift from pi_ref).

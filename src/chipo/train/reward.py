@@ -4,7 +4,7 @@ Model: ``AutoModelForSequenceClassification`` with one output; r(x, y) is its lo
 ``prompt + response`` (HF pools at the rightmost token that is not ``pad_token_id``; with right padding that is the
 response's EOS). Sequences come from ``chipo.data``: prompt and response tokenized separately, response + EOS,
 right-padded by ``PreferenceCollator`` (chosen rows first, then rejected, one forward pass for both).
-``chipo.inference.rewards.RewardModelScorer`` scores new text with exactly this tokenization. (A tokenizer whose pad
+``chipo.rewards.RewardModelScorer`` scores new text with exactly this tokenization. (A tokenizer whose pad
 token *is* its EOS makes HF pool at the token before EOS, in training and scoring alike.)
 
 Loss per pair (Bradley-Terry, P[y+ > y-] = sigmoid(r+ - r-); Christiano et al. 2017, Ouyang et al. 2022)::
@@ -30,15 +30,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
-from chipo.train.common import resolve_resume, training_arguments
-from chipo.train.io import JsonlMetricsCallback, atomic_write_text
+from chipo.io import atomic_write_text
+from chipo.models import load_sequence_classifier, load_tokenizer
+from chipo.train.callbacks import JsonlMetricsCallback
+from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
-from chipo.train.run import check_output_dir, load_tokenizer, save_final_model
 
 logger = logging.getLogger("chipo")
 
@@ -123,35 +123,24 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
     return prepared
 
 
-def load_reward_model(name: str, pad_token_id: int):
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load model {name!r} for sequence classification: {str(e).splitlines()[0]}") \
-            from None
-    # HF pools the score at the rightmost non-pad token: it must know the pad id (saved with the model).
-    model.config.pad_token_id = pad_token_id
-    return model
-
-
 def run_reward_training(config: RewardConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF reward model + tokenizer."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    args = training_arguments(config, has_eval=bool(config.eval_split))
     datasets = {"train": prepare_reward_split(config, tokenizer, config.dataset, config.split,
                                               config.max_train_samples)}
     if config.eval_split:
         datasets["eval"] = prepare_reward_split(config, tokenizer, config.eval_dataset or config.dataset,
                                                 config.eval_split)
     out = check_output_dir(config)
-    model = load_reward_model(config.model, tokenizer.pad_token_id)
+    # HF pools the score at the rightmost non-pad token: it must know the pad id (saved with the model).
+    model = load_sequence_classifier(config.model, "model", num_labels=1, pad_token_id=tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         model.config.use_cache = False
 
     # Everything above validated the run without touching the disk.
     atomic_write_text(out / "run_config.yaml", dump_yaml(config))
     trainer = RewardTrainer(
-        model=model, args=args, data_collator=RewardCollator(tokenizer.pad_token_id),
+        model=model, args=config, data_collator=RewardCollator(tokenizer.pad_token_id),
         train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
         center_rewards_coefficient=config.center_rewards_coefficient,

@@ -60,18 +60,19 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from chipo.config import ConfigError, dump_yaml
-from chipo.data import DataError, load_preference_dataset
+from chipo.data import DataError
+from chipo.data.prompts import load_prompts
 from chipo.divergences import CHI2, EXP_CLAMP, KL, FDivergence, get_divergence
-from chipo.inference.generation import encode_prompts, generate, response_batch
-from chipo.inference.rewards import load_reward, score_checked
-from chipo.train.io import atomic_directory, atomic_write_text, move_contents
-from chipo.train.logps import batch_sequence_logps, choose_logprobs_impl
+from chipo.generation import encode_prompts, generate
+from chipo.io import atomic_directory, atomic_write_text, move_contents
+from chipo.models import load_causal_lm, load_tokenizer
+from chipo.rewards import load_scorer, score_checked
+from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, response_batch
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
-from chipo.train.run import check_output_dir, load_tokenizer
+from chipo.train.common import check_output_dir
 
 logger = logging.getLogger("chipo")
 
@@ -156,15 +157,7 @@ def exact_objective(logits: Tensor, ref_logps: Tensor, rewards: Tensor, beta: fl
 
 def _load_prompt_rows(source: str, split: str, limit: int | None) -> list:
     """The 'prompt' column of a prompt dataset (strings or message lists)."""
-    dataset = load_preference_dataset(source, split, max_rows=limit)
-    if "prompt" not in dataset.column_names:
-        raise DataError(source, f"needs a 'prompt' column (columns: {', '.join(dataset.column_names)})")
-    rows = list(dataset["prompt"])
-    for i, row in enumerate(rows):
-        if not (isinstance(row, str) and row.strip()) and not (isinstance(row, list) and row):
-            raise DataError(source, f"prompt must be a non-empty string or message list, got {row!r}", row=i,
-                            field="prompt")
-    return rows
+    return load_prompts(source, split, limit).prompts
 
 
 class PromptSet:
@@ -377,13 +370,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _load_causal_lm(name: str, device):
-    try:
-        return AutoModelForCausalLM.from_pretrained(name).to(device)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-
-
 def run_rl(config: RLConfig, eval_callback=None) -> Path:
     """Run ``chipo rl``: validate everything, then train; returns the output directory with the final policy."""
     tokenizer = load_tokenizer(config.tokenizer or config.policy)
@@ -394,8 +380,8 @@ def run_rl(config: RLConfig, eval_callback=None) -> Path:
         source = config.eval_prompts or config.prompts
         eval_prompts = PromptSet(tokenizer, _load_prompt_rows(source, config.eval_split, config.max_eval_prompts),
                                  source, config.max_prompt_length)
-    reward = load_reward(config.reward)
-    gold = load_reward(config.gold) if config.gold else None
+    reward = load_scorer(config.reward)
+    gold = load_scorer(config.gold) if config.gold else None
     for name, scorer in (("reward", reward), ("gold", gold)):
         if scorer is not None:
             try:  # pre-flight: a broken reward fails here, before the output directory exists
@@ -413,8 +399,9 @@ def run_rl(config: RLConfig, eval_callback=None) -> Path:
             raise ConfigError(f"{resume} is not a chipo rl checkpoint (no rl_state.pt)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
-    policy = _load_causal_lm(str(resume) if resume else config.policy, device)
-    ref = _load_causal_lm(config.ref_model or config.policy, device)  # pi_ref: the *initial* policy, also on resume
+    policy = load_causal_lm(str(resume) if resume else config.policy, device=device)
+    # pi_ref: the *initial* policy, also on resume
+    ref = load_causal_lm(config.ref_model or config.policy, device=device)
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "run_config.yaml", dump_yaml(config))

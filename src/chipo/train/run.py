@@ -15,38 +15,22 @@ import tempfile
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import PreferenceCollator, lengths, load_preference_dataset, prepare_preference_dataset
-from chipo.train.common import resolve_resume, training_arguments
-from chipo.train.config import TrainConfig
-from chipo.train.io import JsonlMetricsCallback, atomic_write_text, move_contents
-from chipo.train.logps import choose_logprobs_impl
+from chipo.io import atomic_write_text, move_contents
+from chipo.models import load_causal_lm, load_tokenizer
+from chipo.sequences import choose_logprobs_impl
+from chipo.train.callbacks import JsonlMetricsCallback
+from chipo.train.common import check_output_dir, resolve_resume, save_final_model
+from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
 from chipo.train.reference import cached_reference_logps
 
 logger = logging.getLogger("chipo")
 
 
-def load_tokenizer(name: str):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(name: str):
-    try:
-        return AutoModelForCausalLM.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-
-
-def prepare_split(config: TrainConfig, tokenizer, source: str, split: str, limit: int | None = None):
+def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str, limit: int | None = None):
     dataset = load_preference_dataset(source, split, max_rows=limit)
     prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
                                                  max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
@@ -54,19 +38,7 @@ def prepare_split(config: TrainConfig, tokenizer, source: str, split: str, limit
     return prepared
 
 
-def check_output_dir(config: TrainConfig) -> Path:
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
-        raise ConfigError(f"output_dir {out} is not empty; set overwrite_output_dir=true or resume_from_checkpoint")
-    if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest" \
-            and not Path(config.resume_from_checkpoint).is_dir():
-        raise ConfigError(f"resume_from_checkpoint {config.resume_from_checkpoint} is not a directory")
-    return out
-
-
-def apply_lora(model, config: TrainConfig):
+def apply_lora(model, config: PreferenceConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = config.lora_target_modules
@@ -76,7 +48,7 @@ def apply_lora(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def add_reference_logps(config: TrainConfig, model, datasets: dict, collator, impl: str) -> dict:
+def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collator, impl: str) -> dict:
     """Attach ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the disk cache when possible."""
     state = PartialState()
     ref = load_causal_lm(config.ref_model) if config.ref_model else model
@@ -105,12 +77,10 @@ def _shards_parameters() -> bool:
             or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
 
 
-def run_training(config: TrainConfig) -> Path:
+def run_training(config: PreferenceConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    # TrainingArguments first: it initialises the (possibly distributed) accelerate state used below.
-    args = training_arguments(config, has_eval=bool(config.eval_split))
-    state = PartialState()
+    state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
         datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
         if config.eval_split:
@@ -146,7 +116,7 @@ def run_training(config: TrainConfig) -> Path:
         datasets["train"] = datasets["train"].add_column("length", lengths(datasets["train"]))
 
     trainer = PreferenceTrainer(
-        model=model, args=args, data_collator=collator,
+        model=model, args=config, data_collator=collator,
         train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
         loss_name=config.loss, beta=config.beta, loss_options=config.loss_options(), ref_model=ref_model,
@@ -156,22 +126,3 @@ def run_training(config: TrainConfig) -> Path:
     trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
     save_final_model(trainer, tokenizer, out, merge_lora=config.lora)
     return out
-
-
-def save_final_model(trainer: PreferenceTrainer, tokenizer, out: Path, merge_lora: bool) -> None:
-    """Save an HF-format model (merged weights for LoRA, adapter in ``adapter/``) atomically into ``out``."""
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
-    try:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if merge_lora:
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        move_contents(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

@@ -1,264 +1,29 @@
 """``chipo sft``: supervised fine-tuning of a causal LM on prompt/completion data, loss on completion tokens only.
 
 This is the first stage of the TL;DR recipe (pi_ref = the SFT model); it runs on ``transformers.Trainer`` with the
-model's own next-token cross-entropy, so the only SFT-specific pieces are the data preparation and the collator.
-
-Data layouts (TRL's, e.g. ``trl-lib/tldr``; extra columns are ignored)
-    ``prompt_completion``: ``prompt`` and ``completion`` strings; the text is ``prompt + completion``.
-    ``conversational``: ``prompt`` and ``completion`` lists of ``{"role", "content"}`` messages.
-    ``messages``: one conversation per row; its final message must be the assistant's and is the completion, the
-    messages before it are the prompt (earlier assistant turns are context, not trained on).
-Every row is validated before tokenization; a bad row raises ``DataError`` naming file, row, line and field.
-
-Tokenization (as ``chipo.data.tokenize`` does for preference data, so SFT and preference training see the same
-tokens for the same text): a string prompt is tokenized with the tokenizer's special tokens (a BOS if it adds
-one), the completion without them plus EOS, so the model learns to stop. Conversations are rendered with the
-tokenizer's chat template; the completion is the text the template adds after the prompt rendered with
-``add_generation_prompt=True`` (the row fails if it does not extend it), with EOS appended unless the rendered
-completion already ends with the EOS text. Prompt and completion are tokenized separately, so no BPE merge crosses
-the boundary and the loss mask is exact.
-
-Truncation, in this order
-    1. ``max_prompt_length`` (if set): a longer prompt keeps its LAST tokens (the end is what the completion
-       continues);
-    2. a prompt of ``max_length`` tokens or more leaves no room for the completion: ``DataError`` (raise
-       ``max_length`` or set ``max_prompt_length``);
-    3. the completion keeps its FIRST ``max_length - len(prompt)`` tokens (a cut completion loses its EOS).
-    The counts of cut prompts and completions are logged.
-
-Labels: ``-100`` on prompt tokens (unless ``completion_only_loss=false``) and on padding, the token ids elsewhere.
-Padding is located by length, not by comparing ids with ``pad_token_id``: when pad == EOS (a common fallback) the
-completion's EOS keeps its label.
+model's own next-token cross-entropy, so the only SFT-specific pieces are the data preparation and the collator,
+both in ``chipo.data.sft`` (layouts, tokenization and truncation rules are documented there).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-import torch
 from accelerate import PartialState
 from transformers import Trainer
 
-from chipo.config import ConfigError, dump_yaml
-from chipo.data import DataError, load_preference_dataset
-from chipo.data.formats import describe, messages_problem, response_problem, text_problem
-from chipo.data.origin import RowLocator
-from chipo.data.tokenize import token_ids, truncate_prompt
-from chipo.train.common import resolve_resume, training_arguments
-from chipo.train.io import JsonlMetricsCallback, atomic_write_text
+from chipo.config import dump_yaml
+from chipo.data import load_preference_dataset
+from chipo.data.sft import SFTCollator, prepare_sft_dataset
+from chipo.io import atomic_write_text
+from chipo.models import load_causal_lm, load_tokenizer
+from chipo.train.callbacks import JsonlMetricsCallback
+from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import NonFiniteGradientGuard
-from chipo.train.run import check_output_dir, load_causal_lm, load_tokenizer, save_final_model
 from chipo.train.sft_config import SFTConfig
 
 logger = logging.getLogger("chipo")
-
-PROMPT_COMPLETION, CONVERSATIONAL, MESSAGES = "prompt_completion", "conversational", "messages"
-SFT_FORMATS = (PROMPT_COMPLETION, CONVERSATIONAL, MESSAGES)
-IGNORE_INDEX = -100
-_PROMPT_CUT, _COMPLETION_CUT = "__prompt_truncated", "__completion_truncated"
-
-
-# ------------------------------------------------------------------------------------------------ layouts
-
-
-def detect_sft_format(dataset: datasets.Dataset, source: str) -> str:
-    """``prompt_completion``, ``conversational`` or ``messages`` from the columns and row 0 (``DataError`` if
-    none fits)."""
-    locator = RowLocator(dataset, source)
-    columns = dataset.column_names
-    if "prompt" in columns and "completion" in columns:
-        prompt = dataset[0]["prompt"]
-        if isinstance(prompt, str):
-            return PROMPT_COMPLETION
-        if isinstance(prompt, list):
-            return CONVERSATIONAL
-        raise locator.error(f"expected a string or a list of messages, got {describe(prompt)}", row=0,
-                            field="prompt")
-    if "messages" in columns:
-        return MESSAGES
-    missing = "completion" if "prompt" in columns else "prompt"
-    raise locator.error(f"missing column {missing!r}: SFT data needs prompt and completion, or messages "
-                        f"(columns: {', '.join(columns) or 'none'})", row=0, field=missing)
-
-
-def sft_row_problem(record: dict, fmt: str) -> tuple[str, str] | None:
-    """(field, why) for the first problem of one row in layout ``fmt``, or None if the row is fine."""
-    if fmt == PROMPT_COMPLETION:
-        if not isinstance(record["prompt"], str):
-            return "prompt", f"expected a string, got {describe(record['prompt'])}"
-        problem = text_problem(record["completion"])
-        return ("completion", problem.replace("response", "completion")) if problem else None
-    if fmt == CONVERSATIONAL:
-        for field in ("prompt", "completion"):
-            problem = messages_problem(record[field])
-            if problem:
-                return field, problem
-        problem = response_problem(record["completion"])
-        return ("completion", "empty completion") if problem else None
-    problem = messages_problem(record["messages"])
-    if problem:
-        return "messages", problem
-    messages = record["messages"]
-    if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        return "messages", ("need a prompt and a final assistant message (the completion), got roles "
-                            f"{[m['role'] for m in messages]}")
-    if not messages[-1]["content"].strip():
-        return "messages", "empty completion (the final assistant message has no content)"
-    return None
-
-
-def validate_sft_rows(dataset: datasets.Dataset, fmt: str, source: str, batch_size: int = 1024) -> None:
-    """Check every row before any tokenization: a bad row 90,000 fails in seconds, naming file, row and line."""
-    locator = RowLocator(dataset, source)
-    columns = ["messages"] if fmt == MESSAGES else ["prompt", "completion"]
-    for start in range(0, len(dataset), batch_size):
-        # Batched column reads: one Arrow-to-Python conversion per batch instead of one per row.
-        batch = dataset.select_columns(columns)[start:start + batch_size]
-        for i in range(len(batch[columns[0]])):
-            found = sft_row_problem({name: batch[name][i] for name in columns}, fmt)
-            if found:
-                raise locator.error(found[1], row=start + i, field=found[0])
-
-
-# ------------------------------------------------------------------------------------------------ tokenization
-
-
-@dataclass(frozen=True)
-class SFTStats:
-    """Counts from ``prepare_sft_dataset``."""
-
-    rows: int
-    truncated_prompts: int
-    truncated_completions: int
-    completion_tokens: int
-    format: str
-
-
-def prepare_sft_dataset(dataset: datasets.Dataset, tokenizer, *, source: str, max_length: int,
-                        max_prompt_length: int | None = None, num_proc: int | None = None
-                        ) -> tuple[datasets.Dataset, SFTStats]:
-    """Validate, render, tokenize and truncate (rules in the module docstring).
-
-    Returns a dataset with int-list columns ``prompt_input_ids`` and ``completion_input_ids`` and ``row`` (the
-    row's index in ``dataset``), and ``SFTStats``. Raises ``DataError`` for the first bad row, ``ConfigError``
-    for conversational data with a tokenizer that has no chat template.
-    """
-    if len(dataset) == 0:
-        raise DataError(source, "no rows")
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has no EOS token; completions need one so the model learns to stop")
-    fmt = detect_sft_format(dataset, source)
-    if fmt != PROMPT_COMPLETION and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"{source}: {fmt} data needs a tokenizer with a chat template")
-    validate_sft_rows(dataset, fmt, source)
-    encode = functools.partial(_encode_batch, tokenizer=tokenizer, fmt=fmt, max_length=max_length,
-                               max_prompt_length=max_prompt_length)
-    try:
-        prepared = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                               num_proc=num_proc, desc="Tokenizing SFT rows")
-    except DataError as err:  # raised with the row only (maybe in a worker); name the file and line here
-        raise RowLocator(dataset, source).relocate(err) from None
-    stats = SFTStats(rows=len(prepared), truncated_prompts=sum(prepared[_PROMPT_CUT]),
-                     truncated_completions=sum(prepared[_COMPLETION_CUT]),
-                     completion_tokens=sum(len(ids) for ids in prepared["completion_input_ids"]), format=fmt)
-    return prepared.remove_columns([_PROMPT_CUT, _COMPLETION_CUT]), stats
-
-
-def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_length: int,
-                  max_prompt_length: int | None) -> dict:
-    out = {"row": list(indices), "prompt_input_ids": [], "completion_input_ids": [], _PROMPT_CUT: [],
-           _COMPLETION_CUT: []}
-    if not indices:
-        return out
-    eos = tokenizer.eos_token_id
-    if fmt == PROMPT_COMPLETION:
-        prompts = token_ids(tokenizer, batch["prompt"], add_special_tokens=True)
-        completions = [ids + [eos] for ids in token_ids(tokenizer, batch["completion"])]
-    else:
-        rendered = [_render(tokenizer, fmt, batch, i, row) for i, row in enumerate(indices)]
-        prompts = token_ids(tokenizer, [p for p, _ in rendered])
-        texts = [c for _, c in rendered]
-        # Templates that close the assistant turn with the EOS text already carry it; do not add a second.
-        completions = [ids if tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token) else ids + [eos]
-                       for text, ids in zip(texts, token_ids(tokenizer, texts), strict=True)]
-    for row, prompt, completion in zip(indices, prompts, completions, strict=True):
-        prompt, prompt_cut, budget = truncate_prompt(prompt, row, max_length, max_prompt_length, what="completion",
-                                                     field="messages" if fmt == MESSAGES else "prompt")
-        out["prompt_input_ids"].append(prompt)
-        out["completion_input_ids"].append(completion[:budget])
-        out[_PROMPT_CUT].append(int(prompt_cut))
-        out[_COMPLETION_CUT].append(int(len(completion) > budget))
-    return out
-
-
-def _render(tokenizer, fmt: str, batch: dict, i: int, row: int) -> tuple[str, str]:
-    """(prompt text, completion text) of one conversational row, via the tokenizer's chat template."""
-    if fmt == CONVERSATIONAL:
-        prompt, completion = _clean(batch["prompt"][i]), _clean(batch["completion"][i])
-    else:
-        messages = _clean(batch["messages"][i])
-        prompt, completion = messages[:-1], messages[-1:]
-    field = "completion" if fmt == CONVERSATIONAL else "messages"
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise DataError("", "the chat template does not extend the prompt: the rendered conversation does not start "
-                            "with the prompt rendered with add_generation_prompt=True", row=row, field=field)
-    text = full[len(prompt_text):]
-    if not text.strip():
-        raise DataError("", "empty completion after rendering the chat template", row=row, field=field)
-    return prompt_text, text
-
-
-def _clean(messages: list[dict]) -> list[dict]:
-    # Arrow stores messages as structs with the union of all keys, so a message without "name" comes back with
-    # "name": None; templates test `'name' in message`, so drop the None-valued keys again.
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]
-
-
-# ------------------------------------------------------------------------------------------------ batches
-
-
-@dataclass
-class SFTCollator:
-    """Right-pad rows of ``prepare_sft_dataset`` into ``input_ids``, ``attention_mask`` and ``labels``, all
-    ``[B, T]`` (T the longest ``prompt + completion``, rounded up to ``pad_to_multiple_of`` if set).
-
-    ``labels`` are the input ids on completion tokens (and prompt tokens when ``completion_only_loss`` is False),
-    ``-100`` elsewhere; the model shifts them itself (token t is predicted from position t - 1).
-    """
-
-    pad_token_id: int
-    completion_only_loss: bool = True
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("cannot collate an empty list of features")
-        prompts = [_as_list(f["prompt_input_ids"]) for f in features]
-        completions = [_as_list(f["completion_input_ids"]) for f in features]
-        width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-            end = len(prompt) + len(completion)
-            input_ids[i, :end] = torch.tensor(prompt + completion, dtype=torch.long)
-            attention_mask[i, :end] = 1
-            start = len(prompt) if self.completion_only_loss else 0
-            labels[i, start:end] = input_ids[i, start:end]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def _as_list(ids) -> list[int]:
-    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -280,9 +45,7 @@ def run_sft(config: SFTConfig) -> Path:
     the final model is saved into a temporary directory inside it and renamed into place.
     """
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    # TrainingArguments first: it initialises the (possibly distributed) accelerate state used below.
-    args = training_arguments(config, has_eval=bool(config.eval_split))
-    state = PartialState()
+    state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
         train = prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)
         evaluation = (prepare_split(config, tokenizer, config.eval_dataset or config.dataset, config.eval_split)
@@ -299,7 +62,7 @@ def run_sft(config: SFTConfig) -> Path:
         train = train.add_column("length", [len(p) + len(c) for p, c in
                                             zip(train["prompt_input_ids"], train["completion_input_ids"])])
     trainer = Trainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+        model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         data_collator=SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss),
         callbacks=[JsonlMetricsCallback(out / "metrics.jsonl"), NonFiniteGradientGuard()],
     )

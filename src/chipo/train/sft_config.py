@@ -28,5 +28,3 @@ class SFTConfig(TrainerConfig):
     warmup_ratio: float = _field(0.03, "Fraction of steps of linear warm-up, in [0, 1).")
     completion_only_loss: bool = _field(True, "Loss on completion tokens only (labels -100 on the prompt); false "
                                               "also trains on the prompt tokens.")
-    group_by_length: bool = _field(False, "Batch rows of similar length together (less padding; changes the "
-                                          "sample order beyond plain shuffling, so off by default).")

@@ -50,8 +50,8 @@ class SweepStageConfig:
     per_device_eval_batch_size: int = _field(16, "Pairs per batch when computing the reference log-probs.")
     max_length: int = _field(640, "Max prompt + response tokens.")
     max_prompt_length: int | None = _field(512, "Max prompt tokens (longer prompts keep their last tokens).")
-    r_max: float | str | None = _field("default", "chiPO's margin clip bound: a number, 'default' (chiPO's own, 5) "
-                                                  "or null. Losses that do not clip (DPO) ignore it.")
+    r_max: float | None = _field(None, "chiPO's margin clip bound: a number, or null (chiPO's own, 5). Losses "
+                                       "that do not clip (DPO) ignore it.")
     bf16: bool = _field(False, "bf16 mixed precision (margins stay fp32).")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward (needed for 2.8B on 80 GB).")
     logging_steps: int = _field(10, "Log every N optimizer steps.")

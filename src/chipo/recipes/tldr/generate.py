@@ -5,7 +5,7 @@ The test subset is the first ``num_prompts`` rows of ``trl-lib/tldr``'s ``test``
 Sampling is plain ancestral sampling by default (temperature 1, no top-p / top-k): the samples then come from pi
 itself, which the KL estimates below assume, and the judge sees what the policy actually writes. Every setting is
 recorded with the samples. Batched: vLLM when installed and a GPU is present (``backend=auto``), HF ``generate``
-otherwise (``chipo.inference.generation``).
+otherwise (``chipo.generation``).
 
 Distribution shift from pi_ref per cell, on the cell's own samples y ~ pi(.|x) with L = log pi(y|x) -
 log pi_ref(y|x) over the sampled tokens (EOS included): ``kl_k1`` = mean L (unbiased, can be negative per sample)
@@ -27,29 +27,22 @@ from pathlib import Path
 import torch
 
 from chipo.config import ConfigError
-from chipo.data import DataError
+from chipo.io import read_json, write_json, write_jsonl
+from chipo.models import load_causal_lm
 from chipo.recipes.tldr.config import GenerateStageConfig
-from chipo.recipes.tldr.layout import SFT, Cell, Layout, read_json, write_json, write_jsonl
+from chipo.recipes.tldr.layout import SFT, Cell, Layout
 
 logger = logging.getLogger("chipo.recipes.tldr")
 
 
 def load_test_prompts(config: GenerateStageConfig) -> tuple[list[str], list[str], dict]:
     """(posts, reference summaries, description of the subset incl. its SHA-256) of the fixed test subset."""
-    from chipo.data import load_preference_dataset
+    from chipo.data.prompts import load_prompts
 
     source = config.prompts_dataset
-    dataset = load_preference_dataset(source, config.prompts_split)
-    for name in (config.prompt_field, config.reference_field):
-        if name not in dataset.column_names:
-            raise DataError(source, f"missing column {name!r} (columns: {', '.join(dataset.column_names)}); the "
-                                    "recipe expects trl-lib/tldr's layout (prompt, completion)", field=name)
-    dataset = dataset.select(range(min(config.num_prompts, len(dataset))))
-    prompts, references = list(dataset[config.prompt_field]), list(dataset[config.reference_field])
-    for row, (p, r) in enumerate(zip(prompts, references)):
-        for name, value in ((config.prompt_field, p), (config.reference_field, r)):
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(source, "expected a non-empty string", row=row, field=name)
+    rows = load_prompts(source, config.prompts_split, config.num_prompts, column=config.prompt_field,
+                        text_only=True, reference_columns=(config.reference_field,), require_references=True)
+    prompts, references = rows.prompts, rows.references
     digest = hashlib.sha256(json.dumps([prompts, references], ensure_ascii=False).encode()).hexdigest()
     subset = {"dataset": source, "split": config.prompts_split, "rows": f"first {len(prompts)}",
               "n": len(prompts), "sha256": digest}
@@ -95,17 +88,12 @@ def resolve_backend(name: str) -> str:
 
 
 def _load_lm(path: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    return load_causal_lm(path, dtype=dtype, device=device, eval_mode=True)
 
 
 def _sample_vllm(path: str, tokenizer, prompt_ids, config: GenerateStageConfig, seed: int):
     """Sample with a fresh vLLM engine for ``path``, then free it (the next cell is another model)."""
-    from chipo.inference.generation import VLLMGenerator
+    from chipo.generation import VLLMGenerator
 
     engine = VLLMGenerator(path, tokenizer, seed=seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
     try:
@@ -135,8 +123,8 @@ class Generator:
     """Holds pi_ref, its tokenizer and the test subset; samples and scores one cell at a time."""
 
     def __init__(self, config: GenerateStageConfig, sft_model: str, prompts, references, subset: dict):
-        from chipo.inference.generation import encode_prompts
-        from chipo.train.run import load_tokenizer
+        from chipo.generation import encode_prompts
+        from chipo.models import load_tokenizer
 
         self.config, self.sft_model, self.subset = config, sft_model, subset
         self.prompts, self.references = prompts, references
@@ -148,9 +136,9 @@ class Generator:
         self.ref = _load_lm(sft_model, self.dtype, self.device)
 
     def run(self, cell: Cell, model_path: str, model_id: str) -> tuple[list[dict], dict]:
-        from chipo.inference.generation import generate
+        from chipo.generation import generate
         from chipo.lab.evaluate import divergence_stats, mean_se
-        from chipo.lab.generate import token_logps
+        from chipo.sequences import sequence_logps
 
         c = self.config
         key = cell_key(c, self.sft_model, self.subset, cell, model_id)
@@ -167,10 +155,11 @@ class Generator:
                            seed=seed)
         pad = self.tokenizer.pad_token_id
         prompt_ids = [self.prompt_ids[i] for i in gen.prompt_index]
-        ref_logps = token_logps(self.ref, prompt_ids, gen.response_ids, pad, batch_size=c.logprob_batch_size)
+        ref_logps = sequence_logps(self.ref, prompt_ids, gen.response_ids, pad,
+                                   batch_size=c.logprob_batch_size).cpu()
         # pi_ref against itself: the log-ratio is exactly 0, no second pass.
-        logps = ref_logps if is_ref else token_logps(policy, prompt_ids, gen.response_ids, pad,
-                                                     batch_size=c.logprob_batch_size)
+        logps = ref_logps if is_ref else sequence_logps(policy, prompt_ids, gen.response_ids, pad,
+                                                        batch_size=c.logprob_batch_size).cpu()
         del policy
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the next cell loads another policy (or a vLLM engine)

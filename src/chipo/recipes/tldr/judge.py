@@ -28,8 +28,9 @@ import hashlib
 import logging
 import time
 
+from chipo.io import read_json, read_jsonl, write_json, write_jsonl
 from chipo.recipes.tldr.config import JudgeStageConfig
-from chipo.recipes.tldr.layout import Cell, Layout, read_json, read_jsonl, write_json, write_jsonl
+from chipo.recipes.tldr.layout import Cell, Layout
 
 logger = logging.getLogger("chipo.recipes.tldr")
 

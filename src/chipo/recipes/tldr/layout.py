@@ -27,8 +27,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from chipo.io import atomic_write_text
 from chipo.lab.sweep import cell_name
-from chipo.train.io import atomic_write_text
 
 SFT_CELL = "sft"
 
@@ -105,26 +105,6 @@ class Layout:
         return self.root / "commands.log"
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it does not exist (or is unreadable: treated as not written)."""
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def record_command(directory: str | os.PathLike, argv: list[str]) -> None:
     """Append ``chipo <argv>`` to ``directory/commands.log`` unless that exact line is already there.
 
@@ -136,13 +116,3 @@ def record_command(directory: str | os.PathLike, argv: list[str]) -> None:
     lines = path.read_text().splitlines() if path.is_file() else []
     if line not in lines:
         atomic_write_text(path, "".join(f"{x}\n" for x in [*lines, line]))
-
-
-def _json_default(obj):
-    import numpy as np
-
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -22,13 +22,13 @@ import shlex
 from pathlib import Path
 
 from chipo.config import ConfigError
+from chipo.io import atomic_directory, read_json
 from chipo.lab.report import LOSS_COLORS, LOSS_LABELS, aggregate, rows_to_csv
 from chipo.recipes.tldr.config import ReportStageConfig
 from chipo.recipes.tldr.cost import render_markdown as cost_markdown
 from chipo.recipes.tldr.cost import resolve_params
 from chipo.recipes.tldr.judge import generated_cells
-from chipo.recipes.tldr.layout import SFT_CELL, Layout, read_json
-from chipo.train.io import atomic_directory
+from chipo.recipes.tldr.layout import SFT_CELL, Layout
 
 METRICS = ["win", "kl_k3", "kl_k1", "chi2_mc", "length_mean", "invalid_frac"]
 DAGGER = "†"

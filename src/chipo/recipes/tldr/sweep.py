@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from chipo.config import ConfigError, build_config, parse_overrides
+from chipo.io import read_json, write_json
 from chipo.lab.sweep import checkpoints_by_epoch, r_max_for
 from chipo.recipes.tldr.config import SweepStageConfig
-from chipo.recipes.tldr.layout import Layout, read_json, write_json
+from chipo.recipes.tldr.layout import Layout
 
 logger = logging.getLogger("chipo.recipes.tldr")
 
@@ -45,8 +46,8 @@ def check_settings(config: SweepStageConfig, layout: Layout) -> None:
 
 
 def train_config(config: SweepStageConfig, layout: Layout, loss: str, beta: float, seed: int, resume: bool):
-    """The ``TrainConfig`` of one run (validated like ``chipo train``'s own)."""
-    from chipo.train.config import TrainConfig
+    """The ``PreferenceConfig`` of one run (validated like ``chipo train``'s own)."""
+    from chipo.train.config import PreferenceConfig
 
     values = dict(
         model=config.sft_model, dataset=config.dataset, split=config.split,
@@ -64,7 +65,7 @@ def train_config(config: SweepStageConfig, layout: Layout, loss: str, beta: floa
         save_strategy="epoch", seed=seed, resume_from_checkpoint="latest" if resume else None,
     )
     values.update(parse_overrides(config.train_overrides))
-    return build_config(TrainConfig, values)
+    return build_config(PreferenceConfig, values)
 
 
 def finish_run(config: SweepStageConfig, run_dir: Path, loss: str, beta: float, seed: int,

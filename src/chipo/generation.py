@@ -1,4 +1,4 @@
-"""Sampling k responses per prompt from a causal LM, and the padded batches to score them.
+"""Sampling responses from a causal LM: the one sampler of chipo (RL, online training, the lab, recipes, inference).
 
 ``encode_prompts`` tokenizes prompts the way ``chipo.data`` does: a standard (string) prompt with the tokenizer's
 special tokens; a conversational prompt (list of messages) rendered with the chat template and
@@ -6,7 +6,8 @@ special tokens; a conversational prompt (list of messages) rendered with the cha
 
 ``generate`` is batched HF ``generate`` with left padding and the KV cache, ancestral sampling (temperature 1,
 no top-k / top-p by default) so that the samples come from pi itself, which the policy-gradient and divergence
-estimators assume. A response's ids include its EOS when it finished; text is decoded without it.
+estimators assume. A response's token ids are kept exactly as sampled (EOS included when it finished): anything
+computed later from the samples (log-probs, preference pairs) uses these ids, never a re-tokenization of the text.
 ``VLLMGenerator`` is an optional faster backend for a *fixed* policy (best-of-n, pessimism) when vLLM is installed
 and a GPU is present.
 """
@@ -14,25 +15,46 @@ and a GPU is present.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
-from torch import Tensor
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled; recorded next to every number computed from samples."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 256
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
-class Generation:
+class Samples:
     """Responses for a list of prompts: row i answers prompt ``prompt_index[i]``."""
 
     prompt_index: list[int]
     response_ids: list[list[int]]  # sampled tokens, EOS included when the response finished
     texts: list[str]
     finished: list[bool]
+    prompts: list[str] = field(default_factory=list)  # prompt texts, when known
+    settings: dict = field(default_factory=dict)
 
-    def lengths(self) -> Tensor:
+    def lengths(self) -> np.ndarray:
         """Response length in tokens, EOS excluded."""
-        return torch.tensor([len(ids) - int(done) for ids, done in zip(self.response_ids, self.finished)],
-                            dtype=torch.float32)
+        return np.array([len(ids) - int(done) for ids, done in zip(self.response_ids, self.finished)], dtype=float)
+
+    def prompt_texts(self) -> list[str]:
+        """The prompt text of every response (row i: ``prompts[prompt_index[i]]``)."""
+        return [self.prompts[i] for i in self.prompt_index]
 
 
 def prompt_text(tokenizer, prompt) -> tuple[str, bool]:
@@ -66,13 +88,25 @@ def decode_response(tokenizer, ids: list[int], finished: bool) -> str:
     return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=False).strip()
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` [N, T] with every row ending at the last column (generation layout)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        input_ids[j, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        attention[j, width - len(r):] = 1
+    return input_ids, attention
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: Sequence[list[int]], num_per_prompt: int, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
-             seed: int | None = None) -> Generation:
-    """``num_per_prompt`` samples per prompt with HF ``generate`` (left-padded batches, KV cache).
+             seed: int | None = None, progress: bool = False, desc: str = "sampling") -> Samples:
+    """``num_per_prompt`` samples per prompt with HF ``generate`` (left-padded batches, KV cache, eval mode).
 
-    With ``seed`` set, sampling is reproducible and the global torch RNG is restored afterwards.
+    With ``seed`` set, sampling is reproducible and the global torch RNG is restored afterwards; the model's
+    train/eval mode is restored too.
     """
     was_training = model.training
     model.eval()
@@ -86,14 +120,10 @@ def generate(model, tokenizer, prompt_ids: Sequence[list[int]], num_per_prompt: 
         torch.manual_seed(seed)
     response_ids, texts, finished = [], [], []
     try:
-        for start in range(0, len(jobs), batch_size):
-            rows = [prompt_ids[i] for i in jobs[start:start + batch_size]]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):  # left padding: every prompt ends at the same column
-                input_ids[j, width - len(r):] = torch.tensor(r)
-                attention[j, width - len(r):] = 1
+        starts = range(0, len(jobs), batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress):
+            input_ids, attention = left_pad([prompt_ids[i] for i in jobs[start:start + batch_size]], pad)
+            width = input_ids.shape[1]
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
@@ -110,23 +140,18 @@ def generate(model, tokenizer, prompt_ids: Sequence[list[int]], num_per_prompt: 
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
         model.train(was_training)
-    return Generation(jobs, response_ids, texts, finished)
+    return Samples(jobs, response_ids, texts, finished)
 
 
-def response_batch(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_token_id: int
-                   ) -> dict[str, Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``response_mask`` [N, T] of prompt + response rows,
-    in the layout of ``chipo.data.PreferenceCollator`` (so ``chipo.train.logps.batch_sequence_logps`` applies)."""
-    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True))
-    n = len(prompt_ids)
-    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r))
-        attention[i, :len(p) + len(r)] = 1
-        mask[i, len(p):len(p) + len(r)] = True
-    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": mask}
+def sample_responses(model, tokenizer, prompts: Sequence[str], num_per_prompt: int, settings: SamplingSettings,
+                     desc: str = "sampling", progress: bool = True) -> Samples:
+    """``num_per_prompt`` responses per text prompt under ``settings`` (recorded in the result)."""
+    prompt_ids, _ = encode_prompts(tokenizer, prompts)
+    samples = generate(model, tokenizer, prompt_ids, num_per_prompt, max_new_tokens=settings.max_new_tokens,
+                       temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                       batch_size=settings.batch_size, seed=settings.seed, progress=progress, desc=desc)
+    samples.prompts, samples.settings = list(prompts), settings.as_dict()
+    return samples
 
 
 class VLLMGenerator:
@@ -148,7 +173,7 @@ class VLLMGenerator:
 
     def generate(self, prompt_ids: Sequence[list[int]], num_per_prompt: int, *, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 **_: object) -> Generation:
+                 **_: object) -> Samples:
         from vllm import SamplingParams
 
         params = SamplingParams(n=num_per_prompt, temperature=temperature, top_p=top_p, top_k=top_k or -1,
@@ -166,4 +191,4 @@ class VLLMGenerator:
                 ids.append(row)
                 finished.append(done)
                 texts.append(decode_response(self.tokenizer, row, done))
-        return Generation(index, ids, texts, finished)
+        return Samples(index, ids, texts, finished)

@@ -1,12 +1,19 @@
-"""Per-sequence response log-probs of a (possibly wrapped) causal LM on a collated preference batch."""
+"""Per-sequence response log-probs log pi(y|x) of a (possibly wrapped) causal LM: the one model-level path.
+
+Every command computes sequence log-probs here: the trainers on collated batches (``batch_sequence_logps``), the
+RL and online trainers, the lab and the recipes on token-id lists (``sequence_logps``). Batches follow the layout of
+``chipo.data.collator.right_pad``: prompt + response from column 0, right padding, a boolean response mask.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from chipo.data.collator import right_pad
 from chipo.logprobs import logprobs_from_hidden, logprobs_from_logits, sequence_logprobs
 
 
@@ -96,3 +103,30 @@ def choose_logprobs_impl(model: nn.Module, batch: dict[str, Tensor], requested: 
         warnings.warn("fused log-probs disagree with the model's logits; using the logits path", stacklevel=2)
         return "logits"
     return "fused"
+
+
+def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_token_id: int
+                   ) -> dict[str, Tensor]:
+    """``input_ids`` / ``attention_mask`` / ``response_mask`` [N, T] of (prompt, response) token-id rows."""
+    input_ids, attention_mask, response_mask = right_pad(prompt_ids, response_ids, pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def sequence_logps(model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   pad_token_id: int, *, batch_size: int = 512, impl: str = "logits", chunk_tokens: int = 1024,
+                   grad: bool = False) -> Tensor:
+    """log pi(response | prompt) [N] (fp32, on the model's device) summed over the given response token ids.
+
+    Rows are scored ``batch_size`` at a time, each batch trimmed to its longest row. With ``grad=False`` (the
+    default) no graph is kept; the caller decides the model's mode (evaluation code puts it in eval mode so
+    dropout is off: log-probs of a policy are those of the deterministic network).
+    """
+    device = next(model.parameters()).device
+    out = []
+    with torch.set_grad_enabled(grad):
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = response_batch(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size],
+                                   pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out.append(batch_sequence_logps(model, batch, impl, chunk_tokens).float())
+    return torch.cat(out) if out else torch.zeros(0, device=device)

@@ -1,0 +1,65 @@
+"""Loading models and tokenizers (hub names or local HF directories), with one-line errors.
+
+Every command loads through these three functions, so a missing or malformed model is reported the same way
+everywhere: ``ConfigError("cannot load model 'x': <first line of the cause>")``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chipo.config import ConfigError
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def load_tokenizer(name_or_path: str):
+    """``AutoTokenizer`` with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load tokenizer {name_or_path!r}: {_first_line(e)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                   eval_mode: bool = False):
+    """``AutoModelForCausalLM`` (optionally cast, moved and put in eval mode: dropout off)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **({"dtype": dtype} if dtype else {}))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(e)}") from None
+    if device is not None:
+        model.to(device)
+    return model.eval() if eval_mode else model
+
+
+def load_sequence_classifier(name_or_path: str, what: str = "reward model", *, num_labels: int | None = None,
+                             pad_token_id: int | None = None):
+    """A one-output ``AutoModelForSequenceClassification`` (a reward model or gold scorer).
+
+    ``num_labels=1`` turns a causal LM checkpoint into a fresh reward head (training); without it the checkpoint
+    must already have exactly one output (scoring). The pad id is set on the model config because sequence
+    classifiers pool at the rightmost non-pad token.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, **({"num_labels": num_labels} if num_labels else {}))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load {what} {name_or_path!r}: {_first_line(e)}") from None
+    if model.config.num_labels != 1:
+        raise ConfigError(f"{what} {name_or_path!r} has {model.config.num_labels} outputs; a reward model has "
+                          "exactly one (num_labels=1)")
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model

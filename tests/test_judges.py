@@ -6,7 +6,7 @@ import math
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from chipo.cli.judge import main as judge_main
@@ -61,8 +61,7 @@ def test_parse_verdict_never_invents_a_label(text):
 @given(st.text(alphabet=st.characters(blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), max_size=80),
        st.sampled_from(["A", "B"]))
 def test_parse_verdict_reads_the_final_line_after_any_reasoning(reasoning, label):
-    if "preferred" in reasoning.lower():
-        return  # the reasoning itself could hold a (conflicting) verdict line
+    assume("preferred" not in reasoning.lower())  # the reasoning itself could hold a (conflicting) verdict line
     assert parse_verdict(f"{reasoning}\nPreferred: {label}") == label
 
 
@@ -71,7 +70,9 @@ def test_prompt_key_changes_with_the_text():
     assert edited.key != TLDR_PROMPT.key and edited.key.startswith("tldr-pairwise-v1:")
     messages = TLDR_PROMPT.messages("the post", "first one", "second one")
     assert "### Summary A\nfirst one\n\n### Summary B\nsecond one" in messages[-1]["content"]
-    assert cache_key("m", "t", "p", "x", "y") != cache_key("m", "t", "p", "y", "x")
+    assert cache_key("u", "m", "t", "p", "x", "y") != cache_key("u", "m", "t", "p", "y", "x")
+    assert cache_key("http://a/v1", "m", "t", "p", "x", "y") != cache_key("http://b/v1", "m", "t", "p", "x", "y")
+    assert cache_key("http://k:s@a/v1/", "m", "t", "p", "x", "y") == cache_key("http://a/v1", "m", "t", "p", "x", "y")
 
 
 def test_judge_result_accounting():

@@ -206,15 +206,15 @@ def test_fail_fast_stops_paying_for_a_dead_endpoint(server):
     assert len(server.requests) == 4  # 2 items x 2 attempts, the other 18 never sent
 
 
-def test_connection_refused_is_retried_then_raises():
+def test_connection_refused_is_not_retried():
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     judge = make_judge(f"http://127.0.0.1:{port}/v1", max_attempts=2)
     prompts, a, b = items(2)
-    with pytest.raises(JudgeError, match="cannot reach"):
+    with pytest.raises(JudgeError, match="cannot reach .*connection refused"):
         judge.judge(prompts, a, b)
-    assert judge.client.requests == 4
+    assert judge.client.requests <= 2  # at most one attempt per item (both may be in flight before the abort)
 
 
 def test_concurrency_limit_respected():

@@ -83,8 +83,13 @@ def run_judge(args) -> dict:
     """Load inputs and config (all checked before any request), judge, write the results; returns the summary."""
     from chipo.io import atomic_write_text
     from chipo.judges import JUDGE_CONFIGS, build_judge
+    from chipo.judges.config import check_writable_file
 
     config = load_config(JUDGE_CONFIGS[args.judge], args.config, args.overrides)
+    # A results path that cannot be written must fail now, not after every (paid) request has been made.
+    check_writable_file(args.output, "--output")
+    if args.details:
+        check_writable_file(args.details, "--details")
     prompts, a, b, inputs = read_inputs(args)
     judge = build_judge(args.judge, config)
     try:

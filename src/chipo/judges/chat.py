@@ -6,9 +6,11 @@ position and a rerun on a subset or a shuffled list hits the same cache entries)
 cache or requested, parsed (``chipo.judges.prompt.parse_verdict``) and mapped back from shown order to a/b.
 
 Failures never stop the run item by item: an unparseable reply is ``malformed``, a request that failed after its
-retries is an ``error``; both give outcome None and are counted. The run stops with ``JudgeError`` only when the
-judge cannot work at all: ``fail_fast_after`` requests failed before any succeeded, or every request failed and no
-item was answered without a request (from the cache, or an identical pair).
+retries is an ``error``; both give outcome None and are counted, and a run with failed items logs one warning
+line with their count and the first error. The run stops with ``JudgeError`` (one line) only when the judge cannot
+work at all: the endpoint cannot be reached (connection refused, unknown host) before any request succeeded,
+``fail_fast_after`` requests failed before any succeeded, or every request failed and no item was answered without a
+request (from the cache, or an identical pair).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class OpenAIChatJudge:
         self.prompt = prompt
         base_url, model, api_key = resolve_endpoint(self.config)
         c = self.config
-        self.client = ChatClient(base_url, model, api_key, timeout_s=c.timeout_s, max_attempts=c.max_attempts,
+        self.client = ChatClient(base_url, model, api_key, timeout_s=c.timeout_s, deadline_s=c.deadline_s,
+                                 max_reply_bytes=c.max_reply_bytes, max_attempts=c.max_attempts,
                                  backoff_initial_s=c.backoff_initial_s, backoff_max_s=c.backoff_max_s,
                                  jitter=c.jitter, max_retry_after_s=c.max_retry_after_s, seed=c.seed)
         self.cache = ReplyCache(c.cache) if c.cache else None
@@ -81,7 +84,7 @@ class OpenAIChatJudge:
                 continue
             swapped = self.config.randomize_order and shown_swapped(self.config.seed, prompt, x, y)
             first, second = (y, x) if swapped else (x, y)
-            key = cache_key(self.client.model, self.prompt.key, prompt, first, second)
+            key = cache_key(self.client.base_url, self.client.model, self.prompt.key, prompt, first, second)
             reply = self.cache.get(key) if self.cache is not None else None
             if reply is not None:
                 self._record(i, reply, swapped, outcomes, status, raw, cached=True)
@@ -99,9 +102,10 @@ class OpenAIChatJudge:
     def _request_all(self, pending: list, outcomes, status, raw, from_cache: int) -> None:
         """Send the pending requests, ``max_concurrency`` at a time; replies are cached from this thread only.
 
-        Raises ``JudgeError`` when the fail-fast limit stopped the run, or when every request failed and no item
-        was answered without one (cache or identical pair): then the judge cannot work at all. Failures among
-        otherwise answered items are counted per item instead."""
+        Raises ``JudgeError`` when the endpoint is unreachable or the fail-fast limit stopped the run (both only
+        before any request succeeded), or when every request failed and no item was answered without one (cache or
+        identical pair): then the judge cannot work at all. Failures among otherwise answered items are counted per
+        item instead, and summarised in one warning."""
         abort = threading.Event()
         lock = threading.Lock()
         counts = {"ok": 0, "failed": 0}
@@ -116,14 +120,16 @@ class OpenAIChatJudge:
                 with lock:
                     counts["failed"] += 1
                     limit = self.config.fail_fast_after
-                    if limit and not counts["ok"] and counts["failed"] >= limit:
+                    # Nothing listening there (refused, unknown host): every other request would fail alike.
+                    dead = failure.unreachable or (limit and counts["failed"] >= limit)
+                    if dead and not counts["ok"]:
                         abort.set()  # queued requests return at once instead of paying for more failures
                 return failure
             with lock:
                 counts["ok"] += 1
             return reply
 
-        first_error = None
+        first_error = unreachable = None
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix="chipo-judge") as pool:
             futures = {pool.submit(ask, messages): (i, swapped, key) for i, swapped, key, messages in pending}
             remaining = set(futures)
@@ -137,11 +143,14 @@ class OpenAIChatJudge:
                             raw[i] = "not sent: the run was aborted"
                         elif isinstance(result, RequestFailed):
                             first_error = first_error or str(result)
+                            if result.unreachable:
+                                unreachable = unreachable or str(result)
                             raw[i] = str(result)
-                            logger.warning("judge request for item %d failed: %s", i, result)
+                            # One line per item would bury the summary below (and repeat one cause many times).
+                            logger.debug("judge request for item %d failed: %s", i, result)
                         else:
                             if self.cache is not None:
-                                self.cache.put(key, result, model=self.client.model)
+                                self.cache.put(key, result, model=self.client.model, base_url=self.client.base_url)
                             self._record(i, result, swapped, outcomes, status, raw, cached=False)
             except BaseException:
                 # Ctrl-C or a cache error: do not let the pool's exit wait for (and pay for) every queued request.
@@ -152,8 +161,12 @@ class OpenAIChatJudge:
         succeeded, failed = counts["ok"], counts["failed"]
         if abort.is_set() or not (succeeded or from_cache):
             # The judge produced nothing (or the run stopped early): a result would be all errors, so say why.
-            raise JudgeError(f"judge {self.name} at {self.client.url}: all {failed} requests failed; first error: "
-                             f"{first_error}")
+            if unreachable and not succeeded:  # one cause, said once: how many requests saw it depends on timing
+                raise JudgeError(f"judge {self.name}: {unreachable}")
+            raise JudgeError(f"judge {self.name}: all {failed} requests failed; first error: {first_error}")
+        if failed:
+            logger.warning("judge %s: %d of %d requests failed (counted as errors, no verdict); first error: %s",
+                           self.name, failed, failed + succeeded, first_error)
 
     def close(self) -> None:
         """Close the reply cache (the judge is unusable afterwards)."""

@@ -70,9 +70,9 @@ from chipo.io import atomic_directory, atomic_write_text, move_contents
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, response_batch
+from chipo.train.common import check_output_dir
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
-from chipo.train.common import check_output_dir
 
 logger = logging.getLogger("chipo")
 

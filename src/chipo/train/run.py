@@ -10,15 +10,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from accelerate import PartialState
 
-from chipo.config import ConfigError, dump_yaml
+from chipo.config import dump_yaml
 from chipo.data import PreferenceCollator, lengths, load_preference_dataset, prepare_preference_dataset
-from chipo.io import atomic_write_text, move_contents
+from chipo.io import atomic_write_text
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.sequences import choose_logprobs_impl
 from chipo.train.callbacks import JsonlMetricsCallback

@@ -37,7 +37,7 @@ logger = logging.getLogger("chipo.recipes.tldr")
 # Settings that change how requests are made, not which verdicts come back: changing them re-judges nothing.
 OPERATIONAL = {
     "openai": {"api_key", "base_url", "timeout_s", "max_attempts", "backoff_initial_s", "backoff_max_s", "jitter",
-               "max_retry_after_s", "max_concurrency", "fail_fast_after", "cache"},
+               "max_retry_after_s", "max_concurrency", "fail_fast_after", "cache", "deadline_s", "max_reply_bytes"},
     "reward-model": {"batch_size"},
 }
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from chipo.divergences import DIVERGENCES, get_divergence
+from chipo.divergences import DIVERGENCES, exp_difference, get_divergence
 
 NAMES = sorted(DIVERGENCES)
 
@@ -93,3 +93,49 @@ def test_monte_carlo_estimators_are_unbiased(name):
 def test_unknown_divergence_lists_valid():
     with pytest.raises(ValueError, match="valid: alpha, chi2, chi2mix"):
         get_divergence("hellinger")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_link_difference_value_and_gradient(name):
+    """link_difference(a, b) = f'(z_a) - f'(z_b) with gradient (f''-terms) d/da = d link(a)/da, d/db = -d link(b)/db,
+    including a = b (chiPO's first step: policy = reference, L+ = L- = 0, must get the full gradient)."""
+    div = get_divergence(name)
+    a = torch.tensor([0.0, 0.7, -1.3, 2.5, 0.2], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.0, -0.4, -1.3, 2.5 - 1e-9, 3.0], dtype=torch.float64, requires_grad=True)
+    diff = div.link_difference(a, b)
+    torch.testing.assert_close(diff, div.link(a) - div.link(b), rtol=1e-12, atol=1e-15)
+    grad_a, grad_b = torch.autograd.grad(diff.sum(), (a, b))
+    (slope_a,) = torch.autograd.grad(div.link(a).sum(), a)
+    (slope_b,) = torch.autograd.grad(div.link(b).sum(), b)
+    torch.testing.assert_close(grad_a, slope_a, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad_b, -slope_b, rtol=1e-12, atol=1e-15)
+
+
+def test_exp_difference_beyond_the_clamp():
+    """e^41 - e^45: clamping each term at 40 would give 0; the true value -e^45 (1 - e^-4) is past e^40, so the
+    result saturates at -e^40 (fp32). e^50 - e^(50 - 1e-6) = e^50 (1 - e^-1e-6) = 5.18e15 < e^40 = 2.35e17 is
+    still exact (fp64). Both have zero gradient (beyond the clamp, as clamped_exp)."""
+    a = torch.tensor([41.0, 50.0], requires_grad=True)
+    b = torch.tensor([45.0, 50.0 - 1e-6], dtype=torch.float64)
+    out = exp_difference(a[:1], b[:1].float())
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(-math.exp(40.0), rel=1e-6)
+    exact = exp_difference(a[1:].double(), b[1:])
+    assert exact.item() == pytest.approx(math.exp(50.0) * -math.expm1(-1e-6), rel=1e-8)
+    (grad,) = torch.autograd.grad(out.sum() + exact.sum(), a)
+    assert torch.equal(grad, torch.zeros(2))
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8])
+def test_alpha_divergence_is_trl_parameterised(alpha):
+    """TRL 1.16's f'(t) = (t^(alpha-1) - 1)/(alpha - 1); f' is the derivative of f, f(1) = 0, inverse round-trips.
+    alpha = 0.2 and 0.8 differ (chipo's former (1 - z^-a)/a had the mirrored parameter a = 1 - alpha)."""
+    div = get_divergence("alpha", alpha=alpha)
+    z = torch.linspace(0.05, 6.0, 50, dtype=torch.float64).requires_grad_()
+    (grad,) = torch.autograd.grad(div.f(torch.log(z)).sum(), z)
+    link = div.link(torch.log(z.detach()))
+    torch.testing.assert_close(grad, link)
+    torch.testing.assert_close(link, (z.detach() ** (alpha - 1) - 1) / (alpha - 1))
+    assert div.f(torch.zeros(1, dtype=torch.float64)).abs().item() < 1e-15
+    L = torch.linspace(-8.0, 8.0, 101, dtype=torch.float64)
+    torch.testing.assert_close(div.link_inverse(div.link(L)), torch.exp(L), rtol=1e-12, atol=1e-300)
+    assert div.link_upper == pytest.approx(1.0 / (1.0 - alpha))

@@ -10,6 +10,11 @@ from hypothesis import strategies as st
 from chipo.losses import LOSSES, loss_names, preference_loss
 
 
+def _lengths(n):
+    """Response lengths (needed by ipo's default length normalisation): 3 tokens per response."""
+    return {"chosen_lengths": torch.full((n,), 3), "rejected_lengths": torch.full((n,), 3)}
+
+
 def _ratios(lc, lr, dtype=torch.float64, grad=False):
     """Policy/ref log-probs with log-ratios L+ = lc, L- = lr (reference log-probs fixed at -5)."""
     pc = torch.tensor(lc, dtype=dtype) - 5.0
@@ -32,12 +37,14 @@ def test_dpo_hand_value():
 
 def test_chipo_hand_value():
     """z+ = 2 (L+ = log 2), z- = 1 (L- = 0), beta = 0.5, no clip binding (r_max = 5):
-    phi(2) = 2 + log 2, phi(1) = 1, margin = 0.5 (1 + log 2) = 0.846573590, loss = log(1 + e^-margin)."""
+    phi(2) = 2 + log 2, phi(1) = 1, margin = 0.5 (1 + log 2) = 0.846573590, loss = log(1 + e^-margin).
+    Logged rewards are beta (phi(z) - phi(1)), 0 at pi = pi_ref as in TRL: 0.5 (1 + log 2) and 0."""
     loss, m = preference_loss("chipo", *_ratios([math.log(2.0)], [0.0]), beta=0.5)
     margin = 0.5 * (1.0 + math.log(2.0))
     assert m["rewards/margins"].item() == pytest.approx(margin, abs=1e-12)
     assert loss.item() == pytest.approx(math.log1p(math.exp(-margin)), abs=1e-12)
-    assert m["rewards/chosen"].item() == pytest.approx(0.5 * (2 + math.log(2)), abs=1e-12)
+    assert m["rewards/chosen"].item() == pytest.approx(0.5 * (1 + math.log(2)), abs=1e-12)
+    assert m["rewards/rejected"].item() == 0.0
 
 
 def test_chipo_clip_value_and_zero_gradient():
@@ -66,10 +73,11 @@ def test_chipo_gradient_weight():
 
 
 def test_ipo_hinge_robust_cdpo_hand_values():
-    """h = L+ - L- = 2, beta = 0.5: IPO (h - 1/(2 beta))^2 = (2 - 1)^2 = 1; hinge max(0, 1 - beta h) = 0;
+    """h = L+ - L- = 2, beta = 0.5: summed IPO (h - 1/(2 beta))^2 = (2 - 1)^2 = 1; hinge max(0, 1 - beta h) = 0;
     with h = 0.4: hinge = 1 - 0.2 = 0.8. robust/cdpo with eps = 0.1 at margin m = 0.2:
     cdpo = 0.9 sp(-m) + 0.1 sp(m), robust = (0.9 sp(-m) - 0.1 sp(m)) / 0.8, sp = softplus."""
-    assert preference_loss("ipo", *_ratios([1.0], [-1.0]), beta=0.5)[0].item() == pytest.approx(1.0)
+    ipo = preference_loss("ipo", *_ratios([1.0], [-1.0]), beta=0.5, length_normalize=False)[0]
+    assert ipo.item() == pytest.approx(1.0)
     assert preference_loss("hinge", *_ratios([1.0], [-1.0]), beta=0.5)[0].item() == pytest.approx(0.0)
     assert preference_loss("hinge", *_ratios([0.2], [-0.2]), beta=0.5)[0].item() == pytest.approx(0.8)
     sp = lambda x: math.log1p(math.exp(x))
@@ -82,11 +90,11 @@ def test_ipo_hinge_robust_cdpo_hand_values():
 @pytest.mark.parametrize("name,link", [
     ("fkl", lambda L: -math.exp(-L)),
     ("js", lambda L: math.log(2 * math.exp(L) / (1 + math.exp(L)))),
-    ("alpha", lambda L: (1 - math.exp(-0.5 * L)) / 0.5),
+    ("alpha", lambda L: (math.exp(-0.5 * L) - 1) / -0.5),  # TRL's (z^(a-1) - 1)/(a - 1), a = 0.5
     ("chi2", lambda L: math.exp(L) - 1),
 ])
 def test_f_divergence_links(name, link):
-    """TRL's f-DPO links (forward KL -1/z, JS log(2z/(1+z)), alpha (1 - z^-a)/a) and pure chi2 z - 1."""
+    """TRL's f-DPO links (forward KL -1/z, JS log(2z/(1+z)), alpha (z^(a-1) - 1)/(a-1)) and pure chi2 z - 1."""
     lc, lr, beta = 0.8, -0.3, 0.2
     loss, m = preference_loss(name, *_ratios([lc], [lr]), beta=beta)
     margin = beta * (link(lc) - link(lr))
@@ -104,20 +112,21 @@ def test_links_and_pairwise_compose():
 @pytest.mark.parametrize("name", loss_names())
 def test_gradcheck_float64(name):
     pc, pr, rc, rr = _ratios([0.3, -0.2, 1.1], [-0.5, 0.4, 0.9], grad=True)
-    fn = lambda a, b: preference_loss(name, a, b, rc, rr, beta=0.4)[0]
+    fn = lambda a, b: preference_loss(name, a, b, rc, rr, beta=0.4, **_lengths(3))[0]
     assert torch.autograd.gradcheck(fn, (pc, pr))
 
 
 @pytest.mark.parametrize("name", loss_names())
 def test_batched_equals_per_example_and_swap(name):
     lc, lr = [0.3, -0.2, 1.1, 0.0], [-0.5, 0.4, 0.9, 2.0]
-    batched, bm = preference_loss(name, *_ratios(lc, lr), beta=0.2)
-    single = torch.cat([preference_loss(name, *_ratios([a], [b]), beta=0.2)[0] for a, b in zip(lc, lr)])
+    batched, bm = preference_loss(name, *_ratios(lc, lr), beta=0.2, **_lengths(4))
+    single = torch.cat([preference_loss(name, *_ratios([a], [b]), beta=0.2, **_lengths(1))[0]
+                        for a, b in zip(lc, lr)])
     torch.testing.assert_close(batched, single)
-    _, sm = preference_loss(name, *_ratios(lr, lc), beta=0.2)
+    _, sm = preference_loss(name, *_ratios(lr, lc), beta=0.2, **_lengths(4))
     torch.testing.assert_close(sm["rewards/margins"], -bm["rewards/margins"])
     if LOSSES[name].pairwise == "logistic" and not LOSSES[name].defaults.get("label_smoothing"):
-        swapped, _ = preference_loss(name, *_ratios(lr, lc), beta=0.2)
+        swapped, _ = preference_loss(name, *_ratios(lr, lc), beta=0.2, **_lengths(4))
         # logistic: loss(m) - loss(-m) = -m  (since log sigmoid(m) - log sigmoid(-m) = m)
         m = bm["rewards/margins"].clamp(-10.0, 10.0)
         torch.testing.assert_close(batched - swapped, -m)
@@ -127,13 +136,13 @@ def test_batched_equals_per_example_and_swap(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("magnitude", [1e2, 1e3, 1e4])
 def test_extreme_inputs_finite(name, dtype, magnitude):
-    """|L| up to 1e4 in fp32 and bf16: loss and gradients stay finite (exp is clamped at 40)."""
+    """|L| up to 1e4 in fp32 and bf16: loss and gradients stay finite (exp's argument is clamped at 40)."""
     lc = [magnitude, -magnitude, magnitude, -magnitude, 0.0]
     lr = [-magnitude, magnitude, magnitude, 0.0, -magnitude]
     pc = (torch.tensor(lc) - 5.0).to(dtype).requires_grad_()
     pr = (torch.tensor(lr) - 5.0).to(dtype).requires_grad_()
     ref = torch.full((5,), -5.0, dtype=dtype)
-    loss, metrics = preference_loss(name, pc, pr, ref, ref, beta=0.1)
+    loss, metrics = preference_loss(name, pc, pr, ref, ref, beta=0.1, **_lengths(5))
     assert loss.dtype == torch.float32
     loss.sum().backward()
     assert torch.isfinite(loss).all()

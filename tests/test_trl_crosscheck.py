@@ -28,7 +28,10 @@ What TRL 1.16 does (``trl/trainer/dpo_trainer.py``), and how the two pipelines a
   ``logits`` takes a chunked log-softmax of the full logits. Both are exact; they differ only in fp32 summation
   order and in the matmul shapes (so in BLAS blocking).
 * Loss: TRL's ``sigmoid`` loss is ``-logsigmoid(beta * (logratio_chosen - logratio_rejected))`` averaged over the
-  batch; chipo's ``dpo`` preset is the same function of the same four per-sequence log-probs.
+  batch; chipo's ``dpo`` preset is the same function of the same four per-sequence log-probs. Further checks:
+  TRL's ``ipo`` (log-ratios divided by completion length) against chipo's ``ipo``, TRL's ``alpha_divergence``
+  link at f_alpha_divergence_coef = 0.8 against chipo's ``alpha`` preset, and TRL's RPO combination
+  ``["sigmoid", "sft"]`` against chipo's ``sft_weight``.
 
 Tolerances (fp32 on CPU). The two log-prob implementations differ only in summation order and matmul shapes (so
 BLAS blocking); per-sequence log-probs are sums of at most 24 per-token values of a few nats (totals ~ -40..-200),
@@ -86,22 +89,24 @@ def _models(tokenizer):
     return policy, build_tiny_llama(len(tokenizer), seed=0, **kwargs)
 
 
-def _trl_trainer(policy, ref, tokenizer, rows, tmp_path):
+def _trl_trainer(policy, ref, tokenizer, rows, tmp_path, **config):
+    options = {"loss_type": ["sigmoid"], **config}
     args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"), beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
+        output_dir=str(tmp_path / "trl"), beta=BETA, max_length=MAX_LENGTH,
         per_device_train_batch_size=len(rows), precompute_ref_log_probs=True, bf16=False,
-        gradient_checkpointing=False, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+        gradient_checkpointing=False, report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **options,
     )
     return trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
                           train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
 
 
-def _chipo_trainer(policy, tokenizer, prepared, tmp_path, impl):
+def _chipo_trainer(policy, tokenizer, prepared, tmp_path, impl, loss_name="dpo", **loss_options):
     args = TrainingArguments(output_dir=str(tmp_path / f"chipo-{impl}"), report_to="none", use_cpu=True,
                              remove_unused_columns=False, per_device_train_batch_size=len(prepared), seed=0)
     return PreferenceTrainer(model=copy.deepcopy(policy), args=args, train_dataset=prepared,
                              data_collator=PreferenceCollator(pad_token_id=tokenizer.pad_token_id),
-                             processing_class=tokenizer, loss_name="dpo", beta=BETA, logprobs_impl=impl)
+                             processing_class=tokenizer, loss_name=loss_name, beta=BETA, logprobs_impl=impl,
+                             loss_options=loss_options)
 
 
 def _trl_features(trainer) -> list[dict]:
@@ -250,3 +255,69 @@ def test_losses_match_on_trl_tokenization(setup):
     with torch.no_grad():
         losses, _ = chipo.pair_losses(chipo.model, batch)
     torch.testing.assert_close(losses, trl_losses, **LOSS_TOL)
+
+
+# --- other TRL losses: IPO (length-normalised), the alpha-divergence link, the RPO "sft" term
+def _variant(setup, name: str, trl_config: dict, loss_name: str, **loss_options):
+    """A TRL trainer with ``trl_config`` and chipo's trainer for the same objective, on the aligned rows and
+    TRL's precomputed reference log-probs; returns (trl trainer, its features in chipo order, chipo, batch)."""
+    trl_trainer = _trl_trainer(setup["policy"], setup["ref"], setup["tokenizer"], aligned_rows(),
+                               setup["tmp"] / name, **trl_config)
+    features = _in_chipo_order(_trl_features(trl_trainer), setup["prepared"])
+    prepared = _with_ref(setup["prepared"], torch.tensor([f["ref_chosen_logps"] for f in features]),
+                         torch.tensor([f["ref_rejected_logps"] for f in features]))
+    chipo = _chipo_trainer(setup["policy"], setup["tokenizer"], prepared, setup["tmp"] / name, "fused", loss_name,
+                           **loss_options)
+    return trl_trainer, features, chipo, chipo.data_collator(list(prepared))
+
+
+def test_ipo_matches_trl_length_normalised(setup):
+    """TRL 1.16's IPO divides each sequence's log-ratio by its completion length; chipo's ipo preset does the same
+    by default, so per-example losses agree. IPO losses are (h - 1/(2 beta))^2 with 1/(2 beta) = 5, so a log-prob
+    error e moves a loss by about 2 |h - 5| e / n: compare with a relative tolerance too."""
+    trl_trainer, features, chipo, batch = _variant(setup, "ipo", {"loss_type": ["ipo"]}, "ipo")
+    trl_losses, _, _ = _trl_per_example(trl_trainer, features)
+    with torch.no_grad():
+        losses, _ = chipo.pair_losses(chipo.model, batch)
+    assert trl_losses.max() - trl_losses.min() > 1.0, "IPO losses should spread, else the check is vacuous"
+    torch.testing.assert_close(losses, trl_losses, rtol=1e-5, atol=2e-5)
+    chipo.loss_options["length_normalize"] = False
+    with torch.no_grad():
+        summed, _ = chipo.pair_losses(chipo.model, batch)
+    assert (summed - trl_losses).abs().max() > 1.0, "the summed form differs from TRL's (the check has teeth)"
+
+
+def test_alpha_divergence_matches_trl(setup):
+    """TRL's alpha_divergence f-DPO at f_alpha_divergence_coef = 0.8 (link (t^-0.2 - 1)/(-0.2)) equals chipo's
+    alpha preset at alpha = 0.8; at 0.5 the old mirrored parameterisation agreed by accident, at 0.8 it would use
+    a = 0.2 and differ by ~1e16. The policy's log-ratios reach -80 nats, so the link reaches -5 (e^16 - 1) and
+    losses span 0 to ~3e6: fp32 round-off is relative there (measured 4e-6), hence rtol 1e-5."""
+    config = {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.8}
+    trl_trainer, features, chipo, batch = _variant(setup, "alpha", config, "alpha", alpha=0.8)
+    trl_losses, _, _ = _trl_per_example(trl_trainer, features)
+    with torch.no_grad():
+        losses, _ = chipo.pair_losses(chipo.model, batch)
+    assert trl_losses.max() - trl_losses.min() > 1.0
+    torch.testing.assert_close(losses, trl_losses, rtol=1e-5, atol=LOSS_TOL["atol"])
+
+
+def test_sft_weight_matches_trl_rpo(setup):
+    """TRL's loss_type=["sigmoid", "sft"], loss_weights=[1, 0.5] (RPO) equals chipo's dpo with sft_weight = 0.5:
+    the batch-mean loss (TRL's sft term is a batch-level token mean) and its parameter gradients."""
+    config = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
+    trl_trainer, features, chipo, batch = _variant(setup, "sft", config, "dpo", sft_weight=0.5)
+    trl_model = trl_trainer.model
+    trl_model.zero_grad()
+    trl_loss = trl_trainer.compute_loss(trl_model, trl_trainer.data_collator(features))
+    trl_loss.backward()
+    chipo.model.zero_grad()
+    losses, _ = chipo.pair_losses(chipo.model, batch)
+    losses.mean().backward()
+    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-6, atol=LOSS_TOL["atol"])
+    chipo.loss_options.pop("sft_weight")
+    with torch.no_grad():
+        plain, _ = chipo.pair_losses(chipo.model, batch)
+    assert trl_loss.item() - plain.mean().item() > 1.0, "the sft term should be sizeable (NLL of a few nats/token)"
+    trl_grads = dict(trl_model.named_parameters())
+    for name, param in chipo.model.named_parameters():
+        torch.testing.assert_close(param.grad, trl_grads[name].grad, **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}")

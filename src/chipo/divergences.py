@@ -18,8 +18,11 @@ chi2       (z - 1)^2 / 2                    z - 1                chi^2 (the seed
 chi2mix    (z - 1)^2 / 2 + z log z          z + log z            chi^2 + KL  (chiPO, paper eq. for phi)
 fkl        -log z                           -1/z                 KL(pi_ref || pi)
 js         z log z - (1+z) log((1+z)/2)     log(2z / (1+z))      2 * Jensen-Shannon
-alpha      (z - z^(1-a)/(1-a))/a + 1/(1-a)  (1 - z^(-a)) / a     alpha-divergence, 0 < a < 1
+alpha      (z^a - a z + a - 1)/(a(a-1))     (z^(a-1) - 1)/(a-1)  alpha-divergence, 0 < a < 1
 =========  ===============================  ===================  ==========================
+
+``alpha`` uses TRL's parameterisation (``DPOConfig.f_alpha_divergence_coef``): a -> 1 tends to the KL link log z,
+a = 0.5 gives 2 (1 - z^-1/2) (Hellinger-like).
 
 ``fkl``, ``js`` and ``alpha`` are the f-divergence links TRL offers for DPO (Wang et al. 2023,
 "Beyond reverse KL"); ``kl`` and ``chi2mix`` give DPO and chiPO (Huang et al. 2024, arXiv 2407.13399).
@@ -30,6 +33,12 @@ sequence-level ratios, where |L| reaches thousands, never overflow: fp32 exp ove
 The default clamp 40 keeps exp well inside fp32 (e^40 ~ 2.4e17) while being far beyond any ratio a
 regularised policy should reach; past the clamp the exponential term has zero gradient, the remaining
 terms (e.g. the log z of chiPO's link) still have theirs.
+
+Link *differences* f'(z+) - f'(z-), the margins of the preference losses, are computed by ``link_difference``
+without clamping each exponential separately: e^a - e^b = sign(a - b) e^max(a,b) (1 - e^-|a-b|), evaluated in
+log space (``exp_difference``). The result is exact while |e^a - e^b| <= e^exp_clamp and saturates at
++-e^exp_clamp beyond, so a margin clip downstream sees the true sign and a size far past any clip bound. Clamping
+each term instead would make e^41 - e^45 equal to e^40 - e^40 = 0 and flip chiPO's margin sign.
 """
 
 from __future__ import annotations
@@ -50,6 +59,23 @@ def clamped_exp(x: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor:
     return torch.exp(torch.clamp(x, max=exp_clamp))
 
 
+def exp_difference(a: Tensor, b: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor:
+    """e^a - e^b without overflow or loss of sign: exact while max(a, b) <= exp_clamp; beyond, exact while
+    |e^a - e^b| <= e^exp_clamp and +-e^exp_clamp past that, with zero gradient (as ``clamped_exp``).
+
+    Within the clamp: e^h (expm1(a - h) - expm1(b - h)) with h = max(a, b) held constant -- accurate for close
+    a, b (one expm1 is 0, the other -expm1(-|a - b|)) and with the exact gradient (e^a, -e^b), also at a = b.
+    Beyond it, in log space: log|e^a - e^b| = h + log(-expm1(-|a - b|)), clamped at exp_clamp; the gap is
+    floored at the smallest normal number so log never sees 0 (a = b still gives 0 through sign(0)).
+    """
+    high = torch.maximum(a, b).detach()
+    within = torch.exp(torch.clamp(high, max=exp_clamp)) * (torch.expm1(a - high) - torch.expm1(b - high))
+    gap = torch.clamp((a - b).detach().abs(), min=torch.finfo(a.dtype).tiny)
+    log_size = high + torch.log(-torch.expm1(-gap))
+    beyond = torch.sign(a - b).detach() * torch.exp(torch.clamp(log_size, max=exp_clamp))
+    return torch.where(high > exp_clamp, beyond, within)
+
+
 @dataclass(frozen=True)
 class FDivergence:
     """An f-divergence given by its generator f, its derivative f' (the link) and (f')^{-1}.
@@ -66,6 +92,7 @@ class FDivergence:
     link_inverse_fn: Callable[[Tensor], Tensor]
     link_lower: float
     link_upper: float
+    link_difference_fn: Callable[[Tensor, Tensor, float], Tensor] | None = None
 
     def f(self, log_ratio: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor:
         """f(z) at z = exp(log_ratio)."""
@@ -74,6 +101,16 @@ class FDivergence:
     def link(self, log_ratio: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor:
         """f'(z) at z = exp(log_ratio): the preference-loss link and the RL penalty (divided by beta)."""
         return self.link_fn(log_ratio, exp_clamp)
+
+    def link_difference(self, log_ratio_a: Tensor, log_ratio_b: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor:
+        """f'(z_a) - f'(z_b), overflow-free and sign-exact for any log-ratios (see ``exp_difference``).
+
+        The margin of a preference loss (divided by beta); ``link_difference(L, 0)`` is the implicit reward
+        relative to pi = pi_ref, f'(z) - f'(1).
+        """
+        if self.link_difference_fn is None:  # links without exp (kl, js) are well-conditioned as they are
+            return self.link(log_ratio_a, exp_clamp) - self.link(log_ratio_b, exp_clamp)
+        return self.link_difference_fn(log_ratio_a, log_ratio_b, exp_clamp)
 
     def link_inverse(self, u: Tensor) -> Tensor:
         """The density ratio z >= 0 with f'(z) = u (0 where u <= link_lower). Use float64 for accuracy."""
@@ -149,23 +186,34 @@ def _js_inverse(u: Tensor) -> Tensor:
 
 
 def alpha_divergence(alpha: float = 0.5) -> FDivergence:
-    """The alpha-divergence family used by TRL's ``alpha_divergence`` f-DPO option (0 < alpha < 1)."""
+    """The alpha-divergence of TRL's ``alpha_divergence`` f-DPO option, in TRL's parameterisation (0 < alpha < 1).
+
+    f'(z) = (z^(alpha-1) - 1)/(alpha - 1) as TRL 1.16 writes it (``f_alpha_divergence_coef``, default 0.5), so
+    ``alpha`` means here what it means in TRL; alpha -> 1 approaches the KL link log z, alpha -> 0 the forward-KL
+    link 1 - 1/z. With k = 1 - alpha: f'(z) = (1 - e^(-k L)) / k, bounded above by 1/k.
+    """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     a = float(alpha)
+    k = 1.0 - a
 
     def f(L: Tensor, c: float) -> Tensor:
-        return (clamped_exp(L, c) - clamped_exp((1.0 - a) * L, c) / (1.0 - a)) / a + 1.0 / (1.0 - a)
+        # (z^a - a z + a - 1) / (a (a - 1)): f(1) = 0 and f'(z) = (z^(a-1) - 1)/(a - 1).
+        return (clamped_exp(a * L, c) - a * clamped_exp(L, c) + a - 1.0) / (a * (a - 1.0))
 
     def link(L: Tensor, c: float) -> Tensor:
-        return (1.0 - clamped_exp(-a * L, c)) / a
+        return (1.0 - clamped_exp(-k * L, c)) / k
+
+    def difference(La: Tensor, Lb: Tensor, c: float) -> Tensor:
+        return exp_difference(-k * Lb, -k * La, c) / k
 
     def inverse(u: Tensor) -> Tensor:
-        base = 1.0 - a * u  # z^(-a) = 1 - a u  => z = (1 - a u)^(-1/a), for u < 1/a
-        return torch.where(base > 0, torch.clamp(base, min=torch.finfo(u.dtype).tiny) ** (-1.0 / a),
+        base = 1.0 - k * u  # z^(-k) = 1 - k u  => z = (1 - k u)^(-1/k), for u < 1/k
+        return torch.where(base > 0, torch.clamp(base, min=torch.finfo(u.dtype).tiny) ** (-1.0 / k),
                            torch.full_like(u, math.inf))
 
-    return FDivergence("alpha", f"alpha-divergence (alpha={a})", f, link, inverse, -math.inf, 1.0 / a)
+    return FDivergence("alpha", f"alpha-divergence (alpha={a}, TRL's parameterisation)", f, link, inverse,
+                       -math.inf, 1.0 / k, difference)
 
 
 KL = FDivergence(
@@ -175,16 +223,18 @@ KL = FDivergence(
 CHI2 = FDivergence(
     "chi2", "chi-squared 1/2 E_ref[(z-1)^2]; link z - 1 (bounded below by -1)",
     _chi2_f, lambda L, c: clamped_exp(L, c) - 1.0, lambda u: torch.clamp(u + 1.0, min=0.0), -1.0, math.inf,
+    exp_difference,
 )
 CHI2MIX = FDivergence(
     "chi2mix", "chi-squared + KL; link phi(z) = z + log z (chiPO's implicit regulariser)",
     _chi2mix_f, lambda L, c: clamped_exp(L, c) + L, _lambert_w0_exp, -math.inf, math.inf,
+    lambda La, Lb, c: exp_difference(La, Lb, c) + (La - Lb),
 )
 FORWARD_KL = FDivergence(
     "fkl", "forward KL(pi_ref || pi); link -1/z",
     _fkl_f, lambda L, c: -clamped_exp(-L, c),
     lambda u: torch.where(u < 0, -1.0 / torch.clamp(u, max=-torch.finfo(u.dtype).tiny), torch.full_like(u, math.inf)),
-    -math.inf, 0.0,
+    -math.inf, 0.0, lambda La, Lb, c: exp_difference(-Lb, -La, c),
 )
 JS = FDivergence(
     "js", "Jensen-Shannon (x2); link log(2z/(1+z))", _js_f, _js_link, _js_inverse, -math.inf, math.log(2.0),

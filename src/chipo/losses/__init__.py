@@ -4,9 +4,12 @@ A loss is a *link* (an f-divergence's f', ``chipo.divergences``) composed with a
 margin (``chipo.losses.pairwise``)::
 
     L+ = logp_policy(y+) - logp_ref(y+),  L- likewise          (whole-sequence log-ratios, fp32)
-    margin = beta * (link(L+) - link(L-))                       (implicit-reward difference)
+    L  = L / response length                                    if length_normalize (IPO, as TRL)
+    r+ = beta * (link(L+) - link(0)),  r- likewise              (implicit rewards, 0 at pi = pi_ref)
+    r  = clip(r, -reward_bound, reward_bound)                   if reward_bound given (experimental)
+    margin = r+ - r-  = beta * (link(L+) - link(L-))            (computed as one stable link difference)
     margin = clip(margin, -2 r_max, 2 r_max)   if r_max given   (chiPO, Huang et al. 2024, Alg. 1)
-    loss   = pairwise(margin)
+    loss   = pairwise(margin) + sft_weight * NLL(y+)            (RPO, Liu et al. 2024, arXiv 2405.16436)
 
 Named presets (``LOSSES``) fix the link, the pairwise loss and defaults; any option can be overridden,
 e.g. ``preference_loss("hinge", ..., link="chi2mix")`` is a chi-squared hinge loss.
@@ -14,6 +17,7 @@ e.g. ``preference_loss("hinge", ..., link="chi2mix")`` is a chi-squared hinge lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +53,8 @@ LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec("kl", "logistic", "DPO (Rafailov et al. 2023): log link, logistic loss"),
     "chipo": LossSpec("chi2mix", "logistic", "chiPO (Huang et al. 2024): link z + log z, clipped margin, logistic",
                       {"r_max": CHIPO_DEFAULT_R_MAX}),
-    "ipo": LossSpec("kl", "squared", "IPO (Azar et al. 2023): log link, squared loss"),
+    "ipo": LossSpec("kl", "squared", "IPO (Azar et al. 2023): log link, squared loss, log-probs averaged over "
+                    "the response (as TRL)", {"length_normalize": True}),
     "hinge": LossSpec("kl", "hinge", "SLiC hinge (Zhao et al. 2023): log link, hinge loss"),
     "robust": LossSpec("kl", "robust", "robust DPO (Chowdhury et al. 2024), needs label_smoothing",
                        {"label_smoothing": 0.1}),
@@ -58,10 +63,12 @@ LOSSES: dict[str, LossSpec] = {
     "chi2": LossSpec("chi2", "logistic", "pure chi-squared link z - 1, logistic loss (bounded-below link)"),
     "fkl": LossSpec("fkl", "logistic", "f-DPO with forward KL link -1/z (Wang et al. 2023)"),
     "js": LossSpec("js", "logistic", "f-DPO with Jensen-Shannon link log(2z/(1+z))"),
-    "alpha": LossSpec("alpha", "logistic", "f-DPO with alpha-divergence link (1 - z^-a)/a", {"alpha": 0.5}),
+    "alpha": LossSpec("alpha", "logistic", "f-DPO with alpha-divergence link (z^(a-1) - 1)/(a-1) (TRL's alpha)",
+                      {"alpha": 0.5}),
 }
 
-_OPTIONS = ("link", "pairwise", "r_max", "label_smoothing", "alpha", "exp_clamp")
+_OPTIONS = ("link", "pairwise", "r_max", "label_smoothing", "alpha", "exp_clamp", "length_normalize", "sft_weight",
+            "reward_bound")
 
 
 def loss_names() -> list[str]:
@@ -78,7 +85,8 @@ def resolve_options(name: str, **options: Any) -> dict[str, Any]:
         raise ValueError(f"unknown loss option(s) {sorted(unknown)}; valid: {', '.join(_OPTIONS)}")
     spec = LOSSES[name]
     resolved: dict[str, Any] = {"link": spec.link, "pairwise": spec.pairwise, "r_max": None,
-                                "label_smoothing": 0.0, "alpha": 0.5, "exp_clamp": EXP_CLAMP}
+                                "label_smoothing": 0.0, "alpha": 0.5, "exp_clamp": EXP_CLAMP,
+                                "length_normalize": False, "sft_weight": 0.0, "reward_bound": None}
     resolved.update(spec.defaults)
     resolved.update({k: v for k, v in options.items() if v is not None or k == "r_max"})
     if resolved["pairwise"] not in PAIRWISE_LOSSES:
@@ -87,8 +95,23 @@ def resolve_options(name: str, **options: Any) -> dict[str, Any]:
         raise ValueError(f"r_max must be positive or None, got {resolved['r_max']}")
     if not 0.0 <= resolved["label_smoothing"] < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {resolved['label_smoothing']}")
+    if not (isinstance(resolved["sft_weight"], (int, float)) and 0.0 <= resolved["sft_weight"] < math.inf):
+        raise ValueError(f"sft_weight must be a finite number >= 0, got {resolved['sft_weight']}")
+    if resolved["reward_bound"] is not None and not resolved["reward_bound"] > 0:
+        raise ValueError(f"reward_bound must be positive or None, got {resolved['reward_bound']}")
+    if not isinstance(resolved["length_normalize"], bool):
+        raise ValueError(f"length_normalize must be true or false, got {resolved['length_normalize']!r}")
     get_divergence(resolved["link"], **({"alpha": resolved["alpha"]} if resolved["link"] == "alpha" else {}))
     return resolved
+
+
+def _lengths(lengths: Tensor | None, like: Tensor, which: str, why: str) -> Tensor:
+    if lengths is None:
+        raise ValueError(f"{why} needs {which}_lengths (response token counts per pair)")
+    lengths = torch.as_tensor(lengths, device=like.device).to(like.dtype)
+    if lengths.shape != like.shape:
+        raise ValueError(f"{which}_lengths has shape {tuple(lengths.shape)}, expected {tuple(like.shape)}")
+    return lengths
 
 
 def preference_loss(
@@ -99,36 +122,78 @@ def preference_loss(
     ref_rejected_logps: Tensor,
     *,
     beta: float,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
     **options: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-example preference losses [B] and detached per-example metrics (each [B]).
 
     Inputs are per-sequence log-probs (sums over response tokens), shape [B], any float dtype; all
     arithmetic runs in fp32 (fp64 if given fp64) so margins stay exact under bf16 training.
-    Options: ``link``, ``pairwise``, ``r_max`` (None disables the clip), ``label_smoothing``, ``alpha``,
-    ``exp_clamp`` (largest exponent passed to exp, see ``chipo.divergences``).
+    ``chosen_lengths`` / ``rejected_lengths`` ([B] response token counts) are needed by ``length_normalize``
+    and ``sft_weight``.
 
-    Metrics: ``rewards/chosen`` and ``rewards/rejected`` (implicit rewards beta * link(z)),
-    ``rewards/margins`` (unclipped), ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``,
-    ``logratio/chosen`` and ``logratio/rejected`` (L, the distribution-shift signal), ``clipped``.
+    Options (see the module docstring for where each acts):
+
+    * ``link``, ``pairwise``: override the preset's link (divergence name) and pairwise loss.
+    * ``r_max``: chiPO's margin clip [-2 r_max, 2 r_max] (None disables it).
+    * ``label_smoothing``: label-flip rate of the robust / cdpo losses.
+    * ``alpha``: alpha-divergence parameter in TRL's convention (link (z^(alpha-1) - 1)/(alpha - 1)).
+    * ``exp_clamp``: largest exponent passed to exp (see ``chipo.divergences``).
+    * ``length_normalize``: divide each log-ratio by its response length (policy and reference log-probs
+      alike). Default True for ``ipo`` -- TRL 1.16's IPO, so beta means the same as there -- False otherwise.
+    * ``sft_weight``: add sft_weight x the token-mean NLL of the chosen responses (RPO, Liu et al. 2024). Each
+      pair's term is -logp(y+) * B / (chosen tokens in the batch), so the batch mean is TRL's "sft" loss.
+    * ``reward_bound``: experimental; clip each implicit reward into [-reward_bound, reward_bound] (zero
+      gradient outside) before forming the margin. The margin clip lets the rejected reward fall without limit
+      once the margin is inside the band; this brakes that push-down side too.
+
+    Metrics: ``rewards/chosen`` and ``rewards/rejected`` (implicit rewards beta * (link(z) - link(1)), 0 at
+    pi = pi_ref, before ``reward_bound``), ``rewards/margins`` (their difference, before any clip),
+    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` (summed), ``logratio/chosen`` and
+    ``logratio/rejected`` (summed L, the distribution-shift signal), ``clipped`` (1 where the clip or the
+    reward bound leaves the pair's preference term without gradient).
     """
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}")
     opts = resolve_options(name, **options)
     divergence = get_divergence(opts["link"], **({"alpha": opts["alpha"]} if opts["link"] == "alpha" else {}))
     compute_dtype = torch.float64 if policy_chosen_logps.dtype == torch.float64 else torch.float32
-    chosen_logratio = policy_chosen_logps.to(compute_dtype) - ref_chosen_logps.to(compute_dtype)
+    policy_chosen = policy_chosen_logps.to(compute_dtype)
+    chosen_logratio = policy_chosen - ref_chosen_logps.to(compute_dtype)
     rejected_logratio = policy_rejected_logps.to(compute_dtype) - ref_rejected_logps.to(compute_dtype)
 
-    chosen_reward = beta * divergence.link(chosen_logratio, opts["exp_clamp"])
-    rejected_reward = beta * divergence.link(rejected_logratio, opts["exp_clamp"])
-    margin = chosen_reward - rejected_reward
-    clipped_margin = margin
+    chosen_score, rejected_score = chosen_logratio, rejected_logratio
+    if opts["length_normalize"]:
+        why = f"length_normalize (on by default for {name})" if name == "ipo" else "length_normalize"
+        # An empty response has log-ratio 0; clamping its length at 1 avoids 0/0 (TRL clamps the same way).
+        chosen_score = chosen_logratio / _lengths(chosen_lengths, chosen_logratio, "chosen", why).clamp(min=1.0)
+        rejected_score = rejected_logratio / _lengths(rejected_lengths, rejected_logratio, "rejected",
+                                                      why).clamp(min=1.0)
+
+    c = opts["exp_clamp"]
+    origin = torch.zeros_like(chosen_score)
+    chosen_reward = beta * divergence.link_difference(chosen_score, origin, c)
+    rejected_reward = beta * divergence.link_difference(rejected_score, origin, c)
+    # One link difference, not chosen_reward - rejected_reward: exact in sign and size past exp's clamp.
+    margin = beta * divergence.link_difference(chosen_score, rejected_score, c)
+    effective = margin
+    no_gradient = torch.zeros_like(margin, dtype=torch.bool)
+    if opts["reward_bound"] is not None:
+        bound = opts["reward_bound"]
+        bounded_chosen = torch.clamp(chosen_reward, -bound, bound)
+        bounded_rejected = torch.clamp(rejected_reward, -bound, bound)
+        effective = bounded_chosen - bounded_rejected
+        no_gradient = (bounded_chosen != chosen_reward) & (bounded_rejected != rejected_reward)
+    clipped_margin = effective
     if opts["r_max"] is not None:
         bound = 2.0 * opts["r_max"]
         # clamp: identity inside the band, constant (zero gradient) outside -- exactly the paper's clip.
-        clipped_margin = torch.clamp(margin, -bound, bound)
+        clipped_margin = torch.clamp(effective, -bound, bound)
     losses = PAIRWISE_LOSSES[opts["pairwise"]](clipped_margin, beta=beta, label_smoothing=opts["label_smoothing"])
+    if opts["sft_weight"]:
+        tokens = _lengths(chosen_lengths, policy_chosen, "chosen", "sft_weight").sum().clamp(min=1.0)
+        losses = losses - opts["sft_weight"] * policy_chosen * (policy_chosen.numel() / tokens)
 
     metrics = {
         "rewards/chosen": chosen_reward.detach(),
@@ -139,7 +204,7 @@ def preference_loss(
         "logps/rejected": policy_rejected_logps.detach().to(compute_dtype),
         "logratio/chosen": chosen_logratio.detach(),
         "logratio/rejected": rejected_logratio.detach(),
-        "clipped": (clipped_margin.detach() != margin.detach()).to(compute_dtype),
+        "clipped": ((clipped_margin.detach() != effective.detach()) | no_gradient).to(compute_dtype),
     }
     return losses, metrics
 

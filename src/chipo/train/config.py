@@ -29,7 +29,14 @@ class PreferenceConfig(TrainerConfig):
     clip_margin: bool = _field(True, "false: no margin clip at all, whatever the loss (chiPO without its clip).")
     link: str | None = _field(None, "Override the loss's link: kl, chi2mix, chi2, fkl, js, alpha.")
     label_smoothing: float | None = _field(None, "Label-flip rate for robust/cdpo (default: the loss's own, 0.1).")
-    alpha: float = _field(0.5, "Parameter of the alpha-divergence link, in (0, 1).")
+    alpha: float = _field(0.5, "alpha-divergence link (z^(alpha-1) - 1)/(alpha - 1), alpha in (0, 1): TRL's "
+                               "f_alpha_divergence_coef.")
+    length_normalize: bool | None = _field(None, "Average log-probs over the response length (default: the loss's "
+                                                 "own; on for ipo, as in TRL).")
+    sft_weight: float = _field(0.0, "Add this times the token-mean NLL of the chosen responses (RPO, Liu et al. "
+                                    "2024, arXiv 2405.16436; TRL's 'sft' loss term).")
+    reward_bound: float | None = _field(None, "Experimental: clip each implicit reward into [-bound, bound] (no "
+                                              "gradient outside) before the margin; null: off.")
     # --- reference model
     reference: str = _field("precompute", "How pi_ref's log-probs are obtained: 'precompute' (once, before "
                                           "training, cached on disk and shared by sweeps) or 'model' (a frozen "
@@ -77,4 +84,10 @@ class PreferenceConfig(TrainerConfig):
             opts["link"] = self.link
         if self.label_smoothing is not None:
             opts["label_smoothing"] = self.label_smoothing
+        if self.length_normalize is not None:
+            opts["length_normalize"] = self.length_normalize
+        if self.sft_weight:
+            opts["sft_weight"] = self.sft_weight
+        if self.reward_bound is not None:
+            opts["reward_bound"] = self.reward_bound
         return opts

@@ -8,6 +8,7 @@ forward pass over chosen and rejected rows together.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from chipo.sequences import batch_sequence_logps
 from chipo.train.pairwise import NonFiniteError, NonFiniteGradientGuard, PairwiseTrainer
 
 __all__ = ["NonFiniteError", "NonFiniteGradientGuard", "PreferenceTrainer"]
+
+logger = logging.getLogger("chipo")
 
 
 class PreferenceTrainer(PairwiseTrainer):
@@ -48,6 +51,7 @@ class PreferenceTrainer(PairwiseTrainer):
         self.logprob_chunk = logprob_chunk
         # Several forwards per backward are only valid without DDP/FSDP/DeepSpeed wrapping (one process).
         self.padding_buckets = padding_buckets if self.accelerator.num_processes == 1 else 1
+        self._warned_all_clipped = False
         self.ref_model = None
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
@@ -75,5 +79,20 @@ class PreferenceTrainer(PairwiseTrainer):
         policy = batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk, self.padding_buckets)
         policy_chosen, policy_rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
+        # Response token counts (length-normalised IPO, the sft term); rows are chosen first, then rejected.
+        chosen_lengths, rejected_lengths = inputs["response_mask"].sum(-1).chunk(2)
         return preference_loss(self.loss_name, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                               beta=self.beta, **self.loss_options)
+                               beta=self.beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                               **self.loss_options)
+
+    # --- logging
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        super().log(logs, *args, **kwargs)  # fills in the window's metric means, "clipped" among them
+        if not self._warned_all_clipped and logs.get("clipped", 0.0) >= 1.0:
+            # Every pair of the window sat outside the clip band (or past the reward bound): the preference
+            # term had zero gradient, so these steps moved the policy only through sft_weight / weight decay.
+            self._warned_all_clipped = True
+            logger.warning("every pair in the logging window up to step %d was clipped (margin outside "
+                           "[-2 r_max, 2 r_max] or both rewards past reward_bound), so the preference loss gave no "
+                           "gradient; if this persists, raise r_max / reward_bound or lower beta (shown once per "
+                           "run)", self.state.global_step)

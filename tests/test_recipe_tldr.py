@@ -19,7 +19,7 @@ import pytest
 
 from chipo.cli.main import main
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tldr"
+RECIPE = Path(__file__).resolve().parents[1] / "src" / "chipo" / "recipes" / "tldr" / "configs"
 WORDS = "cat dog model policy reward summary post answer question mat good bad short long".split()
 
 

@@ -140,8 +140,8 @@ def test_bad_data_is_one_line_error_and_leaves_no_output(tiny_dir, tmp_path, cap
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="model is required"):
-        load_config(SFTConfig, overrides=["dataset=x.jsonl"])
+    with pytest.raises(ConfigError, match="model is required"):  # checked when the command runs
+        load_config(SFTConfig, overrides=["dataset=x.jsonl"]).require_model_and_data()
     with pytest.raises(ConfigError, match="max_prompt_length must lie in"):
         load_config(SFTConfig, overrides=["model=m", "dataset=d", "max_length=8", "max_prompt_length=8"])
     with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):

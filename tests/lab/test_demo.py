@@ -11,13 +11,13 @@ import math
 
 import pytest
 
-from chipo.lab.cli import main
+from chipo.cli.lab import demo
 
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert demo(["--quick", f"out={out}", "--no-progress"]) == 0
     report = out / "report"
     for name in ("report.md", "winrate_vs_epochs.png", "gold_vs_sqrt_kl.png", "divergence_vs_epochs.png",
                  "results.json", "results.csv"):

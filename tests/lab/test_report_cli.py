@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chipo.lab.cli import build_parser, main
+from chipo.cli.lab import main
 from chipo.lab.report import aggregate, primary, table1, write_report
 
 
@@ -57,17 +57,19 @@ def test_table1_layout():
 
 @pytest.mark.parametrize("command", ["demo", "generate-prefs", "evaluate", "sweep", "report"])
 def test_every_subcommand_has_help(command, capsys):
+    from chipo.cli.lab import demo
+
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([command, "--help"])
+        demo(["--help"]) if command == "demo" else main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "usage" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "usage" in text and "config keys" in text
 
 
 def test_generate_prefs_and_evaluate_with_a_reward_model_and_data_by_path(tiny_world, tiny_reward_model, tmp_path):
     prefs = tmp_path / "prefs.jsonl"
-    code = main(["generate-prefs", "--policy", str(tiny_world / "pi_ref"), "--prompts",
-                 str(tiny_world / "prompts_eval.jsonl"), "--gold", str(tiny_reward_model), "--pairs-per-prompt", "3",
-                 "--scale", "2", "--max-new-tokens", "4", "--out", str(prefs)])
+    code = main(["generate-prefs", f"policy={tiny_world / 'pi_ref'}", f"prompts={tiny_world / 'prompts_eval.jsonl'}",
+                 f"gold={tiny_reward_model}", "pairs_per_prompt=3", "scale=2", "max_new_tokens=4", f"out={prefs}"])
     assert code == 0
     rows = [json.loads(line) for line in prefs.open()]
     assert rows and {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"} <= set(rows[0])
@@ -75,10 +77,9 @@ def test_generate_prefs_and_evaluate_with_a_reward_model_and_data_by_path(tiny_w
     assert meta["settings"]["gold"].startswith("rm:") and meta["settings"]["scale"] == 2.0
 
     out = tmp_path / "eval.json"
-    code = main(["evaluate", "--policy", str(tiny_world / "pi_ref"), "--ref", str(tiny_world / "pi_ref"),
-                 "--prompts", str(tiny_world / "prompts_eval.jsonl"), "--gold", str(tiny_reward_model),
-                 "--heldout-prefs", str(prefs), "--loss", "dpo", "--beta", "0.1", "--num-samples", "4",
-                 "--max-new-tokens", "4", "--out", str(out)])
+    code = main(["evaluate", f"policy={tiny_world / 'pi_ref'}", f"ref={tiny_world / 'pi_ref'}",
+                 f"prompts={tiny_world / 'prompts_eval.jsonl'}", f"gold={tiny_reward_model}", f"heldout_prefs={prefs}",
+                 "loss=dpo", "beta=0.1", "num_samples=4", "max_new_tokens=4", f"out={out}"])
     assert code == 0
     metrics = json.loads(out.read_text())
     for key in ("gold_mean", "gold_se", "win_rate_vs_ref", "win_rate_vs_reference", "kl_k1", "kl_k3", "chi2_mc",
@@ -90,21 +91,22 @@ def test_generate_prefs_and_evaluate_with_a_reward_model_and_data_by_path(tiny_w
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
-    code = main(["generate-prefs", "--policy", str(tmp_path / "nope"), "--prompts", str(tmp_path / "none.jsonl"),
-                 "--out", str(tmp_path / "x.jsonl")])
+    code = main(["generate-prefs", f"policy={tmp_path / 'nope'}", f"prompts={tmp_path / 'none.jsonl'}",
+                 f"out={tmp_path / 'x.jsonl'}"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("chipo generate-prefs: error:") and len(err.strip().splitlines()) == 1
+    assert err.startswith("chipo: error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_sweep_command_with_the_real_trainer_a_reward_model_and_data_by_path(tiny_world, tiny_reward_model,
                                                                                tmp_path):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--ref", str(tiny_world / "pi_ref"), "--train-prefs", str(tiny_world / "prefs.jsonl"),
-            "--eval-prompts", str(tiny_world / "prompts_eval.jsonl"), "--heldout-prefs",
-            str(tiny_world / "prefs.jsonl"), "--gold", str(tiny_reward_model), "--gold-template",
-            "{prompt} {response}", "--losses", "dpo,chipo", "--betas", "0.1", "--seeds", "0", "--epochs", "2",
-            "--num-samples", "4", "--max-new-tokens", "4", "--max-length", "16", "--out", str(out), "--report"]
+    argv = ["sweep", f"ref_model={tiny_world / 'pi_ref'}", f"train_prefs={tiny_world / 'prefs.jsonl'}",
+            f"eval_prompts={tiny_world / 'prompts_eval.jsonl'}", f"heldout_prefs={tiny_world / 'prefs.jsonl'}",
+            f"gold={tiny_reward_model}", "gold_template={prompt} {response}", "losses=dpo,chipo", "betas=0.1",
+            "seeds=0", "epochs=2", "num_samples=4", "max_new_tokens=4", "max_length=16", f"out_dir={out}",
+            "--report"]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").open()]
     assert sorted((r["loss"], r["epoch"]) for r in rows) == [("chipo", 1), ("chipo", 2), ("dpo", 1), ("dpo", 2),

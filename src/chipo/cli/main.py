@@ -19,10 +19,10 @@ COMMANDS = {
     "reward": ("chipo.cli.reward:main", "Train a Bradley-Terry reward model (HF sequence classifier)."),
     "rl": ("chipo.cli.rl:main", "Online RL (RLOO) against a reward, regularized by kl, chi2 or chi2mix."),
     "judge": ("chipo.cli.judge:main", "Pairwise win rate of a over b by an LLM (OpenAI-compatible) or reward model."),
-    "demo": ("chipo.lab.cli:main demo", "Watch DPO overoptimize and chiPO hold on an embedded world (CPU, minutes)."),
-    "lab": ("chipo.lab.cli:main", "Overoptimization lab: generate preference data, evaluate, sweep, report."),
-    "tldr": ("chipo.recipes.tldr.cli:main", "The paper's TL;DR experiment: sft, sweep, generate, judge, report."),
-    "bandit": ("chipo.bandit.cli:main", "The exact tabular testbed: regret, bound check, overoptimization vs beta."),
+    "demo": ("chipo.cli.lab:demo", "Watch DPO and chiPO overoptimize (or not) on an embedded world (CPU, minutes)."),
+    "lab": ("chipo.cli.lab:main", "Overoptimization lab: generate preference data, evaluate, sweep, report."),
+    "tldr": ("chipo.cli.tldr:main", "The paper's TL;DR experiment: sft, sweep, generate, judge, report, cost."),
+    "bandit": ("chipo.cli.bandit:main", "The exact tabular testbed: regret, bound, overoptimization, online, bench."),
 }
 
 
@@ -73,26 +73,45 @@ def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentP
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _flag_shorthand(argv: list[str], config_cls: type) -> list[str]:
+    """``--quick`` -> ``quick=true`` and ``--no-progress`` -> ``progress=false`` for the config's bool fields."""
+    import dataclasses
+
+    bools = {f.name for f in dataclasses.fields(config_cls) if f.type in (bool, "bool")}
+    out = []
+    for item in argv:
+        name = item[2:].replace("-", "_") if item.startswith("--") and "=" not in item else None
+        if name in bools:
+            out.append(f"{name}=true")
+        elif name and name.startswith("no_") and name[3:] in bools:
+            out.append(f"{name[3:]}=false")
+        else:
+            out.append(item)
+    return out
+
+
 def config_command(argv: list[str], *, prog: str, description: str, example: str, config_cls: type,
-                   runner: str, saved: str) -> int:
+                   runner: str, saved: str | None = None, groups: dict[str, type] | None = None) -> int:
     """A ``<prog> --config run.yaml key=value ...`` command: parse, build ``config_cls``, call ``runner``.
 
     ``runner`` is "module:function" (imported only when the command runs, so ``--help`` stays fast); it takes the
-    config and returns the output directory, reported as "chipo: <saved> saved to <dir>".
+    config and returns the output path, reported as "chipo: <saved> saved to <path>" when ``saved`` is given.
+    A bool key can also be given as ``--key`` (true) or ``--no-key`` (false).
     """
     from chipo.config import config_help, load_config
 
     epilog = example + "\nconfig keys (YAML file and/or key=value; values parsed as YAML scalars):\n"
-    parser = build_parser(prog, description, epilog + config_help(config_cls))
+    parser = build_parser(prog, description, epilog + config_help(config_cls, groups))
     parser.add_argument("--config", help="YAML file of config keys (overridden by key=value arguments)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_flag_shorthand(argv, config_cls))
 
     def _run() -> None:
         module, func = runner.split(":")
         config = load_config(config_cls, args.config, args.overrides)
         out = getattr(importlib.import_module(module), func)(config)
-        print(f"chipo: {saved} saved to {out}")
+        if saved:
+            print(f"chipo: {saved} saved to {out}")
 
     return run_guarded(_run)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chipo.config import ConfigError, _field
-from chipo.generation import SamplingSettings
 from chipo.io import write_json
+from chipo.lab.configs import GoldFields, SamplingFields
 
 logger = logging.getLogger("chipo.lab")
 
@@ -53,7 +53,7 @@ def validate_grid(losses, betas, seeds, epochs: int) -> None:
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(GoldFields, SamplingFields):
     """A sweep over losses x betas x seeds, each run evaluated at ``eval_epochs``."""
 
     ref_model: str = _field(None, "pi_ref: HF causal LM directory or hub name (also the initial policy).")
@@ -62,10 +62,6 @@ class SweepConfig:
     eval_prompts: str = _field(None, "Held-out prompts (jsonl/parquet/dir/hub): a 'prompt' column and optionally "
                                      "'reference' (or 'completion' / 'chosen') reference responses.")
     out_dir: str = _field(None, "Sweep directory: results.jsonl, sweep.json, runs/, ref_cache/.")
-    gold: str = _field("world", "Gold scorer: 'world', a reward-model path or hub name, or 'module:function'.")
-    gold_template: str | None = _field(None, "For a hub reward model trained on another text format: the text it "
-                                             "scores, e.g. '{prompt}\\n{response}'. null: prompt and response "
-                                             "tokenized as `chipo reward` trains (chipo.rewards).")
     heldout_prefs: str | None = _field(None, "Held-out preference pairs for the implicit-reward accuracy.")
     split: str = _field("train", "Split of the data sources.")
     losses: list[str] = field(default_factory=lambda: ["dpo", "chipo"], metadata={"help": "Loss presets."})
@@ -80,18 +76,17 @@ class SweepConfig:
     max_length: int = _field(512, "Max prompt + response tokens in training.")
     max_prompt_length: int | None = _field(None, "Max prompt tokens in training.")
     num_samples: int = _field(64, "Samples per held-out prompt for evaluation.")
-    max_new_tokens: int = _field(64, "Sampling: max new tokens.")
-    temperature: float = _field(1.0, "Sampling temperature (1: samples from pi itself).")
-    top_p: float = _field(1.0, "Sampling nucleus (1: off).")
-    sample_seed: int = _field(1234, "Base seed of evaluation sampling (plus the run seed).")
     max_eval_prompts: int | None = _field(None, "Evaluate on the first N held-out prompts only.")
     exact: bool = _field(True, "Exact metrics when the gold scorer has an enumerable response space.")
     keep_checkpoints: bool = _field(False, "Keep the per-epoch checkpoints after evaluation.")
+    workers: int = _field(1, "Parallel training processes.")
+    report: bool = _field(False, "Write the report when the sweep is done.")
 
     def __post_init__(self) -> None:
         for name in ("ref_model", "train_prefs", "eval_prompts", "out_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
+        self.check_sampling()
         validate_grid(self.losses, self.betas, self.seeds, self.epochs)
         if self.eval_epochs is None:
             self.eval_epochs = default_eval_epochs(self.epochs)
@@ -99,14 +94,11 @@ class SweepConfig:
         if not all(1 <= e <= self.epochs for e in self.eval_epochs):
             raise ConfigError(f"eval_epochs must lie in [1, {self.epochs}], got {self.eval_epochs}")
 
-    def sampling(self, seed: int = 0) -> SamplingSettings:
-        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                seed=self.sample_seed + seed)
-
     def results_key(self) -> dict:
         """Fields that change results: a rerun must match them to reuse results.jsonl."""
         d = dataclasses.asdict(self)
-        for name in ("out_dir", "keep_checkpoints", "losses", "betas", "seeds"):
+        for name in ("out_dir", "keep_checkpoints", "losses", "betas", "seeds", "workers", "report",
+                     "sampling_batch_size"):
             d.pop(name)
         return d
 

@@ -67,11 +67,14 @@ class TrainerConfig(TrainingArguments):
     remove_unused_columns: bool = _field(False, "Keep dataset columns (chipo's collators choose what they need).")
     resume_from_checkpoint: str | None = _field(None, "'latest' or a checkpoint directory to resume from.")
 
-    def __post_init__(self) -> None:
+    def require_model_and_data(self) -> None:
+        """The command-line runs read both from the config (the Python API may pass objects instead)."""
         if not self.model:
             raise ConfigError("model is required (a hub name or a local directory)")
         if not self.dataset:
             raise ConfigError("dataset is required (a hub name or a local file/directory)")
+
+    def __post_init__(self) -> None:
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:

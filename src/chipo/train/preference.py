@@ -1,9 +1,19 @@
 """PreferenceTrainer: chiPO / DPO / variants on ``transformers.Trainer`` (via ``PairwiseTrainer``).
 
-Checkpointing, resume, gradient accumulation, mixed precision, loggers and ``accelerate launch`` (DDP, FSDP,
-DeepSpeed) all come from ``transformers.Trainer``; this class only supplies the loss (``compute_loss``), the
-evaluation step and the metrics. The loss is ``chipo.losses.preference_loss`` on per-sequence log-probs of one
-forward pass over chosen and rejected rows together.
+Used like TRL's ``DPOTrainer`` (switching is two imports)::
+
+    from chipo.train import PreferenceConfig, PreferenceTrainer
+
+    args = PreferenceConfig(model="my/sft-model", dataset="unused", loss="chipo", beta=0.05, output_dir="runs/x")
+    trainer = PreferenceTrainer(model="my/sft-model", args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+
+Given a ``PreferenceConfig`` it tokenizes and validates raw rows in any TRL format, computes (and caches on disk)
+the reference log-probs, applies ``peft_config`` or ``lora=true`` (reference = adapters off), and takes the loss
+and its options from the config. Checkpointing, resume, gradient accumulation, mixed precision, loggers and
+``accelerate launch`` (DDP, FSDP, DeepSpeed) come from ``transformers.Trainer``; this class supplies the loss
+(``compute_loss``), the evaluation step and the metrics. The loss is ``chipo.losses.preference_loss`` on
+per-sequence log-probs of one forward pass over chosen and rejected rows together.
 """
 
 from __future__ import annotations
@@ -14,9 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from chipo.data import PreferenceCollator
 from chipo.losses import preference_loss
+from chipo.models import load_tokenizer
 from chipo.sequences import batch_sequence_logps
+from chipo.train.config import PreferenceConfig
 from chipo.train.pairwise import NonFiniteError, NonFiniteGradientGuard, PairwiseTrainer
+from chipo.train.preference_setup import setup_preference_run
 
 __all__ = ["NonFiniteError", "NonFiniteGradientGuard", "PreferenceTrainer"]
 
@@ -26,7 +40,8 @@ logger = logging.getLogger("chipo")
 class PreferenceTrainer(PairwiseTrainer):
     """``transformers.Trainer`` whose loss is a chipo preference loss.
 
-    Args (beyond Trainer's): ``loss_name``, ``beta``, ``loss_options`` (see ``chipo.losses``), ``ref_model``
+    With ``args`` a ``PreferenceConfig`` everything below defaults from it (module docstring). Args beyond
+    Trainer's: ``peft_config``, ``loss_name``, ``beta``, ``loss_options`` (see ``chipo.losses``), ``ref_model``
     (a frozen reference evaluated each step; None when the batches carry precomputed ``ref_*_logps`` or when
     ``ref_adapter_disabled``), ``ref_adapter_disabled`` (LoRA: reference = policy with adapters off),
     ``logprobs_impl``, ``logprob_chunk`` and ``padding_buckets`` (length buckets per batch, single process only;
@@ -39,10 +54,33 @@ class PreferenceTrainer(PairwiseTrainer):
     max_metrics = ("logratio/chosen", "logratio/rejected")
     metric_names = {"logratio/chosen": "logratio/chosen_mean", "logratio/rejected": "logratio/rejected_mean"}
 
-    def __init__(self, *args: Any, loss_name: str, beta: float, loss_options: dict | None = None,
-                 ref_model: nn.Module | None = None, ref_adapter_disabled: bool = False,
-                 logprobs_impl: str = "fused", logprob_chunk: int = 1024, padding_buckets: int = 1, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module | str | None = None, args=None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, peft_config=None, *, loss_name: str | None = None,
+                 beta: float | None = None, loss_options: dict | None = None, ref_model: nn.Module | None = None,
+                 ref_adapter_disabled: bool = False, logprobs_impl: str | None = None, logprob_chunk: int | None = None,
+                 padding_buckets: int | None = None, **kwargs: Any):
+        if isinstance(args, PreferenceConfig):
+            if processing_class is None:
+                processing_class = load_tokenizer(args.tokenizer or (model if isinstance(model, str) else None)
+                                                  or args.model)
+            data_collator = data_collator or PreferenceCollator(pad_token_id=processing_class.pad_token_id)
+            run = setup_preference_run(args, model, processing_class, train_dataset, eval_dataset, data_collator,
+                                       peft_config=peft_config, ref_model=ref_model)
+            model, train_dataset, eval_dataset = run["model"], run["train_dataset"], run["eval_dataset"]
+            ref_model = run["ref_model"]
+            ref_adapter_disabled = ref_adapter_disabled or run["ref_adapter_disabled"]
+            logprobs_impl = logprobs_impl or run["logprobs_impl"]
+            loss_name = loss_name or args.loss
+            beta = beta if beta is not None else args.beta
+            loss_options = args.loss_options() if loss_options is None else loss_options
+            logprob_chunk = logprob_chunk or args.logprob_chunk
+            padding_buckets = padding_buckets or args.padding_buckets
+        if loss_name is None or beta is None:
+            raise ValueError("PreferenceTrainer needs loss_name and beta (or args=PreferenceConfig(...))")
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        logprobs_impl, logprob_chunk, padding_buckets = logprobs_impl or "fused", logprob_chunk or 1024, \
+            padding_buckets or 1
         self.loss_name = loss_name
         self.beta = beta
         self.loss_options = dict(loss_options or {})

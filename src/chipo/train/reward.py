@@ -125,6 +125,7 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
 
 def run_reward_training(config: RewardConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF reward model + tokenizer."""
+    config.require_model_and_data()
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     datasets = {"train": prepare_reward_split(config, tokenizer, config.dataset, config.split,
                                               config.max_train_samples)}

@@ -7,76 +7,26 @@ directory inside ``output_dir`` and renamed into place.
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
 from pathlib import Path
 
 from accelerate import PartialState
 
 from chipo.config import dump_yaml
-from chipo.data import PreferenceCollator, lengths, load_preference_dataset, prepare_preference_dataset
 from chipo.io import atomic_write_text
 from chipo.models import load_causal_lm, load_tokenizer
-from chipo.sequences import choose_logprobs_impl
 from chipo.train.callbacks import JsonlMetricsCallback
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
-from chipo.train.reference import cached_reference_logps
+from chipo.train.preference_setup import apply_lora, prepare_split
 
 logger = logging.getLogger("chipo")
 
 
-def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str, limit: int | None = None):
-    dataset = load_preference_dataset(source, split, max_rows=limit)
-    prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
-                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
-    logger.info("%s[%s]: %s", source, split, stats)
-    return prepared
-
-
-def apply_lora(model, config: PreferenceConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets = config.lora_target_modules
-    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collator, impl: str) -> dict:
-    """Attach ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the disk cache when possible."""
-    state = PartialState()
-    ref = load_causal_lm(config.ref_model) if config.ref_model else model
-    ref.to(state.device)
-    settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "impl": impl,
-                "dtype": str(next(ref.parameters()).dtype)}
-    out = {}
-    for name, dataset in datasets.items():
-        # The main process computes and writes the cache; the others then read it.
-        with state.main_process_first():
-            chosen, rejected, hit = cached_reference_logps(
-                ref, dataset, collator, config.ref_cache_dir, settings, batch_size=config.per_device_eval_batch_size,
-                impl=impl, chunk_tokens=config.logprob_chunk, disable_adapter=config.lora and not config.ref_model,
-                desc=f"reference log-probs ({name})", progress=not config.disable_tqdm)
-        logger.info("reference log-probs for %s: %s", name, "cache hit" if hit else "computed and cached")
-        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
-        out[name] = dataset.add_column("ref_rejected_logps", rejected.tolist())
-    if ref is not model:
-        del ref
-    return out
-
-
-def _shards_parameters() -> bool:
-    """True under FSDP or DeepSpeed ZeRO-3 (set by ``accelerate launch``), where parameters are sharded."""
-    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
-
-
 def run_training(config: PreferenceConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model."""
+    config.require_model_and_data()
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
@@ -94,33 +44,9 @@ def run_training(config: PreferenceConfig) -> Path:
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
     if state.is_main_process:
         atomic_write_text(out / "run_config.yaml", dump_yaml(config))
-    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
-    probe = collator([datasets["train"][i] for i in range(min(2, len(datasets["train"])))])
-    requested = config.logprobs_impl
-    if requested == "auto" and _shards_parameters():
-        requested = "logits"  # the fused path reads the LM head weight outside forward, which sharding forbids
-    impl = choose_logprobs_impl(model.to(state.device), {k: v.to(state.device) for k, v in probe.items()},
-                                requested)
-    logger.info("log-prob implementation: %s", impl)
-
-    ref_model = None
-    if config.reference == "precompute":
-        datasets = add_reference_logps(config, model, datasets, collator, impl)
-    elif config.ref_model:
-        ref_model = load_causal_lm(config.ref_model)
-    elif not config.lora:
-        ref_model = copy.deepcopy(model)
-    if config.group_by_length:
-        datasets["train"] = datasets["train"].add_column("length", lengths(datasets["train"]))
-
-    trainer = PreferenceTrainer(
-        model=model, args=config, data_collator=collator,
-        train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
-        loss_name=config.loss, beta=config.beta, loss_options=config.loss_options(), ref_model=ref_model,
-        ref_adapter_disabled=config.lora and config.reference == "model" and not config.ref_model,
-        logprobs_impl=impl, logprob_chunk=config.logprob_chunk, padding_buckets=config.padding_buckets,
-    )
+    trainer = PreferenceTrainer(model=model, args=config, train_dataset=datasets["train"],
+                                eval_dataset=datasets.get("eval"), processing_class=tokenizer,
+                                callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
     save_final_model(trainer, tokenizer, out, merge_lora=config.lora)
     return out

@@ -44,6 +44,7 @@ def run_sft(config: SFTConfig) -> Path:
     As in ``chipo train``: everything that can fail on bad input is checked before ``output_dir`` is written, and
     the final model is saved into a temporary directory inside it and renamed into place.
     """
+    config.require_model_and_data()
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():

@@ -1,4 +1,7 @@
-"""``chipo tldr <stage> --config recipes/tldr/<stage>.yaml key=value ...``: the TL;DR recipe, one stage a command.
+"""``chipo tldr <stage> [--config FILE] key=value ...``: the TL;DR recipe, one stage a command.
+
+Without ``--config`` a stage reads the recipe's own YAML, shipped in the package
+(``chipo/recipes/tldr/configs/<stage>.yaml``); ``key=value`` overrides it.
 
 Every stage is resumable (it skips the work already on disk), prints one summary line, and records its command
 line in the recipe directory's ``commands.log`` (the SFT stage: in its output directory) for the report.
@@ -22,15 +25,15 @@ class Stage:
 
 STAGES = {
     "sft": Stage("Supervised fine-tuning of the base model on trl-lib/tldr (chipo sft's keys); skipped when done.",
-                 "chipo tldr sft --config recipes/tldr/sft.yaml"),
+                 "chipo tldr sft"),
     "sweep": Stage("Preference training: a run per (loss, beta, seed), a checkpoint per epoch, reference log-probs "
-                   "once.", "chipo tldr sweep --config recipes/tldr/sweep.yaml seeds=[0]"),
+                   "once.", "chipo tldr sweep seeds=[0]"),
     "generate": Stage("Sample one summary per test prompt from every kept checkpoint and the SFT model; KL to pi_ref.",
-                      "chipo tldr generate --config recipes/tldr/generate.yaml num_prompts=512"),
+                      "chipo tldr generate num_prompts=512"),
     "judge": Stage("Win rate of every cell's summaries against the reference summaries (LLM or reward model).",
-                   "chipo tldr judge --config recipes/tldr/judge.yaml openai.model=gpt-4o"),
+                   "chipo tldr judge openai.model=gpt-4o"),
     "report": Stage("Table 1 layout, KL per cell, plots, GPU time and commands: <out_dir>/report/report.md.",
-                    "chipo tldr report --config recipes/tldr/report.yaml"),
+                    "chipo tldr report"),
     "cost": Stage("Print the GPU-time estimate from FLOPs for a model size and the stated assumptions.",
                   "chipo tldr cost model_params=1.0e9"),
 }
@@ -41,6 +44,13 @@ def _usage() -> str:
              "The paper's TL;DR experiment (recipes/tldr/README.md). Stages, in order:"]
     lines += [f"  {name:<9} {stage.help}" for name, stage in STAGES.items()]
     return "\n".join(lines)
+
+
+def packaged_config(stage: str) -> Path:
+    """The recipe's own YAML for ``stage``, shipped inside the package."""
+    from importlib.resources import files
+
+    return Path(str(files("chipo.recipes.tldr") / "configs" / f"{stage}.yaml"))
 
 
 def _config_class(name: str):
@@ -76,9 +86,12 @@ def main(argv: list[str]) -> int:
         print(f"chipo: error: unknown tldr stage {name!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
     parser = build_parser(f"chipo tldr {name}", STAGES[name].help, _epilog(name))
-    parser.add_argument("--config", help="YAML file of config keys (overridden by key=value arguments)")
+    parser.add_argument("--config", help="YAML file of config keys (overridden by key=value arguments); default: "
+                                         "the recipe's own, chipo/recipes/tldr/configs/<stage>.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(rest)
+    if args.config is None and name != "cost":
+        args.config = str(packaged_config(name))
     runner = {"sft": _sft, "sweep": _sweep, "generate": _generate, "judge": _judge, "report": _report,
               "cost": _cost}[name]
     from chipo.judges import JudgeError

@@ -1,0 +1,132 @@
+"""Configs of the lab commands (``chipo lab generate-prefs | evaluate | sweep | report``, ``chipo demo``).
+
+Each is a dataclass read like every chipo config (YAML file and/or ``key=value``, one-line errors, ``--help`` from
+the field help). Shared pieces are mixins, so a default exists once: ``SamplingFields`` (how responses are sampled,
+recorded with every number computed from samples) and ``GoldFields`` (the gold scorer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chipo.config import ConfigError, _field
+from chipo.generation import SamplingSettings
+
+GOLD_HELP = ("Gold scorer: 'world' (the embedded world), 'world:DIR', a reward-model directory or hub name "
+             "(AutoModelForSequenceClassification, one output), or 'module:function' "
+             "(function(prompts, responses) -> list of floats).")
+
+
+@dataclass
+class SamplingFields:
+    """How responses are sampled (ancestral sampling from the policy itself by default)."""
+
+    max_new_tokens: int = _field(64, "Sampling: max new tokens per response.")
+    temperature: float = _field(1.0, "Sampling temperature (1: samples from the policy itself).")
+    top_p: float = _field(1.0, "Sampling nucleus (1: off).")
+    top_k: int = _field(0, "Sampling top-k (0: off).")
+    sample_seed: int = _field(1234, "Base seed of sampling (a sweep adds the run seed).")
+    sampling_batch_size: int = _field(256, "Sequences per generate() call.")
+
+    def sampling(self, offset: int = 0) -> SamplingSettings:
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, seed=self.sample_seed + offset,
+                                batch_size=self.sampling_batch_size)
+
+    def check_sampling(self) -> None:
+        if self.max_new_tokens < 1 or self.sampling_batch_size < 1:
+            raise ConfigError("max_new_tokens and sampling_batch_size must be at least 1")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be positive and top_p in (0, 1]")
+
+
+@dataclass
+class GoldFields:
+    gold: str = _field("world", GOLD_HELP)
+    gold_template: str | None = _field(None, "For a hub reward model trained on another text format: the text it "
+                                             "scores, e.g. '{prompt}\\n{response}'. null: prompt and response "
+                                             "tokenized as `chipo reward` trains (chipo.rewards).")
+
+
+def _require(config, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name):
+            raise ConfigError(f"{name} is required")
+
+
+@dataclass
+class GeneratePrefsConfig(GoldFields, SamplingFields):
+    """Preference pairs by the data process of Huang et al. 2024: two samples of pi_ref per pair, ordered by a
+    Bradley-Terry draw with the gold reward, P[y1 > y2] = sigmoid(scale (r(y1) - r(y2)))."""
+
+    policy: str = _field(None, "pi_ref: HF causal LM directory or hub name.")
+    prompts: str = _field(None, "Prompt dataset (jsonl/json/parquet/arrow/dir/hub) with a 'prompt' column.")
+    out: str = _field(None, "Output .jsonl (standard prompt/chosen/rejected rows + gold rewards); a .meta.json "
+                            "beside it records the settings.")
+    split: str = _field("train", "Split of `prompts`.")
+    max_prompts: int | None = _field(None, "Use the first N prompts.")
+    pairs_per_prompt: int = _field(1, "Preference pairs per prompt.")
+    scale: float = _field(1.0, "Bradley-Terry scale s on the gold reward.")
+
+    def __post_init__(self) -> None:
+        _require(self, "policy", "prompts", "out")
+        self.check_sampling()
+        if self.pairs_per_prompt < 1 or not self.scale > 0:
+            raise ConfigError("pairs_per_prompt must be at least 1 and scale positive")
+
+
+@dataclass
+class EvaluateConfig(GoldFields, SamplingFields):
+    """Gold reward, win rates vs pi_ref and references, KL / chi-squared, length and implicit-reward accuracy."""
+
+    policy: str = _field(None, "Policy: HF causal LM directory or hub name.")
+    ref: str = _field(None, "pi_ref: HF causal LM directory or hub name.")
+    prompts: str = _field(None, "Held-out prompts ('prompt', optional 'reference' column).")
+    split: str = _field("train", "Split of `prompts` and `heldout_prefs`.")
+    max_prompts: int | None = _field(None, "Use the first N prompts.")
+    heldout_prefs: str | None = _field(None, "Held-out preference pairs (implicit-reward accuracy).")
+    loss: str = _field("chipo", "Loss whose implicit reward is scored on `heldout_prefs`.")
+    beta: float | None = _field(None, "beta of the implicit reward (null: no implicit-reward accuracy).")
+    num_samples: int = _field(16, "Samples per prompt.")
+    exact: bool = _field(True, "Exact metrics when the gold scorer has an enumerable response space (world).")
+    out: str | None = _field(None, "Write the metrics as JSON here (default: print them).")
+
+    def __post_init__(self) -> None:
+        _require(self, "policy", "ref", "prompts")
+        self.check_sampling()
+        if self.num_samples < 1:
+            raise ConfigError("num_samples must be at least 1")
+
+
+@dataclass
+class ReportConfig:
+    """report.md, plots and results.json/csv from a sweep directory."""
+
+    sweep_dir: str = _field(None, "Directory holding results.jsonl.")
+    out: str | None = _field(None, "Report directory (default: SWEEP_DIR/report).")
+
+    def __post_init__(self) -> None:
+        _require(self, "sweep_dir")
+
+
+@dataclass
+class DemoConfig:
+    """The whole experiment on the embedded world: pi_ref by SFT (cached), preference data from pi_ref with gold
+    Bradley-Terry labels, DPO and chiPO over two betas, several epochs and seeds, evaluation, report.md with plots.
+    Rerunning resumes finished runs."""
+
+    quick: bool = _field(False, "Smoke-test size: 1 seed, 4 epochs (under a minute once the world is built).")
+    full: bool = _field(False, "Also standard RLHF (reward model + RL with kl and chi2mix), best-of-n and "
+                               "inference-time pessimism on the same world and data (adds 1.5 to 3 minutes).")
+    out: str = _field("chipo-demo", "Output directory.")
+    seeds: int | None = _field(None, "Number of seeds (default 3; quick: 1).")
+    workers: int = _field(2, "Parallel training processes.")
+    world_cache: str | None = _field(None, "World cache directory (default $CHIPO_CACHE/world or "
+                                           "~/.cache/chipo/world).")
+    progress: bool = _field(True, "Show progress bars.")
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None and self.seeds < 1:
+            raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")

@@ -1,0 +1,144 @@
+"""The wiring between a ``PreferenceConfig`` and ``PreferenceTrainer``: data preparation, LoRA, the log-prob
+implementation and the reference log-probs (cached on disk). Used by ``PreferenceTrainer`` when it is given raw
+rows and by ``chipo train`` (``chipo.train.run``), which prepares everything before it writes anything."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import datasets as hf_datasets
+from accelerate import PartialState
+
+from chipo.data import load_preference_dataset, prepare_preference_dataset
+from chipo.models import load_causal_lm
+from chipo.sequences import choose_logprobs_impl
+from chipo.train.config import PreferenceConfig
+from chipo.train.reference import cached_reference_logps
+
+logger = logging.getLogger("chipo")
+
+
+def prepare_rows(config: PreferenceConfig, tokenizer, dataset, source: str):
+    """Validate and tokenize raw preference rows (any TRL format; a ``datasets.Dataset`` or a list of dicts)."""
+    if isinstance(dataset, list):
+        dataset = hf_datasets.Dataset.from_list(dataset)
+    prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
+                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
+    logger.info("%s: %s", source, stats)
+    return prepared
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def is_prepared(dataset) -> bool:
+    return dataset is not None and "prompt_input_ids" in getattr(dataset, "column_names", [])
+
+
+def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str, limit: int | None = None):
+    """Load ``source[split]`` (first ``limit`` rows) and prepare it (``prepare_rows``)."""
+    return prepare_rows(config, tokenizer, load_preference_dataset(source, split, max_rows=limit),
+                        f"{source}[{split}]" if split != "train" else source)
+
+
+def apply_lora(model, config: PreferenceConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collator, impl: str) -> dict:
+    """Attach ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the disk cache when possible."""
+    state = PartialState()
+    ref = load_causal_lm(config.ref_model) if config.ref_model else model
+    ref.to(state.device)
+    settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "impl": impl,
+                "dtype": str(next(ref.parameters()).dtype)}
+    out = {}
+    for name, dataset in datasets.items():
+        # The main process computes and writes the cache; the others then read it.
+        with state.main_process_first():
+            chosen, rejected, hit = cached_reference_logps(
+                ref, dataset, collator, config.ref_cache_dir, settings, batch_size=config.per_device_eval_batch_size,
+                impl=impl, chunk_tokens=config.logprob_chunk, disable_adapter=is_peft(model) and not config.ref_model,
+                desc=f"reference log-probs ({name})", progress=not config.disable_tqdm)
+        logger.info("reference log-probs for %s: %s", name, "cache hit" if hit else "computed and cached")
+        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+        out[name] = dataset.add_column("ref_rejected_logps", rejected.tolist())
+    if ref is not model:
+        del ref
+    return out
+
+
+def _shards_parameters() -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3 (set by ``accelerate launch``), where parameters are sharded."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
+
+
+def pick_logprobs_impl(config: PreferenceConfig, model, probe: dict) -> str:
+    """``config.logprobs_impl``, with 'auto' resolved on a probe batch (``chipo.sequences.choose_logprobs_impl``)."""
+    state = PartialState()
+    requested = config.logprobs_impl
+    if requested == "auto" and _shards_parameters():
+        requested = "logits"  # the fused path reads the LM head weight outside forward, which sharding forbids
+    impl = choose_logprobs_impl(model.to(state.device), {k: v.to(state.device) for k, v in probe.items()}, requested)
+    logger.info("log-prob implementation: %s", impl)
+    return impl
+
+
+def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_dataset, eval_dataset, collator,
+                         peft_config=None, ref_model=None) -> dict:
+    """Everything ``PreferenceTrainer`` needs beyond Trainer's arguments, from the config (module docstring).
+
+    ``model`` may be a name/path (loaded here), ``train_dataset`` / ``eval_dataset`` raw rows in any TRL format
+    (prepared here), None (read from ``config.dataset`` / ``config.eval_split``) or already prepared. Returns the
+    model, datasets and the trainer's loss/reference settings.
+    """
+    import copy
+
+    from chipo.data import lengths
+
+    if model is None or isinstance(model, str):
+        model = load_causal_lm(model or config.model)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    elif config.lora and not is_peft(model):
+        model = apply_lora(model, config)
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+    state = PartialState()
+    with state.main_process_first():
+        if train_dataset is None:
+            train_dataset = prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)
+        elif not is_prepared(train_dataset):
+            train_dataset = prepare_rows(config, tokenizer, train_dataset, "train_dataset")
+        if eval_dataset is None and config.eval_split:
+            eval_dataset = prepare_split(config, tokenizer, config.eval_dataset or config.dataset, config.eval_split)
+        elif eval_dataset is not None and not is_prepared(eval_dataset):
+            eval_dataset = prepare_rows(config, tokenizer, eval_dataset, "eval_dataset")
+    probe = collator([train_dataset[i] for i in range(min(2, len(train_dataset)))])
+    impl = pick_logprobs_impl(config, model, probe)
+    splits = {"train": train_dataset, **({"eval": eval_dataset} if eval_dataset is not None else {})}
+    if config.reference == "precompute" and "ref_chosen_logps" not in train_dataset.column_names:
+        splits = add_reference_logps(config, model, splits, collator, impl)
+    elif config.reference == "model" and ref_model is None:
+        if config.ref_model:
+            ref_model = load_causal_lm(config.ref_model)
+        elif not is_peft(model):
+            ref_model = copy.deepcopy(model)
+    if config.group_by_length and "length" not in splits["train"].column_names:
+        splits["train"] = splits["train"].add_column("length", lengths(splits["train"]))
+    return {"model": model, "train_dataset": splits["train"], "eval_dataset": splits.get("eval"),
+            "ref_model": ref_model, "logprobs_impl": impl,
+            "ref_adapter_disabled": is_peft(model) and config.reference == "model" and ref_model is None}

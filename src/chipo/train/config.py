@@ -34,7 +34,8 @@ class TrainConfig(TrainerConfig):
                                           "training, cached on disk and shared by sweeps) or 'model' (a frozen "
                                           "copy evaluated every step).")
     ref_model: str | None = _field(None, "Reference model name/path; default: the initial policy (`model`).")
-    ref_cache_dir: str = _field("~/.cache/chipo/ref_logps", "Directory of the reference log-prob cache.")
+    ref_cache_dir: str | None = _field(None, "Directory of the reference log-prob cache; null: "
+                                             "$CHIPO_CACHE/ref_logps (CHIPO_CACHE defaults to ~/.cache/chipo).")
     # --- speed
     logprobs_impl: str = _field("auto", "'fused' (logits only at response tokens, chunked, recomputed in "
                                         "backward), 'logits' (chunked log-softmax of full logits), or 'auto'.")

@@ -46,10 +46,11 @@ def load_causal_lm(name: str):
         raise ConfigError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
-def prepare_split(config: TrainConfig, tokenizer, source: str, split: str, limit: int | None = None):
+def prepare_split(config: TrainConfig, tokenizer, source: str, split: str | None, limit: int | None = None):
     dataset = load_preference_dataset(source, split, max_rows=limit)
     prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
-                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
+                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc,
+                                                 drop_ties=getattr(config, "drop_ties", False))
     logger.info("%s[%s]: %s", source, split, stats)
     return prepared
 
@@ -109,11 +110,13 @@ def run_training(config: TrainConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     # TrainingArguments first: it initialises the (possibly distributed) accelerate state used below.
-    args = training_arguments(config, has_eval=bool(config.eval_split))
+    # An eval_dataset given without eval_split is evaluated on its only split (split=None below).
+    has_eval = bool(config.eval_split or config.eval_dataset)
+    args = training_arguments(config, has_eval=has_eval)
     state = PartialState()
     with state.main_process_first():
         datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
-        if config.eval_split:
+        if has_eval:
             datasets["eval"] = prepare_split(config, tokenizer, config.eval_dataset or config.dataset,
                                              config.eval_split)
     out = check_output_dir(config)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, _field
+from chipo.rundir import latest_complete_checkpoint
 
 logger = logging.getLogger("chipo")
 
@@ -102,10 +102,10 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | N
     (None, with a warning, when there is none yet, so the same command starts or resumes a run)."""
     if resume != "latest":
         return resume
-    latest = get_last_checkpoint(str(output_dir))
+    latest = latest_complete_checkpoint(output_dir)  # skips checkpoints a kill cut short
     if latest is None:
         logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", output_dir)
-    return latest
+    return None if latest is None else str(latest)
 
 
 def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArguments:

@@ -17,11 +17,12 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chipo import rundir
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import PreferenceCollator, lengths, load_preference_dataset, prepare_preference_dataset
-from chipo.train.common import resolve_resume, training_arguments
+from chipo.train.common import training_arguments
 from chipo.train.config import TrainConfig
-from chipo.train.io import JsonlMetricsCallback, atomic_write_text, move_contents
+from chipo.train.io import atomic_write_text, move_contents
 from chipo.train.logps import choose_logprobs_impl
 from chipo.train.preference import PreferenceTrainer
 from chipo.train.reference import cached_reference_logps
@@ -57,8 +58,7 @@ def prepare_split(config: TrainConfig, tokenizer, source: str, split: str | None
 
 def check_output_dir(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    rundir.check_output_path(out)  # not a file, not a dangling symlink
     if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise ConfigError(f"output_dir {out} is not empty; set overwrite_output_dir=true or resume_from_checkpoint")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest" \
@@ -127,6 +127,13 @@ def run_training(config: TrainConfig) -> Path:
         model = apply_lora(model, config)
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
+    # rundir: lock output_dir, clean a killed run's leftovers, clear on overwrite, pick a complete checkpoint.
+    run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
+                          is_main=state.is_main_process)
+    if run.finished and rundir.final_model_saved(out):
+        logger.info("%s already reached max_steps at %s: nothing to do", out, run.checkpoint)
+        run.release()
+        return out
     if state.is_main_process:
         atomic_write_text(out / "run_config.yaml", dump_yaml(config))
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
@@ -151,13 +158,19 @@ def run_training(config: TrainConfig) -> Path:
     trainer = PreferenceTrainer(
         model=model, args=args, data_collator=collator,
         train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
+        callbacks=[rundir.MetricsLog(out / "metrics.jsonl")],
         loss_name=config.loss, beta=config.beta, loss_options=config.loss_options(), ref_model=ref_model,
         ref_adapter_disabled=config.lora and config.reference == "model" and not config.ref_model,
         logprobs_impl=impl, logprob_chunk=config.logprob_chunk, padding_buckets=config.padding_buckets,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
+    if run.finished:  # killed while saving the final model: rebuild it from the last checkpoint, do not train
+        trainer._load_from_checkpoint(run.checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=run.checkpoint)
     save_final_model(trainer, tokenizer, out, merge_lora=config.lora)
+    if state.is_main_process:
+        run.mark_finished()
+    run.release()
     return out
 
 

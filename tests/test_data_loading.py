@@ -196,3 +196,68 @@ def test_pickled_data_error_keeps_its_parts():
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) == "f.jsonl: row 3 (line 4), field 'chosen': empty response"
     assert (again.source, again.row, again.field, again.line) == ("f.jsonl", 3, "chosen", 4)
+
+
+# ------------------------------------------------------------------------------------------- splits of single files
+
+
+def test_single_file_has_only_its_split(tmp_path):
+    """A lone file is the train split: eval_split=validation on it must not silently evaluate on training rows."""
+    path = write_jsonl(tmp_path / "prefs.jsonl", STANDARD_ROWS)
+    assert rows_of(load_preference_dataset(str(path), split="train")) == STANDARD_ROWS
+    assert rows_of(load_preference_dataset(str(path), split=None)) == STANDARD_ROWS
+    for split in ("validation", "test"):
+        with pytest.raises(DataError) as info:
+            load_preference_dataset(str(path), split=split)
+        assert str(info.value) == f"{path}: unknown split {split!r}; available splits: train"
+
+
+def test_file_named_after_a_split_answers_to_it(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", STANDARD_ROWS)
+    assert rows_of(load_preference_dataset(str(path), split="test")) == STANDARD_ROWS
+    with pytest.raises(DataError, match="unknown split 'validation'; available splits: test, train"):
+        load_preference_dataset(str(path), split="validation")
+
+
+def test_no_split_takes_the_only_one_and_refuses_to_guess_among_several(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", STANDARD_ROWS[:2])
+    write_jsonl(tmp_path / "test.jsonl", STANDARD_ROWS[2:])
+    with pytest.raises(DataError, match="no split given and the source has several; available splits: test, train"):
+        load_preference_dataset(str(tmp_path), split=None)
+    (tmp_path / "test.jsonl").unlink()
+    assert rows_of(load_preference_dataset(str(tmp_path), split=None)) == STANDARD_ROWS[:2]
+
+
+def test_hub_without_split_takes_the_only_one(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.DatasetDict(
+        {"test": datasets.Dataset.from_list(STANDARD_ROWS)}))
+    assert rows_of(load_preference_dataset("org/prefs", split=None)) == STANDARD_ROWS
+
+
+# ------------------------------------------------------------------------------------------- BOM, duplicate keys
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    text = "\n".join(json.dumps(r) for r in STANDARD_ROWS) if suffix == ".jsonl" else json.dumps(STANDARD_ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert rows_of(load_preference_dataset(str(path))) == STANDARD_ROWS
+
+
+def test_duplicate_key_in_a_jsonl_row_names_row_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(STANDARD_ROWS[0]) + "\n\n" + '{"prompt": "a", "chosen": "b", "chosen": "c", '
+                    '"rejected": "d"}\n')
+    with pytest.raises(DataError) as info:
+        load_preference_dataset(str(path))
+    assert str(info.value).startswith(f"{path}: row 1 (line 3): duplicate key 'chosen'")
+
+
+def test_duplicate_key_in_a_json_array_names_the_row_even_when_nested(tmp_path):
+    path = tmp_path / "d.json"
+    bad = '{"prompt": [{"role": "user", "content": "a", "role": "system"}], "chosen": [], "rejected": []}'
+    path.write_text("[" + json.dumps(CONVERSATION_ROWS[0]) + ",\n" + bad + "]")
+    with pytest.raises(DataError) as info:
+        load_preference_dataset(str(path))
+    assert str(info.value).startswith(f"{path}: row 1: duplicate key 'role'")

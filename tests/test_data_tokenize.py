@@ -58,7 +58,7 @@ def test_standard_prompt_gets_bos_responses_get_eos(words):
     prepared, stats = prepare([{"prompt": "a b", "chosen": "c d", "rejected": "e"}], words, max_length=32)
     assert prepared[0] == {"row": 0, "prompt_input_ids": [BOS] + ids("a b"), "chosen_input_ids": ids("c d") + [EOS],
                            "rejected_input_ids": ids("e") + [EOS]}
-    assert (stats.truncated_prompts, stats.truncated_responses, stats.identical_pairs) == (0, 0, 0)
+    assert (stats.truncated_prompts, stats.truncated_responses, stats.dropped_ties) == (0, 0, 0)
 
 
 # Prompt "a b c d e" is 6 tokens with BOS; chosen "x y z" is 4 with EOS; rejected "x" is 2 with EOS.
@@ -206,3 +206,68 @@ def test_implicit_prompt_prepares_like_the_explicit_conversation(toy):
     explicit, _ = prepare([{"prompt": shared, "chosen": chosen, "rejected": rejected}], toy, max_length=64)
     assert stats.format == IMPLICIT_PROMPT
     assert implicit[0] == explicit[0]
+
+
+# ------------------------------------------------------------------------------------------- special-token strings
+
+
+def test_special_token_strings_in_standard_text_stay_text(toy):
+    """"<|eos|>" typed in a response is the 7 characters, not EOS (id 2): it must not end the response early, and
+    the response still gets its one real EOS at the end. Expected ids: the text tokenized with special-token
+    parsing off, plus EOS."""
+    row = {"prompt": "why <|user|> is", "chosen": " good <|eos|> answer", "rejected": " bad<|end|>"}
+    prepared, _ = prepare([row], toy, max_length=256)
+    eos = toy.eos_token_id
+    specials = set(toy.all_special_ids)
+    for field in ("prompt", "chosen", "rejected"):
+        got = prepared[0][f"{field}_input_ids"]
+        plain = toy([row[field]], add_special_tokens=field == "prompt", split_special_tokens=True)["input_ids"][0]
+        assert got == (plain if field == "prompt" else plain + [eos])
+        assert not specials & set(got[:-1] if field != "prompt" else got)
+    assert toy.decode(prepared[0]["chosen_input_ids"][:-1]) == " good <|eos|> answer"
+
+
+def test_special_token_strings_in_message_content_stay_text_template_markers_stay_special(toy):
+    """Conversational data: the template's <|user|>/<|assistant|>/<|end|> are special tokens; the same strings
+    inside message content are characters. Expected prompt ids: [<|user|>] + text_ids(content) + [<|end|>] +
+    ids("\n") + [<|assistant|>]."""
+    content = "say <|end|> and <|eos|>"
+    row = {"prompt": msgs(("user", content)), "chosen": msgs(("assistant", "ok <|eos|>")),
+           "rejected": msgs(("assistant", "no"))}
+    prepared, _ = prepare([row], toy, max_length=256)
+    tid = toy.convert_tokens_to_ids
+    plain = lambda text: toy([text], add_special_tokens=False, split_special_tokens=True)["input_ids"][0]  # noqa: E731
+    newline = toy(["\n"], add_special_tokens=False)["input_ids"][0]
+    assert prepared[0]["prompt_input_ids"] == [tid("<|user|>"), *plain(content), tid("<|end|>"), *newline,
+                                               tid("<|assistant|>")]
+    # chosen: content as text, the template's <|end|> and newline, then EOS (the template wrote no EOS; the typed
+    # "<|eos|>" at the end of the content does not count as one)
+    assert prepared[0]["chosen_input_ids"] == [*plain("ok <|eos|>"), tid("<|end|>"), *newline, toy.eos_token_id]
+
+
+def test_rows_without_special_strings_tokenize_as_before(toy):
+    """The piecewise path is only taken for content holding a special-token string: ordinary rows are the whole
+    rendered text tokenized once (the chat-template equality test above pins that too)."""
+    row = {"prompt": msgs(("user", "hi there")), "chosen": msgs(("assistant", "hello")),
+           "rejected": msgs(("assistant", "go"))}
+    prepared, _ = prepare([row], toy, max_length=256)
+    text = toy.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert prepared[0]["prompt_input_ids"] == toy([text], add_special_tokens=False)["input_ids"][0]
+
+
+def test_template_that_rewrites_content_holding_a_special_string_is_refused():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | upper }}<|end|>"
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    row = {"prompt": msgs(("user", "a <|eos|> b")), "chosen": msgs(("assistant", "x")),
+           "rejected": msgs(("assistant", "y"))}
+    with pytest.raises(DataError, match=r"row 0, field 'prompt': .*rewrites message content"):
+        prepare([row], tokenizer, max_length=256)
+
+
+def test_conversational_rows_need_a_chat_template(words):
+    row = {"prompt": msgs(("user", "a")), "chosen": msgs(("assistant", "b")), "rejected": msgs(("assistant", "c"))}
+    with pytest.raises(DataError) as info:
+        prepare([row], words, max_length=32)
+    assert str(info.value).startswith("mem: conversational rows") and "chat template" in str(info.value)
+    assert "\n" not in str(info.value)

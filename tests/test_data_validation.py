@@ -178,20 +178,40 @@ def test_in_memory_dataset_names_the_given_source(tokenizer):
 # ------------------------------------------------------------------------------------------- identical pairs
 
 
-def test_identical_pairs_warn_are_counted_and_kept(tmp_path, tokenizer):
+def test_ties_are_an_error_naming_the_rows(tmp_path, tokenizer):
     same = good_row(0)["chosen"]
-    rows = [good_row(0), {**good_row(1), "rejected": same}, {**good_row(2), "rejected": same}]
-    with pytest.warns(UserWarning, match=r"2 of 3 rows have chosen == rejected"):
-        _, (prepared, stats) = prepare_file(tmp_path, rows, tokenizer)
-    assert stats.identical_pairs == 2 and stats.rows == 3 and len(prepared) == 3
-    assert prepared[1]["chosen_input_ids"] == prepared[1]["rejected_input_ids"]
+    rows = [good_row(0), {**good_row(1), "rejected": same}, good_row(2), {**good_row(3), "rejected": same}]
+    with pytest.raises(DataError) as info:
+        prepare_file(tmp_path, rows, tokenizer)
+    path = tmp_path / "train.jsonl"
+    assert str(info.value).startswith(f"{path}: row 1 (line 2): 2 of 4 rows have chosen == rejected (rows 1, 3)")
+    assert "drop_ties=true" in str(info.value)
 
 
-def test_no_warning_without_identical_pairs(tmp_path, tokenizer):
+def test_conversational_ties_are_an_error(tmp_path, tokenizer):
+    row = good_conversation()
+    with pytest.raises(DataError, match=r"row 1 \(line 2\): 1 of 2 rows have chosen == rejected \(rows 1\)"):
+        prepare_file(tmp_path, [row, {**row, "rejected": row["chosen"]}], tokenizer)
+
+
+def test_drop_ties_drops_and_counts_and_rows_keep_their_index(tmp_path, tokenizer, caplog):
+    same = good_row(0)["chosen"]
+    rows = [good_row(0), {**good_row(1), "rejected": same}, good_row(2), {**good_row(3), "rejected": same}]
+    _, (prepared, stats) = prepare_file(tmp_path, rows, tokenizer, drop_ties=True)
+    assert (stats.rows, stats.dropped_ties, len(prepared)) == (2, 2, 2)
+    assert prepared["row"] == [0, 2]  # the original row numbers, for errors and NaN reports
+    assert "dropped 2 of 4 rows with chosen == rejected" in caplog.text
+    # A later error still names the original row and line.
+    rows[2] = {**good_row(2), "prompt": "the cat " * 80}
+    with pytest.raises(DataError, match=r"row 2 \(line 3\), field 'prompt'"):
+        prepare_file(tmp_path, rows, tokenizer, drop_ties=True, max_length=32)
+
+
+def test_no_warning_without_ties(tmp_path, tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, (_, stats) = prepare_file(tmp_path, [good_row(0), good_row(1)], tokenizer)
-    assert stats.identical_pairs == 0
+    assert stats.dropped_ties == 0 and stats.rows == 2
 
 
 def test_error_in_a_later_shard_names_that_file_and_its_line(tmp_path, tokenizer):

@@ -30,7 +30,7 @@ def test_readme_python_snippet_trains(tiny_dir, tmp_path):
              r'output_dir="[^"]+"': f'output_dir="{tmp_path / "run"}", max_steps=2, logging_steps=1, '
                                     f'ref_cache_dir="{tmp_path / "cache"}", report_to="none"'}
     for pattern, replacement in swaps.items():
-        code, n = re.subn(pattern, lambda _: replacement, code)
+        code, n = re.subn(pattern, replacement.replace("\\", "\\\\"), code)
         assert n == 1, pattern
     namespace: dict = {}
     exec(compile(code, "README.md:api-snippet", "exec"), namespace)

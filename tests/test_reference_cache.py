@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chipo.data import PreferenceCollator, load_preference_dataset, prepare_preference_dataset
-from chipo.train.reference import cached_reference_logps, compute_reference_logps
+from chipo.train.config import TrainConfig
+from chipo.train.reference import cached_reference_logps, compute_reference_logps, default_cache_dir
 
 
 def _setup(tiny_dir, max_length=128):
@@ -49,3 +50,19 @@ def test_reference_logps_equal_per_row_sums(tiny_dir):
     start = len(row["prompt_input_ids"])
     want = sum(logp[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1]))
     assert chosen[1].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_default_cache_dir_honours_chipo_cache(tiny_dir, tmp_path, monkeypatch):
+    """ref_cache_dir=null means $CHIPO_CACHE/ref_logps, CHIPO_CACHE defaulting to ~/.cache/chipo."""
+    assert TrainConfig(model="m", dataset="d").ref_cache_dir is None
+    monkeypatch.delenv("CHIPO_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "chipo" / "ref_logps"
+    monkeypatch.setenv("CHIPO_CACHE", str(tmp_path / "shared"))
+    assert default_cache_dir() == tmp_path / "shared" / "ref_logps"
+    model, data, collator = _setup(tiny_dir)
+    data = data.select(range(3))
+    _, _, hit = cached_reference_logps(model, data, collator, None, {"max_length": 128}, progress=False)
+    assert not hit and len(list((tmp_path / "shared" / "ref_logps").glob("*.safetensors"))) == 1
+    assert cached_reference_logps(model, data, collator, None, {"max_length": 128}, progress=False)[2]
+    assert not (tmp_path / "home").exists()

@@ -54,20 +54,21 @@ def detect_format(dataset, source: str) -> str:
                         "and 'rejected' carry an implicit prompt)", row=0, field="prompt")
 
 
-def validate_rows(dataset, fmt: str, locator: RowLocator, batch_size: int = 1024) -> int:
-    """Check every row against layout ``fmt``; raise ``DataError`` at the first bad one. Returns the number of
-    identical pairs (chosen == rejected), which are legal but carry no signal."""
+def validate_rows(dataset, fmt: str, locator: RowLocator, batch_size: int = 1024) -> list[int]:
+    """Check every row against layout ``fmt``; raise ``DataError`` at the first bad one. Returns the rows whose
+    chosen == rejected (well-formed, but a pair that states no preference; the caller decides what to do)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     columns = ["chosen", "rejected"] + ([] if fmt == IMPLICIT_PROMPT else ["prompt"])
-    identical = 0
+    ties = []
     for row, record in _rows(dataset, columns, batch_size):
         found = row_problem(record, fmt)
         if found:
             field, problem = found
             raise locator.error(problem, row=row, field=field)
-        identical += record["chosen"] == record["rejected"]
-    return identical
+        if record["chosen"] == record["rejected"]:
+            ties.append(row)
+    return ties
 
 
 def row_problem(record: dict, fmt: str) -> tuple[str, str] | None:

@@ -2,7 +2,8 @@
 
 Supported sources (``load_preference_dataset``):
 
-- a file: ``.jsonl`` (one JSON object per line; blank lines ignored), ``.json`` (a JSON array of objects, as
+- a file: one split, ``train`` (also answering to the usual split its name spells, e.g. ``test.jsonl``):
+  ``.jsonl`` (one JSON object per line; blank lines ignored), ``.json`` (a JSON array of objects, as
   ``Dataset.to_json(lines=False)`` writes, or JSON lines), ``.parquet``, ``.arrow`` (the Arrow stream files that
   ``Dataset.save_to_disk`` writes, or Arrow IPC / Feather files);
 - a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``split`` picks from a dict);
@@ -15,6 +16,10 @@ Supported sources (``load_preference_dataset``):
 JSON is parsed here, line by line, rather than by ``datasets``: a malformed line then gives a ``DataError`` naming
 the file and line, where ``datasets`` reports an Arrow parser error without either. Columns whose type differs
 between rows are loaded as JSON values, so that validation can name the offending row instead of Arrow failing.
+A UTF-8 byte-order mark is skipped; an object with a repeated key is an error naming the row (JSON parsers
+otherwise keep the last value silently).
+
+``split=None`` asks for the source's only split (an error listing them when there are several).
 """
 
 from __future__ import annotations
@@ -35,15 +40,19 @@ _USUAL_SPLITS = {"train", "validation", "valid", "dev", "test", "eval"}
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
 
 
-def load_preference_dataset(source: str, split: str = "train", max_rows: int | None = None) -> datasets.Dataset:
+def load_preference_dataset(source: str, split: str | None = "train",
+                            max_rows: int | None = None) -> datasets.Dataset:
     """Load ``source`` (see the module docstring) as one ``datasets.Dataset``, its first ``max_rows`` rows if set.
 
     ``split`` selects from a saved ``DatasetDict``, a directory of data files or a hub dataset; a single file is
-    one split and ignores it. Raises ``DataError`` naming the source for a missing file, an unknown split
-    (listing the available ones), malformed JSON (with the line) or an empty dataset.
+    one split (``train``, or the usual split its name spells), so asking it for another split is an error rather
+    than silently its rows. ``None``: the source's only split. Raises ``DataError`` naming the source for a missing
+    file, an unknown split (listing the available ones), malformed JSON (with the line), a repeated key in a JSON
+    object (with the row) or an empty dataset.
     """
     path = Path(source).expanduser()
     if path.is_file():
+        _check_split(source, split, _file_splits(path))
         dataset, segments = _load_file(path, source)
     elif path.is_dir():
         dataset, segments = _load_directory(path, source, split)
@@ -59,6 +68,23 @@ def load_preference_dataset(source: str, split: str = "train", max_rows: int | N
     return dataset
 
 
+def _file_splits(path: Path) -> list[str]:
+    named = _split_of(Path(path.name))
+    return sorted({"train", named} if named in _USUAL_SPLITS else {"train"})
+
+
+def _check_split(source: str, split: str | None, available) -> str:
+    """The split to load: ``split`` if the source has it, the only one when ``split`` is None; else a DataError."""
+    available = sorted(available)
+    if split is None:
+        if len(available) == 1:
+            return available[0]
+        raise DataError(source, f"no split given and the source has several; available splits: {', '.join(available)}")
+    if split not in available:
+        raise DataError(source, f"unknown split {split!r}; available splits: {', '.join(available)}")
+    return split
+
+
 def _first_rows(dataset: datasets.Dataset, max_rows: int | None) -> datasets.Dataset:
     return dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
 
@@ -70,12 +96,14 @@ def _looks_like_a_path(source: str) -> bool:
             or source.count("/") > 1 or "\\" in source)
 
 
-def _load_from_hub(name: str, split: str) -> datasets.Dataset:
+def _load_from_hub(name: str, split: str | None) -> datasets.Dataset:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # network, auth, unknown split, unknown name: all become one readable line
         raise DataError(name, f"not a local file or directory, and loading it from the hub failed: "
                               f"{type(exc).__name__}: {exc}") from exc
+    if split is None and isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset[_check_split(name, None, dataset)]
     if not isinstance(dataset, datasets.Dataset):
         raise DataError(name, f"expected one split from the hub, got {type(dataset).__name__}")
     return dataset
@@ -103,19 +131,55 @@ def _load_file(path: Path, source: str) -> tuple[datasets.Dataset, list[Segment]
 def _read_json(path: Path, source: str, json_lines: bool) -> tuple[list[dict], list[int] | None]:
     """Rows of a JSON / JSON-lines file and, for JSON lines, the 1-based line of each row."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is skipped, not a row
     except UnicodeDecodeError as exc:
         raise DataError(source, f"not UTF-8 text: {exc}") from exc
     if not json_lines:
+        duplicates = _Duplicates()
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=duplicates.hook)
         except json.JSONDecodeError as exc:
             # A ".json" file is often JSON lines in disguise: several objects, one per line.
             if not _first_line_is_an_object(text):
                 raise DataError(source, f"malformed JSON: {exc.msg} (column {exc.colno})", line=exc.lineno) from exc
         else:
-            return _rows_of_document(document, source), None
+            rows = _rows_of_document(document, source)
+            duplicates.check(rows, source)
+            return rows, None
     return _read_json_lines(text, source)
+
+
+class _Duplicates:
+    """An ``object_pairs_hook`` that builds dicts as usual but records every object with a repeated key."""
+
+    def __init__(self):
+        self.found: dict[int, str] = {}  # id(object) -> first repeated key
+
+    def hook(self, pairs: list[tuple[str, object]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            self.found[id(obj)] = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return obj
+
+    def check(self, rows: list[dict], source: str, lines: list[int] | None = None, first_row: int = 0) -> None:
+        """DataError for the first row holding (at any depth) an object with a repeated key."""
+        if not self.found:
+            return
+        for i, row in enumerate(rows):
+            key = self._in(row)
+            if key is not None:
+                raise DataError(source, f"duplicate key {key!r} in a JSON object (JSON keeps only the last value; "
+                                        "remove the repeat)", row=first_row + i, line=lines[i] if lines else None)
+
+    def _in(self, value) -> str | None:
+        if isinstance(value, dict):
+            if id(value) in self.found:
+                return self.found[id(value)]
+            value = list(value.values())
+        if isinstance(value, list):
+            return next((key for key in map(self._in, value) if key is not None), None)
+        return None
 
 
 def _first_line_is_an_object(text: str) -> bool:
@@ -128,17 +192,20 @@ def _first_line_is_an_object(text: str) -> bool:
 
 def _read_json_lines(text: str, source: str) -> tuple[list[dict], list[int]]:
     rows, lines = [], []
+    duplicates = _Duplicates()
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028 etc., which splitlines() would cut at.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=duplicates.hook)
         except json.JSONDecodeError as exc:
             raise DataError(source, f"malformed JSON: {exc.msg} (column {exc.colno})", row=len(rows),
                             line=number) from exc
         if not isinstance(obj, dict):
             raise DataError(source, f"expected a JSON object, got {type(obj).__name__}", row=len(rows), line=number)
+        if duplicates.found:
+            duplicates.check([obj], source, [number], first_row=len(rows))
         rows.append(obj)
         lines.append(number)
     return rows, lines
@@ -191,7 +258,7 @@ def _table_to_dataset(table: pa.Table) -> datasets.Dataset:
 # ---------------------------------------------------------------------------------------------------- directories
 
 
-def _load_directory(path: Path, source: str, split: str) -> tuple[datasets.Dataset, list[Segment]]:
+def _load_directory(path: Path, source: str, split: str | None) -> tuple[datasets.Dataset, list[Segment]]:
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return _load_saved(path, source, split), [Segment(0, source)]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
@@ -203,8 +270,7 @@ def _load_directory(path: Path, source: str, split: str) -> tuple[datasets.Datas
         by_split.setdefault(_split_of(file.relative_to(path)), []).append(file)
     if not _USUAL_SPLITS & set(by_split):
         by_split = {"train": files}
-    if split not in by_split:
-        raise DataError(source, f"unknown split {split!r}; available splits: {', '.join(sorted(by_split))}")
+    split = _check_split(source, split, by_split)
     parts, segments, start = [], [], 0
     for file in by_split[split]:
         file_source = str(Path(source) / file.relative_to(path))
@@ -227,13 +293,12 @@ def _split_of(relative: Path) -> str:
     return _SHARD_SUFFIX.sub("", Path(parts[0]).name.split(".")[0])
 
 
-def _load_saved(path: Path, source: str, split: str) -> datasets.Dataset:
+def _load_saved(path: Path, source: str, split: str | None) -> datasets.Dataset:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:  # corrupt or version-mismatched save: one readable line
         raise DataError(source, f"cannot load saved dataset: {type(exc).__name__}: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(source, f"unknown split {split!r}; available splits: {', '.join(sorted(loaded))}")
-        return loaded[split]
+        return loaded[_check_split(source, split, loaded)]
+    _check_split(source, split, _file_splits(path))  # a saved Dataset is one split, like a single file
     return loaded

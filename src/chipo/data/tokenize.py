@@ -8,9 +8,17 @@ Tokenization
     ``apply_chat_template(prompt + response, tokenize=False)`` adds after it (the row fails if the rendered
     conversation does not start with the rendered prompt). Rendered text is tokenized with
     ``add_special_tokens=False``, since chat templates write their own BOS and markers. EOS is appended to a
-    response unless its text already ends (ignoring trailing whitespace) with the tokenizer's EOS token text.
+    response unless its tokens already end (ignoring trailing whitespace) with the EOS token.
     Prompt and responses are tokenized separately, so a BPE merge never straddles the prompt/response boundary
     and the response tokens are exactly those the policy is scored on.
+
+Special tokens
+    Data text is text: a string such as ``"<|eos|>"`` inside a prompt, response or message content is tokenized
+    as its characters, never as the special token (``split_special_tokens=True``), so data cannot end a response
+    early or forge a chat turn. Only the markers the chat template writes are special tokens: where a message's
+    content holds a special-token string, the rendered text is tokenized piecewise (template text with special
+    tokens, content without). Pairs with chosen == rejected state no preference: an error naming the rows, or
+    dropped and counted with ``drop_ties=True``.
 
 Truncation, in this order
     1. ``max_prompt_length`` (if set): a longer prompt keeps its LAST ``max_prompt_length`` tokens, since the
@@ -25,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from dataclasses import dataclass
 
 import datasets
@@ -46,10 +53,9 @@ class PrepStats:
     """Counts from ``prepare_preference_dataset``."""
 
     rows: int
-    """Rows prepared (all rows: none are dropped)."""
-    identical_pairs: int
-    """Rows with chosen == rejected; kept, but their margin is identically 0, so they add a constant to the loss
-    and nothing to its gradient."""
+    """Rows prepared (all rows but the dropped ties)."""
+    dropped_ties: int
+    """Rows with chosen == rejected dropped under ``drop_ties=True`` (their margin is identically 0: no gradient)."""
     truncated_prompts: int
     """Prompts cut to ``max_prompt_length`` (their start dropped)."""
     truncated_responses: int
@@ -66,6 +72,7 @@ def prepare_preference_dataset(
     max_length: int,
     max_prompt_length: int | None = None,
     num_proc: int | None = None,
+    drop_ties: bool = False,
 ) -> tuple[datasets.Dataset, PrepStats]:
     """Validate every row, then render, tokenize and truncate (see the module docstring for the exact rules).
 
@@ -76,16 +83,19 @@ def prepare_preference_dataset(
         max_length: the most tokens of ``prompt + response``.
         max_prompt_length: if set, longer prompts keep their last ``max_prompt_length`` tokens.
         num_proc: worker processes for the tokenizing ``Dataset.map``.
+        drop_ties: drop rows with chosen == rejected (counted in ``PrepStats.dropped_ties``) instead of raising.
 
     Returns:
         A dataset with int-list columns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``
-        (responses without the prompt) and ``row`` (the 0-based index of the row in ``dataset``), and ``PrepStats``.
+        (responses without the prompt) and ``row`` (the 0-based index of the row in ``dataset``, so dropped ties
+        leave gaps), and ``PrepStats``.
 
     Raises:
         DataError: the first bad row (naming source, row, line for JSON lines, and field): missing column, wrong
             type, empty response, malformed message list, an implicit-prompt pair that cannot be split, a chat
-            template that does not extend the prompt, a prompt with no tokens, or a prompt that leaves no room for
-            the response under ``max_length``.
+            template that does not extend the prompt, a prompt with no tokens, a prompt that leaves no room for
+            the response under ``max_length``; conversational data with a tokenizer lacking a chat template; rows
+            with chosen == rejected unless ``drop_ties``.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
@@ -96,22 +106,37 @@ def prepare_preference_dataset(
     locator = RowLocator(dataset, source)
     fmt = detect_format(dataset, source)
     if fmt != STANDARD and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{source}: {fmt} data needs a tokenizer with a chat template")
-    identical = validate_rows(dataset, fmt, locator)
-    if identical:
-        warnings.warn(f"{source}: {identical} of {len(dataset)} rows have chosen == rejected; they are kept but add "
-                      "nothing to the gradient", stacklevel=2)
+        raise DataError(source, f"{fmt} rows (lists of messages) need a tokenizer with a chat template, and "
+                                f"{getattr(tokenizer, 'name_or_path', '') or 'this tokenizer'} has none (set "
+                                "`tokenizer` to one that has, or use prompt/chosen/rejected strings)")
+    ties = validate_rows(dataset, fmt, locator)
+    keep = None
+    if ties and not drop_ties:
+        shown = ", ".join(map(str, ties[:10])) + (f" and {len(ties) - 10} more" if len(ties) > 10 else "")
+        raise locator.error(f"{len(ties)} of {len(dataset)} rows have chosen == rejected (rows {shown}): such a pair "
+                            "states no preference; fix the data or set drop_ties=true to drop them", row=ties[0])
+    if ties:
+        tied = set(ties)
+        keep = [i for i in range(len(dataset)) if i not in tied]
+        if not keep:
+            raise locator.error("every row has chosen == rejected; nothing is left after drop_ties")
+        logger.warning("%s: dropped %d of %d rows with chosen == rejected (drop_ties)", source, len(ties),
+                       len(dataset))
+        dataset_to_encode = dataset.select(keep)
+    else:
+        dataset_to_encode = dataset
 
     encode = functools.partial(_encode_batch, tokenizer=tokenizer, fmt=fmt, max_length=max_length,
-                               max_prompt_length=max_prompt_length)
+                               max_prompt_length=max_prompt_length, rows=keep)
     try:
-        prepared = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                               num_proc=num_proc, desc="Tokenizing preference pairs")
+        prepared = dataset_to_encode.map(encode, batched=True, with_indices=True,
+                                         remove_columns=dataset.column_names, num_proc=num_proc,
+                                         desc="Tokenizing preference pairs")
     except DataError as err:  # raised with the row only; name the file and line here, in the parent process
         raise locator.relocate(err) from None
     stats = PrepStats(
         rows=len(prepared),
-        identical_pairs=identical,
+        dropped_ties=len(ties) if drop_ties else 0,
         truncated_prompts=_count(prepared, _PROMPT_CUT),
         truncated_responses=_count(prepared, _RESPONSES_CUT),
         format=fmt,
@@ -133,23 +158,23 @@ def _count(dataset: datasets.Dataset, column: str) -> int:
 
 
 def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_length: int,
-                  max_prompt_length: int | None) -> dict:
+                  max_prompt_length: int | None, rows: list[int] | None = None) -> dict:
     # Runs inside Dataset.map (maybe in worker processes): errors carry only the row; prepare_preference_dataset
-    # fills in the file and line (RowLocator.relocate), so the source is left empty here.
+    # fills in the file and line (RowLocator.relocate), so the source is left empty here. ``rows`` maps positions
+    # in the encoded dataset back to rows of the original one (when ties were dropped).
     eos_id = tokenizer.eos_token_id
-    out = {"row": list(indices), **{name: [] for name in ID_COLUMNS}, _PROMPT_CUT: [], _RESPONSES_CUT: []}
+    indices = list(indices) if rows is None else [rows[i] for i in indices]
+    out = {"row": indices, **{name: [] for name in ID_COLUMNS}, _PROMPT_CUT: [], _RESPONSES_CUT: []}
     if not indices:
         return out
     if fmt == STANDARD:
-        prompts = token_ids(tokenizer, batch["prompt"], add_special_tokens=True)
-        chosen = [ids + [eos_id] for ids in token_ids(tokenizer, batch["chosen"])]
-        rejected = [ids + [eos_id] for ids in token_ids(tokenizer, batch["rejected"])]
+        prompts = text_ids(tokenizer, batch["prompt"], add_special_tokens=True)
+        chosen = [ids + [eos_id] for ids in text_ids(tokenizer, batch["chosen"])]
+        rejected = [ids + [eos_id] for ids in text_ids(tokenizer, batch["rejected"])]
     else:
         rendered = [_render_row(tokenizer, fmt, batch, i, row) for i, row in enumerate(indices)]
-        prompt_texts, chosen_texts, rejected_texts = (list(texts) for texts in zip(*rendered, strict=True))
-        prompts = token_ids(tokenizer, prompt_texts)
-        chosen = _with_eos(tokenizer, chosen_texts, token_ids(tokenizer, chosen_texts))
-        rejected = _with_eos(tokenizer, rejected_texts, token_ids(tokenizer, rejected_texts))
+        prompts, chosen, rejected = (_rendered_ids(tokenizer, [r[part] for r in rendered]) for part in range(3))
+        chosen, rejected = ([_with_eos(tokenizer, ids) for ids in part] for part in (chosen, rejected))
 
     for row, prompt, chosen_ids, rejected_ids in zip(indices, prompts, chosen, rejected, strict=True):
         prompt, prompt_cut, budget = truncate_prompt(prompt, row, max_length, max_prompt_length)
@@ -183,13 +208,63 @@ def truncate_prompt(prompt: list[int], row: int, max_length: int, max_prompt_len
     return prompt, prompt_cut, max_length - len(prompt)
 
 
-def token_ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-    """Token ids of each text (no attention masks); special tokens only when asked for."""
-    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
+def token_ids(tokenizer, texts: list[str], add_special_tokens: bool = False,
+              split_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each text (no attention masks); BOS/EOS added only when asked for. Special-token strings in
+    the text become special tokens unless ``split_special_tokens`` (then they are tokenized as characters)."""
+    kwargs = {"split_special_tokens": True} if split_special_tokens else {}
+    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False, **kwargs)["input_ids"]
 
 
-def _render_row(tokenizer, fmt: str, batch: dict, i: int, row: int) -> tuple[str, str, str]:
-    """(prompt text, chosen response text, rejected response text) of one conversational row."""
+def text_ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of data text: a special-token string in it stays text (see "Special tokens" above)."""
+    return token_ids(tokenizer, texts, add_special_tokens=add_special_tokens, split_special_tokens=True)
+
+
+def _special_strings(tokenizer) -> list[str]:
+    return [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+
+
+def _holds_special(tokenizer, contents: list[str]) -> bool:
+    return any(s in c for c in contents for s in _special_strings(tokenizer))
+
+
+def _rendered_ids(tokenizer, pieces: list[tuple[str, list[str]]]) -> list[list[int]]:
+    """Token ids of chat-template output ``(text, contents)``: the template's markers are special tokens, the
+    message contents (found in ``text`` in order, as ``_render_row`` checked) are data text. Texts whose contents
+    hold no special-token string are tokenized whole, as plain rendered text; the others piece by piece."""
+    out = token_ids(tokenizer, [text for text, _ in pieces])
+    for k, (text, contents) in enumerate(pieces):
+        if not _holds_special(tokenizer, contents):
+            continue
+        ids, cursor = [], 0
+        for content in contents:
+            start = text.find(content, cursor) if content else -1
+            if start < 0:
+                continue  # no special string in it (see _render_row): tokenized with the template text around it
+            if start > cursor:
+                ids += token_ids(tokenizer, [text[cursor:start]])[0]
+            ids += text_ids(tokenizer, [content])[0]
+            cursor = start + len(content)
+        if cursor < len(text):
+            ids += token_ids(tokenizer, [text[cursor:]])[0]
+        out[k] = ids
+    return out
+
+
+def _contents_in_order(text: str, contents: list[str]) -> bool:
+    cursor = 0
+    for content in contents:
+        start = text.find(content, cursor)
+        if start < 0:
+            return False
+        cursor = start + len(content)
+    return True
+
+
+def _render_row(tokenizer, fmt: str, batch: dict, i: int, row: int):
+    """(prompt, chosen response, rejected response) of one conversational row, each as (rendered text, contents
+    of the messages it renders), for ``_rendered_ids``."""
     if fmt == CONVERSATIONAL:
         prompt, chosen, rejected = batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]
     elif fmt == IMPLICIT_PROMPT:
@@ -198,17 +273,24 @@ def _render_row(tokenizer, fmt: str, batch: dict, i: int, row: int) -> tuple[str
         raise ValueError(f"not a conversational format: {fmt!r}")
     prompt = _clean(prompt)
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    responses = []
+    parts = [(prompt_text, [m["content"] for m in prompt], "prompt")]
     for field, response in (("chosen", chosen), ("rejected", rejected)):
-        full = tokenizer.apply_chat_template(prompt + _clean(response), tokenize=False)
+        response = _clean(response)
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if not full.startswith(prompt_text):
             raise DataError("", "the chat template does not extend the prompt: the rendered conversation does not "
                                 "start with the prompt rendered with add_generation_prompt=True", row=row, field=field)
         text = full[len(prompt_text):]
         if not text.strip():
             raise DataError("", "empty response after rendering the chat template", row=row, field=field)
-        responses.append(text)
-    return prompt_text, responses[0], responses[1]
+        parts.append((text, [m["content"] for m in response], field))
+    for text, contents, field in parts:
+        # A special-token string in content is kept as text by finding the content in the rendered text; a
+        # template that rewrites content (trims, escapes) makes that impossible, so such a row is refused.
+        if _holds_special(tokenizer, contents) and not _contents_in_order(text, contents):
+            raise DataError("", "a message holds a special-token string and the chat template rewrites message "
+                                "content, so it cannot be kept as text", row=row, field=field)
+    return tuple((text, contents) for text, contents, _ in parts)
 
 
 def _clean(messages: list[dict]) -> list[dict]:
@@ -217,10 +299,14 @@ def _clean(messages: list[dict]) -> list[dict]:
     return [{key: value for key, value in message.items() if value is not None} for message in messages]
 
 
-def _with_eos(tokenizer, texts: list[str], ids: list[list[int]]) -> list[list[int]]:
-    eos_text = tokenizer.eos_token
-    return [seq if eos_text and text.rstrip().endswith(eos_text) else seq + [tokenizer.eos_token_id]
-            for text, seq in zip(texts, ids, strict=True)]
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` + EOS, unless the template already ended the turn with the EOS token (trailing whitespace tokens
+    ignored). Decided on token ids, not text: an "<|eos|>" typed in the content is text and does not count."""
+    eos = tokenizer.eos_token_id
+    end = len(ids)
+    while end and ids[end - 1] != eos and not tokenizer.decode([ids[end - 1]]).strip():
+        end -= 1
+    return ids if end and ids[end - 1] == eos else ids + [eos]
 
 
 def encode_text_pairs(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -231,6 +317,6 @@ def encode_text_pairs(tokenizer, prompts: list[str], responses: list[str]) -> tu
     template), the response without them plus EOS, each tokenized separately so no BPE merge crosses the boundary.
     """
     bos = tokenizer.bos_token
-    prompt_ids = [token_ids(tokenizer, [p], add_special_tokens=not (bos and p.startswith(bos)))[0] for p in prompts]
-    response_ids = [ids + [tokenizer.eos_token_id] for ids in token_ids(tokenizer, list(responses))]
+    prompt_ids = [text_ids(tokenizer, [p], add_special_tokens=not (bos and p.startswith(bos)))[0] for p in prompts]
+    response_ids = [ids + [tokenizer.eos_token_id] for ids in text_ids(tokenizer, list(responses))]
     return prompt_ids, response_ids

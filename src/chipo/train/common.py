@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from chipo.config import ConfigError, _field
 from chipo.io import move_contents
+from chipo.train.rundir import check_output_path, latest_complete_checkpoint
 
 logger = logging.getLogger("chipo")
 
@@ -48,7 +48,8 @@ class TrainerConfig(TrainingArguments):
                                                "error unless resuming.")
     split: str = _field("train", "Training split of `dataset`.")
     eval_dataset: str | None = _field(None, "Evaluation data (same forms as `dataset`); default: `dataset`.")
-    eval_split: str | None = _field(None, "Evaluation split; null disables evaluation.")
+    eval_split: str | None = _field(None, "Evaluation split of `eval_dataset` (or of `dataset`); null: no evaluation, "
+                                          "unless `eval_dataset` is set (then its only split).")
     max_train_samples: int | None = _field(None, "Use only the first N training rows (debugging, demos).")
     tokenizer: str | None = _field(None, "Tokenizer name or path; default: `model`.")
     max_length: int = _field(512, "Max tokens of prompt + response; responses are cut to fit.")
@@ -108,7 +109,7 @@ class TrainerConfig(TrainingArguments):
         if self.report_to == ["none"]:
             self.report_to = "none"
         # chipo's run-level conveniences, mapped onto TrainingArguments before it validates itself.
-        if self.eval_split and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        if (self.eval_split or self.eval_dataset) and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
             self.eval_strategy = "steps" if self.eval_steps else "epoch"
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
@@ -127,10 +128,7 @@ class TrainerConfig(TrainingArguments):
 def check_output_dir(config) -> Path:
     """Validate ``output_dir`` before any work: a non-empty one needs ``overwrite_output_dir`` or a resume."""
     out = Path(config.output_dir)
-    if out.is_symlink() and not out.exists():
-        raise ConfigError(f"output_dir {out} is a dangling symbolic link")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    check_output_path(out)  # not a file, not a dangling symbolic link
     if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise ConfigError(f"output_dir {out} is not empty; set overwrite_output_dir=true or resume_from_checkpoint")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest" \
@@ -163,7 +161,7 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | N
     (None, with a warning, when there is none yet, so the same command starts or resumes a run)."""
     if resume != "latest":
         return resume
-    latest = get_last_checkpoint(str(output_dir))
+    latest = latest_complete_checkpoint(output_dir)  # skips checkpoints a kill cut short
     if latest is None:
         logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", output_dir)
-    return latest
+    return None if latest is None else str(latest)

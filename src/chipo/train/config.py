@@ -37,12 +37,15 @@ class PreferenceConfig(TrainerConfig):
                                     "2024, arXiv 2405.16436; TRL's 'sft' loss term).")
     reward_bound: float | None = _field(None, "Experimental: clip each implicit reward into [-bound, bound] (no "
                                               "gradient outside) before the margin; null: off.")
+    drop_ties: bool = _field(False, "Drop rows whose chosen and rejected responses are identical (counted in the "
+                                    "log); otherwise such rows are an error naming them.")
     # --- reference model
     reference: str = _field("precompute", "How pi_ref's log-probs are obtained: 'precompute' (once, before "
                                           "training, cached on disk and shared by sweeps) or 'model' (a frozen "
                                           "copy evaluated every step).")
     ref_model: str | None = _field(None, "Reference model name/path; default: the initial policy (`model`).")
-    ref_cache_dir: str = _field("~/.cache/chipo/ref_logps", "Directory of the reference log-prob cache.")
+    ref_cache_dir: str | None = _field(None, "Directory of the reference log-prob cache; null: "
+                                             "$CHIPO_CACHE/ref_logps (CHIPO_CACHE defaults to ~/.cache/chipo).")
     # --- speed
     logprobs_impl: str = _field("auto", "'fused' (logits only at response tokens, chunked, recomputed in "
                                         "backward), 'logits' (chunked log-softmax of full logits), or 'auto'.")

@@ -24,7 +24,8 @@ def prepare_rows(config: PreferenceConfig, tokenizer, dataset, source: str):
     if isinstance(dataset, list):
         dataset = hf_datasets.Dataset.from_list(dataset)
     prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
-                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
+                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc,
+                                                 drop_ties=config.drop_ties)
     logger.info("%s: %s", source, stats)
     return prepared
 
@@ -37,10 +38,9 @@ def is_prepared(dataset) -> bool:
     return dataset is not None and "prompt_input_ids" in getattr(dataset, "column_names", [])
 
 
-def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str, limit: int | None = None):
-    """Load ``source[split]`` (first ``limit`` rows) and prepare it (``prepare_rows``)."""
-    return prepare_rows(config, tokenizer, load_preference_dataset(source, split, max_rows=limit),
-                        f"{source}[{split}]" if split != "train" else source)
+def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str | None, limit: int | None = None):
+    """Load ``source[split]`` (first ``limit`` rows; split None: the source's only split) and prepare it."""
+    return prepare_rows(config, tokenizer, load_preference_dataset(source, split, max_rows=limit), source)
 
 
 def apply_lora(model, config: PreferenceConfig):
@@ -123,7 +123,7 @@ def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_datas
             train_dataset = prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)
         elif not is_prepared(train_dataset):
             train_dataset = prepare_rows(config, tokenizer, train_dataset, "train_dataset")
-        if eval_dataset is None and config.eval_split:
+        if eval_dataset is None and (config.eval_split or config.eval_dataset):
             eval_dataset = prepare_split(config, tokenizer, config.eval_dataset or config.dataset, config.eval_split)
         elif eval_dataset is not None and not is_prepared(eval_dataset):
             eval_dataset = prepare_rows(config, tokenizer, eval_dataset, "eval_dataset")

@@ -35,10 +35,10 @@ from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
 from chipo.io import atomic_write_text
 from chipo.models import load_sequence_classifier, load_tokenizer
-from chipo.train.callbacks import JsonlMetricsCallback
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
+from chipo.train.rundir import MetricsLog
 
 logger = logging.getLogger("chipo")
 
@@ -143,7 +143,7 @@ def run_reward_training(config: RewardConfig) -> Path:
     trainer = RewardTrainer(
         model=model, args=config, data_collator=RewardCollator(tokenizer.pad_token_id),
         train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
+        callbacks=[MetricsLog(out / "metrics.jsonl")],
         center_rewards_coefficient=config.center_rewards_coefficient,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))

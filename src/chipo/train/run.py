@@ -1,8 +1,10 @@
 """The ``chipo train`` recipe: wire config -> data -> model -> reference -> PreferenceTrainer -> HF checkpoint.
 
 Everything that can fail on bad input (config, tokenizer, data, output directory) is checked before the output
-directory is created, so a rejected run leaves nothing behind. The final model is saved into a temporary
-directory inside ``output_dir`` and renamed into place.
+directory is written, so a rejected run leaves nothing behind. The run directory is then owned by this run
+(``chipo.train.rundir``: a lock, a killed run's leftovers cleaned, a complete checkpoint picked for resume, the metrics
+log cut back to it). The final model is saved into a temporary directory inside ``output_dir`` and renamed into
+place.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from accelerate import PartialState
 from chipo.config import dump_yaml
 from chipo.io import atomic_write_text
 from chipo.models import load_causal_lm, load_tokenizer
-from chipo.train.callbacks import JsonlMetricsCallback
-from chipo.train.common import check_output_dir, resolve_resume, save_final_model
+from chipo.train import rundir
+from chipo.train.common import check_output_dir, save_final_model
 from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
 from chipo.train.preference_setup import apply_lora, prepare_split
@@ -31,22 +33,32 @@ def run_training(config: PreferenceConfig) -> Path:
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
         datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
-        if config.eval_split:
+        if config.eval_split or config.eval_dataset:  # an eval file without eval_split: its only split
             datasets["eval"] = prepare_split(config, tokenizer, config.eval_dataset or config.dataset,
                                              config.eval_split)
     out = check_output_dir(config)
     model = load_causal_lm(config.model)
-    if config.gradient_checkpointing:
-        model.config.use_cache = False
     if config.lora:
         model = apply_lora(model, config)
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
+    run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
+                          is_main=state.is_main_process)
+    if run.finished and rundir.final_model_saved(out):
+        logger.info("%s already reached max_steps at %s: nothing to do", out, run.checkpoint)
+        run.release()
+        return out
     if state.is_main_process:
         atomic_write_text(out / "run_config.yaml", dump_yaml(config))
     trainer = PreferenceTrainer(model=model, args=config, train_dataset=datasets["train"],
                                 eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-                                callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")])
-    trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
+                                callbacks=[rundir.MetricsLog(out / "metrics.jsonl")])
+    if run.finished:  # killed while saving the final model: rebuild it from the last checkpoint, do not train
+        trainer._load_from_checkpoint(run.checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=run.checkpoint)
     save_final_model(trainer, tokenizer, out, merge_lora=config.lora)
+    if state.is_main_process:
+        run.mark_finished()
+    run.release()
     return out

@@ -18,9 +18,9 @@ from chipo.data import load_preference_dataset
 from chipo.data.sft import SFTCollator, prepare_sft_dataset
 from chipo.io import atomic_write_text
 from chipo.models import load_causal_lm, load_tokenizer
-from chipo.train.callbacks import JsonlMetricsCallback
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import NonFiniteGradientGuard
+from chipo.train.rundir import MetricsLog
 from chipo.train.sft_config import SFTConfig
 
 logger = logging.getLogger("chipo")
@@ -65,7 +65,7 @@ def run_sft(config: SFTConfig) -> Path:
     trainer = Trainer(
         model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         data_collator=SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss),
-        callbacks=[JsonlMetricsCallback(out / "metrics.jsonl"), NonFiniteGradientGuard()],
+        callbacks=[MetricsLog(out / "metrics.jsonl"), NonFiniteGradientGuard()],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
     save_final_model(trainer, tokenizer, out, merge_lora=False)

@@ -1,0 +1,37 @@
+"""Run ``chipo`` and SIGKILL the process at a chosen point (fault injection for tests/reliability).
+
+usage: python _kill_at.py step:N chipo-args...
+  step:N   kill -9 as optimizer step N begins (steps < N are logged and their checkpoints saved)
+"""
+
+import os
+import signal
+import sys
+
+import transformers
+
+from chipo.cli.main import main
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(spec: str) -> None:
+    kind, _, n = spec.partition(":")
+    if kind == "step":
+        original = transformers.Trainer.training_step
+
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step + 1 >= int(n):
+                _die()
+            return original(self, *args, **kwargs)
+
+        transformers.Trainer.training_step = training_step
+    else:
+        raise SystemExit(f"unknown kill point {spec!r}")
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    sys.exit(main(sys.argv[2:]))

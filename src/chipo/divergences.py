@@ -1,6 +1,6 @@
 """f-divergences D_f(pi || pi_ref) = E_{y ~ pi_ref}[ f(pi(y)/pi_ref(y)) ], written once for the whole system.
 
-One object per regulariser serves every part of chipo (field notes, section 5):
+One object per regulariser serves every part of chipo (Huang et al. 2024, arXiv 2407.13399: every regulariser here is an f-divergence):
 
 * ``link(L)`` is f'(z) evaluated at z = exp(L), L = log pi - log pi_ref. It is the link of the direct
   preference loss (DPO uses log z, chiPO uses z + log z) and ``beta * link`` is the implicit reward.
@@ -14,7 +14,7 @@ Every generator is chosen so that f(1) = 0 and f' is *exactly* the canonical lin
 name       f(z)                             f'(z)                D_f
 =========  ===============================  ===================  ==========================
 kl         z log z - z + 1                  log z                KL(pi || pi_ref)
-chi2       (z - 1)^2 / 2                    z - 1                chi^2 (the seed's 1/2 convention)
+chi2       (z - 1)^2 / 2                    z - 1                chi^2 (the 1/2 convention of Huang et al. 2024)
 chi2mix    (z - 1)^2 / 2 + z log z          z + log z            chi^2 + KL  (chiPO, paper eq. for phi)
 fkl        -log z                           -1/z                 KL(pi_ref || pi)
 js         z log z - (1+z) log((1+z)/2)     log(2z / (1+z))      2 * Jensen-Shannon

@@ -8,7 +8,7 @@ Two exact implementations of log pi(y_t | x, y_<t) for the response tokens of a 
   logits only for response positions and only ``chunk_tokens`` at a time, inside a custom autograd function
   that recomputes each chunk in backward (the "fused linear cross-entropy" trick of Liger / Cut Cross-Entropy).
   No logits tensor for the batch is ever stored: memory is O(chunk_tokens x V) instead of O(N x T x V), which
-  is what dominates memory at large vocabularies (field notes, section 3).
+  is what dominates memory at large vocabularies (Liger kernel's motivation).
 
 Convention (shapes in brackets): ``input_ids`` [N, T]; ``response_mask`` [N, T] is True where the token at that
 position is a response token whose probability counts. Token t is predicted by the output at t - 1, so the

@@ -1,7 +1,9 @@
 """Run ``chipo`` and SIGKILL the process at a chosen point (fault injection for tests/reliability).
 
 usage: python _kill_at.py step:N chipo-args...
-  step:N   kill -9 as optimizer step N begins (steps < N are logged and their checkpoints saved)
+  step:N     kill -9 as optimizer step N begins (steps < N are logged and their checkpoints saved)
+  sigint:N   Ctrl-C (SIGINT) as optimizer step N begins
+  precompute kill -9 while the reference log-prob cache entry is being written
 """
 
 import os
@@ -19,15 +21,27 @@ def _die():
 
 def install(spec: str) -> None:
     kind, _, n = spec.partition(":")
-    if kind == "step":
+    if kind in ("step", "sigint"):
         original = transformers.Trainer.training_step
 
         def training_step(self, *args, **kwargs):
             if self.state.global_step + 1 >= int(n):
-                _die()
+                if kind == "step":
+                    _die()
+                os.kill(os.getpid(), signal.SIGINT)
             return original(self, *args, **kwargs)
 
         transformers.Trainer.training_step = training_step
+    elif kind == "precompute":
+        import chipo.train.reference as reference
+
+        original_save = reference.save_file
+
+        def save_file(tensors, filename, *args, **kwargs):  # the entry's temporary file is written: die there
+            original_save(tensors, filename, *args, **kwargs)
+            _die()
+
+        reference.save_file = save_file
     else:
         raise SystemExit(f"unknown kill point {spec!r}")
 

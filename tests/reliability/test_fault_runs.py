@@ -170,3 +170,30 @@ def test_eval_split_the_file_lacks_is_a_one_line_error(tiny_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"chipo: error: {tiny_dir / 'train.jsonl'}: unknown split 'validation'; available splits: train"
     assert not out.exists()
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_resume_command(tiny_dir, tmp_path):
+    """SIGINT as step 5 begins (checkpoint-3 saved): exit 130, and the last stderr line names checkpoint-3 and the
+    exact command that resumes; no traceback."""
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(KILLER), "sigint:5", *_args(tiny_dir, out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("chipo: interrupted; last checkpoint: ") and "checkpoint-3" in last, last
+    assert last.endswith("resume_from_checkpoint=latest") and "chipo train " in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_kill_9_during_reference_precompute_then_rerun_matches(tiny_dir, tmp_path, reference_run):
+    """SIGKILL right after the reference cache entry's temporary file is written, before it is renamed into place:
+    no entry exists, so the rerun recomputes the reference log-probs and trains exactly the uninterrupted run."""
+    out, cache = tmp_path / "killed-in-precompute", tmp_path / "fresh-cache"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(KILLER), "precompute", *_args(tiny_dir, out), f"ref_cache_dir={cache}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not list(cache.rglob("*.safetensors"))  # only the temporary file was written
+    assert main([*_args(tiny_dir, out), f"ref_cache_dir={cache}", "resume_from_checkpoint=latest"]) == 0
+    _assert_same_run(out, reference_run)

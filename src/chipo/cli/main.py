@@ -51,8 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     return int(getattr(importlib.import_module(module), func)([*prefix, *argv[1:]]) or 0)
 
 
-def run_guarded(fn, *args) -> int:
-    """Run ``fn``; user errors become one line on stderr and exit code 2 (3 for non-finite training)."""
+def _interrupted_line(output_dir: str | None, argv: list[str] | None) -> str:
+    """One line for Ctrl-C: where the last complete checkpoint is and the command that resumes from it."""
+    import shlex
+
+    if not output_dir:
+        return "chipo: interrupted"
+    from chipo.train.rundir import latest_complete_checkpoint
+
+    latest = latest_complete_checkpoint(output_dir)
+    if latest is None:
+        return f"chipo: interrupted; no checkpoint in {output_dir} yet (rerun the command to start over)"
+    again = [a for a in (argv or []) if not a.startswith("resume_from_checkpoint=")]
+    resume = shlex.join(["chipo", *again, "resume_from_checkpoint=latest"])
+    return f"chipo: interrupted; last checkpoint: {latest}; resume with: {resume}"
+
+
+def run_guarded(fn, *args, output_dir=None, argv: list[str] | None = None) -> int:
+    """Run ``fn``; user errors become one line on stderr and exit code 2 (3 for non-finite training, 130 for
+    Ctrl-C, which names the last checkpoint and the command that resumes; ``output_dir`` may be a callable giving
+    it once known)."""
     from chipo.config import ConfigError
     from chipo.data import DataError
     from chipo.train.pairwise import NonFiniteError
@@ -65,6 +83,14 @@ def run_guarded(fn, *args) -> int:
     except NonFiniteError as e:
         print(f"chipo: error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        where = output_dir() if callable(output_dir) else output_dir
+        print(_interrupted_line(where, argv), file=sys.stderr)
+        return 130
+    except OSError as e:  # read-only or full disk, permissions: the OS's reason and the path, not a traceback
+        path = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"chipo: error: {e.strerror or e}{path}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -106,14 +132,18 @@ def config_command(argv: list[str], *, prog: str, description: str, example: str
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(_flag_shorthand(argv, config_cls))
 
+    loaded: dict = {}
+
     def _run() -> None:
         module, func = runner.split(":")
-        config = load_config(config_cls, args.config, args.overrides)
+        loaded["config"] = config = load_config(config_cls, args.config, args.overrides)
         out = getattr(importlib.import_module(module), func)(config)
         if saved:
             print(f"chipo: {saved} saved to {out}")
 
-    return run_guarded(_run)
+    command = prog.split()[1:]
+    return run_guarded(_run, output_dir=lambda: getattr(loaded.get("config"), "output_dir", None),
+                       argv=[*command, *argv])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Both draw candidates from a base policy pi_ref, score them with a proxy reward r
 
 Best-of-n (BoN): return argmax_i r_hat(x, y_i) of n samples. With distinct rewards its output law is
 P(y) = F(r(y))^n - F(r(y)^-)^n (F the CDF of r_hat(x, Y), Y ~ pi_ref), and KL(BoN || pi_ref) <= log n - (n-1)/n,
-with equality in the limit of a continuous reward distribution (field notes, section 1; Gao et al. 2023).
+with equality in the limit of a continuous reward distribution (Gao et al. 2023).
 BoN is greedy: as n grows it converges to the proxy's argmax, however wrong the proxy is there (reward hacking).
 
 InferenceTimePessimism (Huang, Block, Liu, Jiang, Krishnamurthy, Foster 2025, "Is Best-of-N the Best of Them?",
@@ -16,7 +16,7 @@ arXiv 2503.21878; algorithm as stated there, checked against two public write-up
    and return the first accepted one; if none is accepted, return one more fresh sample y'_{N+1}.
 
 As N grows, lambda converges to the population normaliser and the output law to pi_ref(y) * w(y): the maximiser
-of E_pi[r_hat] - beta * D_chi2(pi || pi_ref) (seed convention D_chi2 = 1/2 E_ref[(z - 1)^2]; field notes: its
+of E_pi[r_hat] - beta * D_chi2(pi || pi_ref) (convention D_chi2 = 1/2 E_ref[(z - 1)^2] of Huang et al. 2024; its
 optimum is pi/pi_ref = max(0, 1 + (r - lambda')/beta), the same family with lambda' = lambda + beta). The density
 ratio stays bounded by M ~ 1 + R_max / beta, whatever N: more compute never moves the output further from pi_ref
 ("scaling-monotonic"). beta is the regularisation parameter (smaller beta: greedier, closer to BoN).

@@ -1,7 +1,7 @@
 """Reference log-probs computed once and cached on disk, keyed by what determines them.
 
 pi_ref is frozen, so log pi_ref(y|x) for every training pair is a fixed number. Computing it once before training
-removes the reference forward from every step (2N FLOPs per token of the 8N of a DPO step, field notes section 3)
+removes the reference forward from every step (2N FLOPs per token of the 8N of a DPO step)
 and the reference model from memory. The cache key hashes (a) the reference weights, (b) the tokenized pairs and
 (c) the settings that change the numbers (log-prob implementation is exact either way, so it is not part of it),
 so a sweep over losses, beta, epochs and seeds computes them once, and any change recomputes them.

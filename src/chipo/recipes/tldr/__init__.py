@@ -1,4 +1,4 @@
-"""The paper's TL;DR experiment (arXiv 2407.13399; field notes section 1) as a resumable, stage-by-stage recipe.
+"""The paper's TL;DR experiment (Huang et al. 2024, arXiv 2407.13399, section 5) as a resumable, stage-by-stage recipe.
 
 Stages (``chipo tldr <stage> --config recipes/tldr/<stage>.yaml key=value ...``), each reusing chipo's components:
 

@@ -1,6 +1,6 @@
 """GPU time of the TL;DR recipe, estimated from FLOPs, with every assumption stated (``chipo tldr cost``).
 
-FLOPs per token for a model of N parameters (field notes section 3; Kaplan et al. 2020):
+FLOPs per token for a model of N parameters (Kaplan et al. 2020):
 
 - training (forward + backward): 6 N per token; SFT trains on prompt + summary tokens, a preference pair on both
   sequences (chosen and rejected each carry the prompt): 2 (P + R) tokens per pair;

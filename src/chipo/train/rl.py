@@ -97,7 +97,8 @@ def derived_seed(*values: int) -> int:
 class RLTrainer:
     """RLOO policy-gradient training with a D_f regulariser on an ``accelerate.Accelerator`` (module docstring).
 
-    ``policy`` is prepared here (DDP/FSDP/DeepSpeed as launched); ``ref`` is frozen on the process's device.
+    ``policy`` is prepared here (DDP or DeepSpeed ZeRO-1/2 as launched; every process keeps full parameters to
+    sample from, so FSDP and ZeRO-3 are refused by ``run_rl``); ``ref`` is frozen on the process's device.
     ``eval_callback(policy, step) -> dict`` (optional) runs on the main process at every evaluation with the
     unwrapped policy and its numbers are logged with an ``eval_`` prefix: the hook for the lab's exact evaluation.
     """

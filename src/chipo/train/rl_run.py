@@ -121,6 +121,16 @@ def _accelerator(config: RLConfig):
                            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False))
 
 
+def _check_unsharded(acc) -> None:
+    """Sampling calls HF generate on each process's full copy of the policy: parameter sharding is refused."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if acc.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
+        raise ConfigError("chipo rl samples with HF generate from the full policy on every process: launch it with "
+                          "DDP or DeepSpeed ZeRO-1/2 (FSDP and ZeRO-3 shard the parameters)")
+
+
 def _warn_dropout_with_checkpointing(model) -> None:
     rates = {k: v for k, v in model.config.to_dict().items() if "dropout" in k and isinstance(v, float) and v > 0}
     if rates:
@@ -131,6 +141,7 @@ def _warn_dropout_with_checkpointing(model) -> None:
 def run_rl(config: RLConfig, eval_callback=None) -> Path:
     """Run ``chipo rl``: validate everything, then train; returns the output directory with the final policy."""
     acc = _accelerator(config)
+    _check_unsharded(acc)
     share = acc.num_processes * config.gradient_accumulation_steps
     if config.prompts_per_step % share:
         raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by num_processes x "

@@ -41,8 +41,8 @@ def _weights(directory):
 
 def test_rl_runs_logs_and_saves(tiny_dir, rl_files, tmp_path):
     out = tmp_path / "run"
-    code = _rl(tiny_dir, rl_files, out, "max_steps=3", "regularizer=chi2mix", "beta=0.1", "eval_every=3",
-               "gold=test_rl_trainer:toy_reward", "save_every=2")
+    code = _rl(tiny_dir, rl_files, out, "max_steps=3", "regularizer=chi2mix", "beta=0.1", "eval_steps=3",
+               "gold=test_rl_trainer:toy_reward", "save_steps=2")
     assert code == 0
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "reward" in r]
@@ -64,12 +64,12 @@ def test_rl_runs_logs_and_saves(tiny_dir, rl_files, tmp_path):
 
 def test_rl_resume_retraces_the_uninterrupted_run(tiny_dir, rl_files, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    assert _rl(tiny_dir, rl_files, full, "max_steps=4", "save_every=0", "regularizer=kl", "beta=0.05") == 0
-    assert _rl(tiny_dir, rl_files, split, "max_steps=2", "save_every=2", "regularizer=kl", "beta=0.05") == 0
+    assert _rl(tiny_dir, rl_files, full, "max_steps=4", "save_strategy=no", "regularizer=kl", "beta=0.05") == 0
+    assert _rl(tiny_dir, rl_files, split, "max_steps=2", "save_steps=2", "regularizer=kl", "beta=0.05") == 0
     # pretend the first run died after step 3 had been logged but before it was checkpointed
     with (split / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 3, "reward": 123.0}) + "\n")
-    assert _rl(tiny_dir, rl_files, split, "max_steps=4", "save_every=2", "regularizer=kl", "beta=0.05",
+    assert _rl(tiny_dir, rl_files, split, "max_steps=4", "save_steps=2", "regularizer=kl", "beta=0.05",
                "resume_from_checkpoint=latest") == 0
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -83,9 +83,13 @@ def test_rl_resume_retraces_the_uninterrupted_run(tiny_dir, rl_files, tmp_path):
 def test_rl_with_reward_model_and_k3(tiny_dir, rl_files, tmp_path):
     out = tmp_path / "rm"
     assert _rl(tiny_dir, rl_files, out, f"reward={rl_files / 'rm'}", "regularizer=kl", "estimator=k3",
-               "max_steps=1", "mini_batch_prompts=1") == 0
+               "max_steps=1", "gradient_accumulation_steps=2") == 0
     (record,) = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     assert record["penalty"] == pytest.approx(0.0, abs=1e-6)  # k3 is 0 at z = 1
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    # overwrite_output_dir starts over: the previous run's checkpoints and metrics are removed first
+    assert _rl(tiny_dir, rl_files, out, "max_steps=1", "save_strategy=no", "overwrite_output_dir=true") == 0
+    assert len(read_metrics(out / "metrics.jsonl")) == 1 and not list(out.glob("checkpoint-*"))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -93,8 +97,12 @@ def test_rl_with_reward_model_and_k3(tiny_dir, rl_files, tmp_path):
     ("k=1", "k must be at least 2"),
     ("estimator=k3", "estimator k3 is a KL estimator"),
     ("reward=no_such_module:fn", "no_such_module"),
-    ("reward=/no/such/dir", "cannot load reward model"),
+    ("reward=/no/such/dir", "/no/such/dir"),
     ("prompts=/no/such.jsonl", "file not found"),
+    ("gradient_accumulation_steps=3", "prompts_per_step (2) must be divisible by gradient_accumulation_steps (3)"),
+    ("save_strategy=epoch", "save_strategy must be 'steps' or 'no'"),
+    ("resume_from_checkpoint=/no/such/checkpoint", "is not a directory"),
+    ("report_to=nonsense", "unknown logger 'nonsense'"),
 ])
 def test_rl_bad_inputs_one_line_exit_2_no_output(tiny_dir, rl_files, tmp_path, capsys, override, message):
     out = tmp_path / "never"
@@ -109,3 +117,24 @@ def test_rl_prompts_without_prompt_column(tiny_dir, rl_files, tmp_path, capsys):
     bad.write_text(json.dumps({"text": "hi"}) + "\n")
     assert _rl(tiny_dir, rl_files, tmp_path / "never", f"prompts={bad}", "max_steps=1") == 2
     assert "'prompt' column" in capsys.readouterr().err
+
+
+def test_rl_prompts_per_step_must_split_over_processes(tiny_dir, rl_files, tmp_path, capsys, monkeypatch):
+    """Under DDP each of N processes takes prompts_per_step / N prompts, in gradient_accumulation_steps equal
+    micro-batches: 4 prompts over 3 processes cannot split, checked before anything is written."""
+    import chipo.train.rl_run as rl_run
+
+    make = rl_run._accelerator
+
+    def three_processes(config):
+        accelerator = make(config)
+        monkeypatch.setattr(type(accelerator), "num_processes", property(lambda self: 3))
+        return accelerator
+
+    monkeypatch.setattr(rl_run, "_accelerator", three_processes)
+    out = tmp_path / "never"
+    assert _rl(tiny_dir, rl_files, out, "max_steps=1", "prompts_per_step=4") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["chipo: error: prompts_per_step (4) must be divisible by num_processes x "
+                   "gradient_accumulation_steps (3 x 1)"]
+    assert not out.exists()

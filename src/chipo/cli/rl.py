@@ -12,10 +12,15 @@ EXAMPLE = """example:
       estimator=k3 beta=0.02
   # on the lab's embedded world, with the gold reward evaluated every 10 steps:
   chipo rl policy=<world>/pi_ref prompts=<world>/prompts_train.jsonl reward=runs/rm-world gold=world \\
-      eval_every=10 eval_prompts=<world>/prompts_eval.jsonl
+      eval_steps=10 eval_prompts=<world>/prompts_eval.jsonl
+  # 8 processes (DDP, or DeepSpeed ZeRO-1/2 per the accelerate config), each sampling 64/8 prompts per step:
+  accelerate launch --num_processes 8 -m chipo.cli.main rl --config rl.yaml prompts_per_step=64
+  # continue after an interruption (the same command, from the newest complete checkpoint-<step>):
+  chipo rl --config rl.yaml resume_from_checkpoint=latest
 
-Per step, metrics.jsonl and stdout get: reward (proxy), penalized_reward, penalty, kl_k1, kl_k3, chi2 (Monte-Carlo,
-high variance), response_length, loss; and eval_* (eval_gold with `gold`) every eval_every steps.
+Per step, metrics.jsonl and stdout get (reduced over processes): reward (proxy), penalized_reward, penalty, kl_k1,
+kl_k3, chi2 (Monte-Carlo, high variance), log_ratio_max, grad_norm, response_length, finished, learning_rate, loss;
+and eval_* (eval_gold with `gold`) every eval_steps steps. report_to=tensorboard,wandb,... logs them there too.
 """
 
 

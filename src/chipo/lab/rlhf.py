@@ -217,7 +217,7 @@ def run_rl_curve(world, rm_path: str, out: Path, regularizer: str, beta: float, 
                       beta=beta, k=settings.k, max_new_tokens=settings.max_new_tokens,
                       max_steps=settings.steps, prompts_per_step=settings.prompts_per_step,
                       learning_rate=settings.learning_rate, seed=settings.seed, logging_steps=settings.eval_every,
-                      eval_every=settings.eval_every, eval_samples=settings.eval_samples, save_every=0,
+                      eval_steps=settings.eval_every, eval_samples=settings.eval_samples, save_strategy="no",
                       disable_tqdm=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log, contextlib.redirect_stdout(log):

@@ -1,19 +1,42 @@
-"""``chipo rl`` configuration: every field has help text; ``__post_init__`` validates values."""
+"""``chipo rl`` configuration: a ``transformers.TrainingArguments`` subclass, as ``chipo train``'s config is.
+
+Every TrainingArguments option is a config key; the standard ones mean what they mean for ``transformers.Trainer``
+(``output_dir``, ``learning_rate``, ``lr_scheduler_type``, ``max_steps``, ``seed``, ``logging_steps``,
+``save_steps`` / ``save_strategy`` / ``save_total_limit``, ``resume_from_checkpoint`` ('latest' or a directory),
+``max_grad_norm``, ``weight_decay``, ``optim`` and ``adam_*``, ``gradient_accumulation_steps``, ``eval_steps``,
+``report_to``, ``bf16`` / ``fp16``, ``gradient_checkpointing``, ``disable_tqdm``). chipo adds the RL fields below,
+each with help text; ``__post_init__`` validates them with one-line ``ConfigError``s before TrainingArguments
+validates (and sets up the possibly distributed device state for) the rest.
+
+Steps, not epochs: one optimizer step consumes ``prompts_per_step`` prompts with ``k`` samples each, split over
+the processes and then into ``gradient_accumulation_steps`` micro-batches (see ``chipo.train.rl``).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from transformers import TrainingArguments
 
 from chipo.config import ConfigError, _field
 from chipo.divergences import EXP_CLAMP
+from chipo.train.common import REPORTERS, _has_accelerator
 
 REGULARIZERS = ("kl", "chi2", "chi2mix")
 ESTIMATORS = ("k1", "k3")
 LOGPROB_IMPLS = ("auto", "fused", "logits")
 
 
+def interval(value: float | None, max_steps: int) -> int:
+    """A TrainingArguments step interval as an integer: values below 1 are a fraction of ``max_steps``."""
+    if not value:
+        return 0
+    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)
+
+
 @dataclass
-class RLConfig:
+class RLConfig(TrainingArguments):
     """Online RL (RLOO policy gradient) of a causal LM against a reward, regularised by an f-divergence."""
 
     policy: str = _field(None, "Policy to train: hub name or local HF causal-LM directory (also pi_ref by default).")
@@ -27,10 +50,13 @@ class RLConfig:
     tokenizer: str | None = _field(None, "Tokenizer name or path; default: `policy`.")
     output_dir: str = _field("outputs/chipo-rl", "Where checkpoints, the final HF policy, run_config.yaml and "
                                                  "metrics.jsonl go.")
-    overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir (otherwise an error).")
+    overwrite_output_dir: bool = _field(False, "Start over in a non-empty output_dir: its previous run (checkpoints, "
+                                               "metrics) is removed first. Otherwise a non-empty output_dir is an "
+                                               "error unless resuming.")
     # --- the objective
     regularizer: str = _field("chi2mix", "Divergence D_f(pi || pi_ref) penalised: kl, chi2, chi2mix (chi2 + KL, "
-                                         "chiPO's implicit regulariser). Per-sample penalty beta * f'(pi/pi_ref).")
+                                         "chiPO's implicit regulariser, Huang et al. 2024, arXiv 2407.13399). "
+                                         "Per-sample penalty beta * f'(pi/pi_ref).")
     estimator: str = _field("k1", "k1: penalty beta * f'(z) in the reward (exact gradient of the objective; for "
                                   "kl the k1 estimator beta * log z). k3 (kl only): GRPO-style loss term "
                                   "beta * ((1/z - 1) + log z), whose gradient is that of KL(pi_ref || pi).")
@@ -42,32 +68,39 @@ class RLConfig:
     temperature: float = _field(1.0, "Sampling temperature. The estimator assumes samples from pi itself (1.0); "
                                      "other values make the gradient biased.")
     max_prompt_length: int | None = _field(None, "Max prompt tokens; longer prompts keep their last tokens.")
-    generation_batch_size: int = _field(64, "Sequences per HF generate call.")
+    generation_batch_size: int = _field(64, "Sequences per HF generate call (rounded down to whole prompts). Each "
+                                            "call's sampling seed is a function of (seed, step, position of its "
+                                            "first prompt in the step's batch), so runs on 1 or N processes draw the "
+                                            "same samples when generation_batch_size // k divides prompts_per_step "
+                                            "/ N.")
     # --- optimisation
-    max_steps: int = _field(100, "Optimizer steps.")
-    prompts_per_step: int = _field(8, "Prompts per optimizer step (each with k samples).")
-    mini_batch_prompts: int | None = _field(None, "Prompts per forward/backward chunk (gradient accumulation within "
-                                                  "a step); default: all of them at once.")
-    learning_rate: float = _field(1e-5, "AdamW learning rate (constant).")
-    weight_decay: float = _field(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
-    seed: int = _field(0, "Random seed (prompt order, sampling).")
+    prompts_per_step: int = _field(8, "Prompts per optimizer step over all processes (each with k samples); must be "
+                                      "divisible by num_processes x gradient_accumulation_steps.")
     logprobs_impl: str = _field("auto", "'fused', 'logits' or 'auto' (see chipo train).")
     logprob_chunk: int = _field(1024, "Tokens per chunk in the fused log-prob path.")
-    # --- logging, evaluation, checkpoints
-    logging_steps: int = _field(1, "Log metrics (metrics.jsonl and stdout) every N steps.")
-    eval_every: int = _field(0, "Evaluate on `eval_prompts` every N steps (0: never): proxy reward, KL and, with "
-                                "`gold`, the gold reward.")
+    # --- evaluation (every eval_steps steps and at step 0 when eval_steps is set)
     eval_prompts: str | None = _field(None, "Held-out prompt data (same forms as `prompts`); default: `prompts`.")
     eval_split: str = _field("train", "Split of `eval_prompts`.")
     max_eval_prompts: int | None = _field(64, "Use only the first N evaluation prompts.")
     eval_samples: int = _field(2, "Samples per evaluation prompt.")
     gold: str | None = _field(None, "Gold reward for evaluation (lab): same forms as `reward`, e.g. 'world'.")
-    save_every: int = _field(50, "Checkpoint (policy, optimizer, step, RNG state) every N steps and at the last "
-                                 "step (0: never; the final policy is always saved).")
+    # TrainingArguments fields with chipo rl's defaults
+    max_steps: int = _field(100, "Optimizer steps (RL has no epochs).")
+    learning_rate: float = _field(1e-5, "Peak learning rate.")
+    lr_scheduler_type: str = _field("constant", "transformers scheduler name (constant, linear, cosine, ...).")
+    optim: str = _field("adamw_torch", "Optimizer (transformers optim name; adam_beta1/2, adam_epsilon, "
+                                       "weight_decay apply).")
+    seed: int = _field(0, "Random seed: initial state, prompt order and the sampling seeds derive from it.")
+    logging_steps: float = _field(1, "Log metrics (metrics.jsonl, stdout, report_to) every N steps (< 1: a fraction "
+                                     "of max_steps).")
+    eval_steps: float | None = _field(None, "Evaluate on `eval_prompts` every N steps (and at step 0): proxy reward, "
+                                            "KL, chi2 and, with `gold`, the gold reward. null: no evaluation.")
+    save_steps: float = _field(50, "Checkpoint (accelerate state: policy, optimizer, scheduler, RNG) every N steps "
+                                   "and at the last step, as checkpoint-<step>; save_strategy=no disables.")
     save_total_limit: int | None = _field(2, "Keep at most N checkpoints (null: all).")
-    resume_from_checkpoint: str | None = _field(None, "'latest' or a checkpoint directory to resume from.")
-    disable_tqdm: bool = _field(False, "Hide the progress bar.")
+    report_to: str | list[str] | None = _field("none", "Trackers: none, tensorboard, wandb, ... (comma-separated).")
+    resume_from_checkpoint: str | None = _field(None, "'latest' (the newest checkpoint-<step> in output_dir; a fresh "
+                                                      "start when there is none) or a checkpoint directory.")
 
     def __post_init__(self) -> None:
         for name in ("policy", "reward", "prompts"):
@@ -87,16 +120,18 @@ class RLConfig:
             raise ConfigError(f"exp_clamp must be positive, got {self.exp_clamp}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        for name in ("max_new_tokens", "generation_batch_size", "max_steps", "prompts_per_step", "logging_steps",
-                     "eval_samples", "logprob_chunk"):
+        for name in ("max_new_tokens", "generation_batch_size", "max_steps", "prompts_per_step", "eval_samples",
+                     "logprob_chunk", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.mini_batch_prompts is not None and not 1 <= self.mini_batch_prompts <= self.prompts_per_step:
-            raise ConfigError(f"mini_batch_prompts must lie in [1, prompts_per_step={self.prompts_per_step}], "
-                              f"got {self.mini_batch_prompts}")
+        for name in ("logging_steps", "save_steps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_steps is not None and not self.eval_steps > 0:
+            raise ConfigError(f"eval_steps must be positive or null, got {self.eval_steps}")
+        if self.prompts_per_step % self.gradient_accumulation_steps:
+            raise ConfigError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by "
+                              f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
         for name in ("max_prompts", "max_eval_prompts", "max_prompt_length", "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -105,3 +140,36 @@ class RLConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.logprobs_impl not in LOGPROB_IMPLS:
             raise ConfigError(f"logprobs_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprobs_impl!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("choose at most one of bf16 and fp16")
+        for name in ("save_strategy", "eval_strategy", "logging_strategy"):
+            if str(getattr(self, name)).split(".")[-1].lower() in ("epoch", "best"):
+                raise ConfigError(f"{name} must be 'steps' or 'no' (chipo rl counts steps, not epochs)")
+        if isinstance(self.report_to, str):
+            self.report_to = [r.strip() for r in self.report_to.split(",") if r.strip()] or ["none"]
+        unknown = [r for r in (self.report_to or []) if r not in REPORTERS]
+        if unknown:
+            raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; valid: {', '.join(REPORTERS)}")
+        if self.report_to == ["none"]:
+            self.report_to = "none"
+        if self.eval_steps and str(self.eval_strategy).split(".")[-1].lower() == "no":
+            self.eval_strategy = "steps"
+        # Without an accelerator, use_cpu makes accelerate set up gloo DDP under torchrun / accelerate launch.
+        if not _has_accelerator():
+            self.use_cpu = True
+        try:
+            super().__post_init__()
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, ImportError) as e:
+            raise ConfigError(" ".join(str(e).split())) from None
+
+    # --- step intervals as integers (0: never)
+    def every(self, what: str) -> int:
+        """Interval in steps of 'logging', 'eval' or 'save' (0: never), per the *_strategy and *_steps fields."""
+        strategy = str(getattr(self, f"{what}_strategy")).split(".")[-1].lower()
+        if strategy == "no":
+            return 0
+        return interval(getattr(self, f"{what}_steps"), self.max_steps)

@@ -9,17 +9,16 @@ per prompt, asks the judge which is better (one label per pair) and takes one Ad
   verdict contribute no preference term.
 * ``loss=nash-md``: y_a ~ pi, y_b ~ pi^(1-m) pi_ref^m (token-level geometric mixture), Nash-MD-PG's loss on y_a.
 
-Sampling uses the token-by-token loop here (``sample``), not ``chipo.generation.generate``: the mixture needs both
-models' next-token logits at every step (a KV cache per model), and the same loop gives every response a random
-stream of its own -- Gumbel-max noise from a counter-based hash of (seed, step, prompt position, stream, token
-position, token id) -- so responses, and hence losses, do not depend on how prompts are split across processes or
-batched. Labels (Bradley-Terry draws) use the same hash. 2 processes reproduce 1 process (tested to 1e-5): each
-process's loss is its sum over pairs x (processes / prompts_per_step), and DDP averages the gradients.
+Sampling uses the token-by-token loop of ``chipo.train.online_sampling``, not ``chipo.generation.generate``: the
+mixture needs both models' next-token logits at every step (a KV cache per model), and the same loop gives every
+response a random stream of its own -- Gumbel-max noise from a counter-based hash of (seed, step, prompt position,
+stream, token position, token id) -- so responses, and hence losses, do not depend on how prompts are split across
+processes or batched. Labels (Bradley-Terry draws) use the same hash. 2 processes reproduce 1 process (tested to
+1e-5): each process's loss is its sum over pairs x (processes / prompts_per_step), and DDP averages the gradients.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -34,22 +33,23 @@ from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError
 from chipo.data.prompts import load_prompts
 from chipo.divergences import CHI2, KL, get_divergence
-from chipo.generation import decode_response, encode_prompts, left_pad
+from chipo.generation import decode_response, encode_prompts
 from chipo.io import atomic_write_text, staged_into
 from chipo.judges import OpenAIChatJudge, OpenAIJudgeConfig, PairwisePrompt
 from chipo.judges.prompt import TLDR_PROMPT
 from chipo.losses import preference_loss
-from chipo.losses.online import mixture_logits, nash_md_loss, preference_probability, sample_labels, xpo_bonus
+from chipo.losses.online import nash_md_loss, preference_probability, sample_labels, xpo_bonus
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, response_batch
 from chipo.train.common import check_output_dir
 from chipo.train.online_config import OnlineConfig
+from chipo.train.online_sampling import as_int64, sample, stream_key, uniforms
 from chipo.train.pairwise import NonFiniteError
 
 logger = logging.getLogger("chipo")
 
-__all__ = ["GENERAL_PROMPT", "OnlineConfig", "OnlineTrainer", "PreferenceOracle", "run_online", "sample"]
+__all__ = ["GENERAL_PROMPT", "OnlineConfig", "OnlineTrainer", "PreferenceOracle", "list_checkpoints", "run_online"]
 
 GENERAL_PROMPT = PairwisePrompt(
     version="general-pairwise-v1",
@@ -60,111 +60,6 @@ GENERAL_PROMPT = PairwisePrompt(
           "in at most two sentences. Then write the verdict as the final line, exactly in this format:\n"
           "Preferred: A\nor\nPreferred: B"),
 )
-
-# ------------------------------------------------------------------------- counter-based randomness (splitmix64)
-_MASK = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def splitmix(x: int) -> int:
-    """splitmix64's finaliser on a Python int (mod 2**64): a well-mixed 64-bit hash."""
-    z = (x + _GOLDEN) & _MASK
-    z = ((z ^ (z >> 30)) * _M1) & _MASK
-    z = ((z ^ (z >> 27)) * _M2) & _MASK
-    return z ^ (z >> 31)
-
-
-def stream_key(*parts: int) -> int:
-    """A 64-bit key from (seed, step, position, stream, ...): one independent random stream per tuple."""
-    key = 0
-    for part in parts:
-        key = splitmix(key ^ (int(part) & _MASK))
-    return key
-
-
-def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (two's-complement wrap-around = arithmetic mod 2**64)."""
-    x = x + _signed(_GOLDEN)
-    x = (x ^ _lsr(x, 30)) * _signed(_M1)
-    x = (x ^ _lsr(x, 27)) * _signed(_M2)
-    return x ^ _lsr(x, 31)
-
-
-def uniforms(keys: torch.Tensor, counter: int, size: int) -> torch.Tensor:
-    """U(0, 1) float64 [len(keys), size]: entry (i, v) is a hash of (keys[i], counter, v), 53 random bits."""
-    base = _mix(keys.to(torch.int64) ^ _signed(splitmix(counter)))
-    cols = torch.arange(size, device=keys.device, dtype=torch.int64) * _signed(_GOLDEN)
-    bits = _lsr(_mix(base[:, None] ^ cols[None, :]), 11)
-    return (bits.to(torch.float64) + 0.5) * 2.0**-53
-
-
-# ------------------------------------------------------------------------------------------------- sampling
-
-
-def _forward(model, ids, attention, positions, cache):
-    # transformers >= 5.2x names the KV-cache argument ``cache``; earlier versions ``past_key_values``.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{name: cache})
-    return out.logits[:, -1].float(), out.cache if name == "cache" else out.past_key_values
-
-
-@torch.no_grad()
-def sample(policy, ref, prompt_ids: list[list[int]], keys: list[int], *, mixture_coef: float = 0.0,
-           max_new_tokens: int, temperature: float = 1.0, eos_token_id: int, pad_token_id: int
-           ) -> list[tuple[list[int], bool]]:
-    """One response per prompt from pi^(1-m) pi_ref^m per token (m = ``mixture_coef``; 0: pi alone, ``ref`` unused).
-
-    Ancestral sampling with a KV cache per model: the next token of row i at position t is
-    argmax_v (log q(v) / temperature + g), g Gumbel noise from ``uniforms(keys[i], t, V)`` (Gumbel-max: an exact
-    draw from softmax(log q / temperature)). Returns (token ids, finished) per row, EOS included when finished.
-    """
-    models = [policy] + ([ref] if mixture_coef > 0 else [])
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    device = next(policy.parameters()).device
-    try:
-        ids, attention = (t.to(device) for t in left_pad(prompt_ids, pad_token_id))
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        key_t = torch.tensor([_signed(k) for k in keys], dtype=torch.int64, device=device)
-        caches = [None] * len(models)
-        out = torch.empty((len(prompt_ids), 0), dtype=torch.long, device=device)
-        done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            logits = []
-            for j, model in enumerate(models):
-                step_logits, caches[j] = _forward(model, ids, attention, positions, caches[j])
-                logits.append(step_logits)
-            log_q = mixture_logits(logits[0], logits[-1], mixture_coef) / temperature
-            noise = -torch.log(-torch.log(uniforms(key_t, t, log_q.shape[-1])))
-            token = torch.argmax(log_q.double() + noise, -1)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            out = torch.cat([out, token[:, None]], 1)
-            done = done | (token == eos_token_id)
-            if bool(done.all()):
-                break
-            ids, positions = token[:, None], positions[:, -1:] + 1
-            attention = torch.cat([attention, torch.ones_like(token[:, None])], 1)
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-    rows = []
-    for row in out.tolist():
-        finished = eos_token_id in row
-        rows.append((row[:row.index(eos_token_id) + 1] if finished else row, finished))
-    return rows
-
 
 # ------------------------------------------------------------------------------------------------- labels
 
@@ -283,7 +178,7 @@ class OnlineTrainer:
                                                     "logps/chosen")})
         else:
             if self.oracle.samples_labels:
-                u = uniforms(torch.tensor([_signed(k) for k in keys[2]], device=acc.device), 0, 1)[:, 0]
+                u = uniforms(torch.tensor([as_int64(k) for k in keys[2]], device=acc.device), 0, 1)[:, 0]
                 label = sample_labels(prob, u)
             else:
                 label = prob

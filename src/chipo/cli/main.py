@@ -18,6 +18,7 @@ COMMANDS = {
     "sft": ("chipo.cli.sft:main", "Supervised fine-tuning (prompt/completion or messages), loss on completions only."),
     "reward": ("chipo.cli.reward:main", "Train a Bradley-Terry reward model (HF sequence classifier)."),
     "rl": ("chipo.cli.rl:main", "Online RL (RLOO) against a reward, regularized by kl, chi2 or chi2mix."),
+    "online": ("chipo.cli.online:main", "Online preference optimization with a judge: online DPO/chiPO, XPO, Nash-MD."),
     "judge": ("chipo.cli.judge:main", "Pairwise win rate of a over b by an LLM (OpenAI-compatible) or reward model."),
     "demo": ("chipo.cli.lab:demo", "Watch DPO and chiPO overoptimize (or not) on an embedded world (CPU, minutes)."),
     "lab": ("chipo.cli.lab:main", "Overoptimization lab: generate preference data, evaluate, sweep, report."),

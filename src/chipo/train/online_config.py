@@ -1,0 +1,166 @@
+"""``chipo online`` configuration: every field has help text; ``__post_init__`` validates values.
+
+A plain dataclass like ``chipo rl``'s (not a ``TrainingArguments`` subclass): the online loop is a hand-written
+``accelerate`` loop that honours exactly these keys, where a TrainingArguments subclass would accept hundreds of
+options (schedulers, accumulation, eval strategies) and silently ignore them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chipo.config import ConfigError, _field
+from chipo.divergences import EXP_CLAMP
+from chipo.losses import loss_names, resolve_options
+from chipo.losses.online import LABEL_MODES
+
+NASH_MD = "nash-md"
+EXPLORATIONS = ("none", "xpo")
+REGULARIZERS = ("kl", "chi2", "chi2mix")
+JUDGE_PROMPTS = ("general", "tldr")
+LOGPROB_IMPLS = ("auto", "fused", "logits")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class OnlineConfig:
+    """Online preference optimization (online DPO / chiPO, XPO, Nash-MD) of a causal LM against a judge."""
+
+    policy: str = _field(None, "Policy to train: hub name or local HF causal-LM directory (also pi_ref by default).")
+    prompts: str = _field(None, "Prompt data with a 'prompt' column (strings or message lists): .json/.jsonl/"
+                                ".parquet/.arrow file, datasets directory or hub name.")
+    judge: str = _field(None, "Preference oracle: 'openai' (an OpenAI-compatible LLM judge, pairwise; judge_* keys) "
+                              "or a scorer: reward-model directory, 'module:function' or 'world' (the lab), whose "
+                              "scores become labels per `label`.")
+    prompts_split: str = _field("train", "Split of `prompts`.")
+    max_prompts: int | None = _field(None, "Use only the first N prompts.")
+    ref_model: str | None = _field(None, "Reference pi_ref: model name/path; default: the initial policy.")
+    tokenizer: str | None = _field(None, "Tokenizer name or path; default: `policy`.")
+    output_dir: str = _field("outputs/chipo-online", "Checkpoints, the final HF policy, run_config.yaml and "
+                                                     "metrics.jsonl.")
+    overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir (otherwise an error).")
+    # --- the objective
+    loss: str = _field("dpo", f"'nash-md' or a preference loss on the labelled pair: {', '.join(loss_names())}.")
+    beta: float = _field(0.1, "Regularisation strength beta (> 0).")
+    r_max: float | None = _field(None, "Margin clip bound [-2 r_max, 2 r_max]; null: the loss's own (chipo: 5).")
+    clip_margin: bool = _field(True, "false: no margin clip at all, whatever the loss.")
+    link: str | None = _field(None, "Override the loss's link: kl, chi2mix, chi2, fkl, js, alpha.")
+    label_smoothing: float | None = _field(None, "Label-flip rate for robust/cdpo (default: the loss's own).")
+    link_alpha: float = _field(0.5, "alpha of the alpha-divergence link (TRL's f_alpha_divergence_coef).")
+    length_normalize: bool | None = _field(None, "Average log-probs over the response (default: the loss's own).")
+    sft_weight: float = _field(0.0, "RPO term: this times the token-mean NLL of the chosen responses.")
+    reward_bound: float | None = _field(None, "Experimental: clip each implicit reward into [-bound, bound].")
+    exploration: str = _field("none", "'none': both responses from pi (online DPO / chiPO). 'xpo': one from pi, "
+                                      "one from pi_ref, plus alpha * log pi(y~) on the pi_ref sample (Xie et al. "
+                                      "2024, arXiv 2405.21046, Alg. 1).")
+    alpha: float = _field(1e-5, "XPO's exploration coefficient (exploration=xpo).")
+    mixture_coef: float = _field(0.5, "Nash-MD: sample the opponent from pi^(1-m) pi_ref^m, m = this (Munos et "
+                                      "al. 2023, arXiv 2312.00886).")
+    regularizer: str | None = _field(None, "Nash-MD's regulariser: kl (default; Nash-MD), chi2 or chi2mix "
+                                           "(per-sample penalty beta * f'(pi/pi_ref), as chipo rl).")
+    exp_clamp: float = _field(EXP_CLAMP, "Largest exponent in z = exp(log pi - log pi_ref) (overflow guard).")
+    # --- labels
+    label: str = _field("bt", "Scorer judges: 'bt' samples the label from sigmoid(r_a - r_b) (Bradley-Terry; "
+                              "Nash-MD uses that probability), 'argmax' prefers the higher score (ties dropped).")
+    max_labels: int | None = _field(None, "Label budget: stop before a step that would exceed this many judge "
+                                          "calls (one per pair). Compare online methods at equal budgets.")
+    judge_base_url: str | None = _field(None, "judge=openai: endpoint root (default $CHIPO_JUDGE_BASE_URL, ...).")
+    judge_model: str | None = _field(None, "judge=openai: model name (default $CHIPO_JUDGE_MODEL).")
+    judge_prompt: str = _field("general", "judge=openai: 'general' (which response answers better) or 'tldr'.")
+    judge_cache: str | None = _field("~/.cache/chipo/judge_cache.sqlite", "judge=openai: reply cache (null: off).")
+    judge_max_concurrency: int = _field(8, "judge=openai: requests in flight at once.")
+    judge_max_attempts: int = _field(5, "judge=openai: attempts per request on 429/5xx/timeouts.")
+    # --- generation
+    max_new_tokens: int = _field(64, "Max response tokens sampled per prompt.")
+    temperature: float = _field(1.0, "Sampling temperature (1.0: samples from pi itself, as the losses assume).")
+    max_prompt_length: int | None = _field(None, "Max prompt tokens; longer prompts keep their last tokens.")
+    # --- optimisation
+    max_steps: int = _field(100, "Optimizer steps (fewer when max_labels runs out first).")
+    prompts_per_step: int = _field(8, "Prompts (pairs, judge calls) per optimizer step over all processes; a "
+                                      "multiple of the number of processes.")
+    learning_rate: float = _field(5e-7, "AdamW learning rate (constant).")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = _field(0, "Random seed: prompt order, sampling and labels are functions of (seed, step, prompt).")
+    mixed_precision: str = _field("no", "accelerate mixed precision: no, bf16, fp16.")
+    logprobs_impl: str = _field("auto", "'fused', 'logits' or 'auto' (see chipo train).")
+    logprob_chunk: int = _field(1024, "Tokens per chunk in the fused log-prob path.")
+    # --- logging, checkpoints
+    logging_steps: int = _field(1, "Log metrics (metrics.jsonl, stdout) every N steps.")
+    save_steps: int = _field(50, "Checkpoint (accelerate state: policy, optimizer, RNG; step, labels) every N steps "
+                                 "and at the last step (0: never; the final policy is always saved).")
+    save_total_limit: int | None = _field(2, "Keep at most N checkpoints (null: all).")
+    resume_from_checkpoint: str | None = _field(None, "'latest' or a checkpoint directory to resume from.")
+    disable_tqdm: bool = _field(False, "Hide the progress bar.")
+
+    def __post_init__(self) -> None:
+        for name in ("policy", "prompts", "judge"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        if self.loss == NASH_MD:
+            if self.exploration != "none":
+                raise ConfigError("exploration=xpo applies to pairwise losses; nash-md samples its own opponent")
+            if self.regularizer is not None and self.regularizer not in REGULARIZERS:
+                raise ConfigError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
+            if not 0.0 <= self.mixture_coef <= 1.0:
+                raise ConfigError(f"mixture_coef must lie in [0, 1], got {self.mixture_coef}")
+        else:
+            if self.regularizer is not None:
+                raise ConfigError(f"regularizer applies to loss=nash-md; loss={self.loss} regularises through its "
+                                  "link (set link=...)")
+            try:
+                resolve_options(self.loss, **self.loss_options())
+            except ValueError as e:
+                raise ConfigError(f"{e}; or loss=nash-md" if "unknown loss" in str(e) else str(e)) from None
+        if self.exploration not in EXPLORATIONS:
+            raise ConfigError(f"exploration must be one of {', '.join(EXPLORATIONS)}, got {self.exploration!r}")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
+        if self.label not in LABEL_MODES:
+            raise ConfigError(f"label must be one of {', '.join(LABEL_MODES)}, got {self.label!r}")
+        if self.judge_prompt not in JUDGE_PROMPTS:
+            raise ConfigError(f"judge_prompt must be one of {', '.join(JUDGE_PROMPTS)}, got {self.judge_prompt!r}")
+        if self.logprobs_impl not in LOGPROB_IMPLS:
+            raise ConfigError(f"logprobs_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprobs_impl!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if not self.exp_clamp > 0:
+            raise ConfigError(f"exp_clamp must be positive, got {self.exp_clamp}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("weight_decay and max_grad_norm must be >= 0")
+        for name in ("max_new_tokens", "max_steps", "prompts_per_step", "logging_steps", "logprob_chunk",
+                     "judge_max_concurrency", "judge_max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.save_steps < 0:
+            raise ConfigError(f"save_steps must be >= 0, got {self.save_steps}")
+        for name in ("max_prompts", "max_prompt_length", "save_total_limit", "max_labels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
+
+    @property
+    def nash_md(self) -> bool:
+        return self.loss == NASH_MD
+
+    def loss_options(self) -> dict:
+        """Options for ``chipo.losses.preference_loss`` (only those that differ from the preset's defaults)."""
+        opts: dict = {"alpha": self.link_alpha, "exp_clamp": self.exp_clamp}
+        if not self.clip_margin:
+            opts["r_max"] = None
+        elif self.r_max is not None:
+            opts["r_max"] = self.r_max
+        for name in ("link", "label_smoothing", "length_normalize", "reward_bound"):
+            if getattr(self, name) is not None:
+                opts[name] = getattr(self, name)
+        if self.sft_weight:
+            opts["sft_weight"] = self.sft_weight
+        return opts

@@ -1,6 +1,7 @@
 """f-divergences D_f(pi || pi_ref) = E_{y ~ pi_ref}[ f(pi(y)/pi_ref(y)) ], written once for the whole system.
 
-One object per regulariser serves every part of chipo (Huang et al. 2024, arXiv 2407.13399: every regulariser here is an f-divergence):
+One object per regulariser serves every part of chipo (every regulariser of Huang et al. 2024, arXiv 2407.13399,
+is an f-divergence):
 
 * ``link(L)`` is f'(z) evaluated at z = exp(L), L = log pi - log pi_ref. It is the link of the direct
   preference loss (DPO uses log z, chiPO uses z + log z) and ``beta * link`` is the implicit reward.

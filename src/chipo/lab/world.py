@@ -1,7 +1,7 @@
 """The embedded world: a tiny synthetic language, its pi_ref (a small HF Llama trained by SFT) and a gold reward.
 
-It is a fair miniature of the real RLHF setting of Huang et al. 2024 (arXiv 2407.13399, section 2), small enough that the
-whole response space of a prompt can be enumerated, so the lab can report exact J(pi), KL and chi-squared
+It is a fair miniature of the real RLHF setting of Huang et al. 2024 (arXiv 2407.13399, section 2), small enough
+that the whole response space of a prompt can be enumerated, so the lab can report exact J(pi), KL and chi-squared
 besides the Monte-Carlo estimates it must use with real models.
 
 The language (fixed by ``WorldSpec.seed``, generated once with numpy's PCG64 and stored with the world):

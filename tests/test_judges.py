@@ -111,7 +111,7 @@ def test_reward_model_judge_compares_scores():
 
 
 def test_reward_model_judge_from_hf_directory(tiny_dir, tmp_path):
-    """A reward model given by path is loaded by the project's loaders (inference.rewards / lab.gold) and compared."""
+    """A reward model given by path is loaded by chipo.rewards.load_scorer and compared."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")

@@ -61,17 +61,17 @@ def test_no_warning_while_some_pair_has_gradient(trainer, caplog):
 
 
 def test_train_config_passes_new_loss_options():
-    """TrainConfig fields length_normalize / sft_weight / reward_bound reach preference_loss only when set, and
+    """PreferenceConfig fields length_normalize / sft_weight / reward_bound reach preference_loss only when set, and
     bad values are one-line ConfigErrors naming the key."""
     from chipo.config import ConfigError, load_config
-    from chipo.train.config import TrainConfig
+    from chipo.train.config import PreferenceConfig
 
     base = ["model=m", "dataset=d"]
-    assert set(load_config(TrainConfig, None, base).loss_options()) == {"alpha"}
-    opts = load_config(TrainConfig, None, [*base, "loss=ipo", "length_normalize=false", "sft_weight=0.2",
+    assert set(load_config(PreferenceConfig, None, base).loss_options()) == {"alpha"}
+    opts = load_config(PreferenceConfig, None, [*base, "loss=ipo", "length_normalize=false", "sft_weight=0.2",
                                            "reward_bound=3"]).loss_options()
     assert opts == {"alpha": 0.5, "length_normalize": False, "sft_weight": 0.2, "reward_bound": 3.0}
     with pytest.raises(ConfigError, match="reward_bound must be positive"):
-        load_config(TrainConfig, None, [*base, "reward_bound=0"])
+        load_config(PreferenceConfig, None, [*base, "reward_bound=0"])
     with pytest.raises(ConfigError, match="sft_weight must be a finite number >= 0"):
-        load_config(TrainConfig, None, [*base, "sft_weight=-1"])
+        load_config(PreferenceConfig, None, [*base, "sft_weight=-1"])

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chipo.data import PreferenceCollator, load_preference_dataset, prepare_preference_dataset
-from chipo.train.config import TrainConfig
+from chipo.train.config import PreferenceConfig
 from chipo.train.reference import cached_reference_logps, compute_reference_logps, default_cache_dir
 
 
@@ -54,7 +54,7 @@ def test_reference_logps_equal_per_row_sums(tiny_dir):
 
 def test_default_cache_dir_honours_chipo_cache(tiny_dir, tmp_path, monkeypatch):
     """ref_cache_dir=null means $CHIPO_CACHE/ref_logps, CHIPO_CACHE defaulting to ~/.cache/chipo."""
-    assert TrainConfig(model="m", dataset="d").ref_cache_dir is None
+    assert PreferenceConfig(model="m", dataset="d").ref_cache_dir is None
     monkeypatch.delenv("CHIPO_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "chipo" / "ref_logps"

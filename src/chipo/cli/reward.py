@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chipo.cli.main import config_command
+from chipo.train.common import TrainerConfig
 from chipo.train.reward_config import RewardConfig
 
 EXAMPLE = """example:
@@ -10,6 +11,8 @@ EXAMPLE = """example:
       learning_rate=1e-5 center_rewards_coefficient=0.01 output_dir=runs/rm
   # the result is an HF AutoModelForSequenceClassification directory: use it as `reward=runs/rm` in chipo rl
 """
+
+GROUPS = {"reward model (chipo)": RewardConfig, "data and sequences (chipo)": TrainerConfig}
 
 
 def main(argv: list[str]) -> int:

@@ -23,8 +23,10 @@ kl_k3, chi2 (Monte-Carlo, high variance), log_ratio_max, grad_norm, response_len
 and eval_* (eval_gold with `gold`) every eval_steps steps. report_to=tensorboard,wandb,... logs them there too.
 """
 
+GROUPS = {"online RL (chipo)": RLConfig}
+
 
 def main(argv: list[str]) -> int:
     return config_command(argv, prog="chipo rl", example=EXAMPLE, config_cls=RLConfig,
                           description="Online RL (RLOO) against a reward, regularised by KL, chi2 or chi2 + KL.",
-                          runner="chipo.train.rl:run_rl", saved="policy")
+                          runner="chipo.train.rl:run_rl", saved="policy", groups=GROUPS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chipo.cli.main import config_command
+from chipo.train.common import TrainerConfig
 from chipo.train.sft_config import SFTConfig
 
 EXAMPLE = """example:
@@ -14,8 +15,10 @@ data: prompt + completion columns (strings or message lists), or messages (final
 the loss is on completion tokens only (completion_only_loss=true).
 """
 
+GROUPS = {"supervised fine-tuning (chipo)": SFTConfig, "data and sequences (chipo)": TrainerConfig}
+
 
 def main(argv: list[str]) -> int:
     return config_command(argv, prog="chipo sft", example=EXAMPLE, config_cls=SFTConfig,
                           description="Supervised fine-tuning of a causal LM on prompt/completion data.",
-                          runner="chipo.train.sft:run_sft", saved="model")
+                          runner="chipo.train.sft:run_sft", saved="model", groups=GROUPS)

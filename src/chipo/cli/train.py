@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chipo.cli.main import config_command
+from chipo.train.common import TrainerConfig
 from chipo.train.config import PreferenceConfig
 
 EXAMPLE = """example:
@@ -11,8 +12,10 @@ EXAMPLE = """example:
   accelerate launch --num_processes 8 -m chipo.cli.main train --config run.yaml
 """
 
+GROUPS = {"preference training (chipo)": PreferenceConfig, "data and sequences (chipo)": TrainerConfig}
+
 
 def main(argv: list[str]) -> int:
     return config_command(argv, prog="chipo train", example=EXAMPLE, config_cls=PreferenceConfig,
                           description="Preference-train a causal LM with chiPO, DPO or a variant.",
-                          runner="chipo.train.run:run_training", saved="model")
+                          runner="chipo.train.run:run_training", saved="model", groups=GROUPS)

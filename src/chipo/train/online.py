@@ -46,6 +46,7 @@ from chipo.train.common import check_output_dir
 from chipo.train.online_config import OnlineConfig
 from chipo.train.online_sampling import as_int64, sample, stream_key, uniforms
 from chipo.train.pairwise import NonFiniteError
+from chipo.train.rundir import checkpoint_note
 
 logger = logging.getLogger("chipo")
 
@@ -213,11 +214,11 @@ class OnlineTrainer:
         bad = acc.reduce(torch.tensor([float(not torch.isfinite(losses).all())], device=acc.device), "sum")
         if bad.item():
             raise NonFiniteError(f"non-finite online loss at step {step + 1}; stopping before the optimizer step, "
-                                 f"the last good checkpoint is kept in {self.out}")
+                                 f"{checkpoint_note(self.out)}")
         grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm or float("inf"))
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             raise NonFiniteError(f"non-finite gradient at step {step + 1}; stopping before the optimizer step, "
-                                 f"the last good checkpoint is kept in {self.out}")
+                                 f"{checkpoint_note(self.out)}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.labels += cfg.prompts_per_step

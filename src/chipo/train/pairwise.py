@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
+from chipo.train.rundir import checkpoint_note
+
 
 class NonFiniteError(RuntimeError):
     """A NaN or inf reached the loss or the gradients; training stops before the optimizer sees it."""
@@ -32,8 +34,7 @@ class NonFiniteGradientGuard(TrainerCallback):
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
             raise NonFiniteError(f"non-finite gradient at optimizer step {state.global_step + 1} in "
-                                 f"{len(bad)} parameter(s), first: {bad[0]}; the last good checkpoint is kept "
-                                 f"in {args.output_dir}")
+                                 f"{len(bad)} parameter(s), first: {bad[0]}; {checkpoint_note(args.output_dir)}")
 
 
 class PairwiseTrainer(Trainer):
@@ -60,8 +61,8 @@ class PairwiseTrainer(Trainer):
         if not torch.isfinite(losses).all():
             rows = inputs["row"][~torch.isfinite(losses)].tolist() if "row" in inputs else "?"
             raise NonFiniteError(f"non-finite loss at optimizer step {self.state.global_step + 1} (dataset rows "
-                                 f"{rows}); stopping before the optimizer step, the last good checkpoint is kept "
-                                 f"in {self.args.output_dir}")
+                                 f"{rows}); stopping before the optimizer step; "
+                                 f"{checkpoint_note(self.args.output_dir)}")
         self._record(metrics, "train" if model.training else "eval")
         loss = losses.mean()
         return (loss, metrics) if return_outputs else loss

@@ -58,6 +58,7 @@ from chipo.rewards import score_checked
 from chipo.sequences import batch_sequence_logps, response_batch, sequence_logps
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
+from chipo.train.rundir import checkpoint_note
 
 logger = logging.getLogger("chipo")
 
@@ -223,13 +224,13 @@ class RLTrainer:
         totals, (top,) = self._reduce([*sums, float(sum(lengths)), float(sum(finished)), float(len(lengths))],
                                       [log_ratio_max])
         if not math.isfinite(totals[0]):
-            raise NonFiniteError(f"non-finite RL loss at step {step + 1}; stopping before the optimizer step, the "
-                                 f"last good checkpoint is kept in {self.out}")
+            raise NonFiniteError(f"non-finite RL loss at step {step + 1}; stopping before the optimizer step; "
+                                 f"{checkpoint_note(self.out)}")
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-            raise NonFiniteError(f"non-finite gradient at step {step + 1}; stopping before the optimizer step, the "
-                                 f"last good checkpoint is kept in {self.out}")
+            raise NonFiniteError(f"non-finite gradient at step {step + 1}; stopping before the optimizer step; "
+                                 f"{checkpoint_note(self.out)}")
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

@@ -335,3 +335,20 @@ def open_run(out: str | os.PathLike, config, *, resume: str | None, overwrite: b
 def final_model_saved(out: str | os.PathLike) -> bool:
     """The final model of a finished run was saved completely (``RunDir.mark_finished`` ran after it)."""
     return (Path(out) / DONE).is_file()
+
+
+def checkpoint_note(output_dir: str | os.PathLike) -> str:
+    """For a run that stops on an error: where its last checkpoint is, or that it has none yet.
+
+    Counts the newest ``checkpoint-<step>`` that is complete for Trainer (``latest_complete_checkpoint``) or was
+    renamed into place by the accelerate loops (``chipo rl`` / ``chipo online`` write under a temporary name).
+    """
+    out = Path(output_dir)
+    latest = latest_complete_checkpoint(out)
+    if latest is None and out.is_dir():
+        steps = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))
+                 and not (p / "trainer_state.json").exists() and any(p.iterdir())]
+        latest = max(steps)[1] if steps else None
+    if latest is None:
+        return f"no checkpoint was saved yet in {out}"
+    return f"the last good checkpoint is {latest}"

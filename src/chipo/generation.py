@@ -47,6 +47,7 @@ class Samples:
     finished: list[bool]
     prompts: list[str] = field(default_factory=list)  # prompt texts, when known
     settings: dict = field(default_factory=dict)
+    prompt_ids: list[list[int]] = field(default_factory=list)  # token ids of each prompt, when known
 
     def lengths(self) -> np.ndarray:
         """Response length in tokens, EOS excluded."""
@@ -150,7 +151,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], num_per_prompt: i
     samples = generate(model, tokenizer, prompt_ids, num_per_prompt, max_new_tokens=settings.max_new_tokens,
                        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                        batch_size=settings.batch_size, seed=settings.seed, progress=progress, desc=desc)
-    samples.prompts, samples.settings = list(prompts), settings.as_dict()
+    samples.prompts, samples.settings, samples.prompt_ids = list(prompts), settings.as_dict(), prompt_ids
     return samples
 
 

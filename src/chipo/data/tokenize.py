@@ -167,7 +167,13 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
     out = {"row": indices, **{name: [] for name in ID_COLUMNS}, _PROMPT_CUT: [], _RESPONSES_CUT: []}
     if not indices:
         return out
-    if fmt == STANDARD:
+    if fmt == STANDARD and SAMPLED_ID_COLUMNS[0] in batch:
+        # Rows written from samples (chipo lab generate-prefs) carry the token ids as sampled: use them, so the pair
+        # is exactly what pi_ref drew (decoding and re-tokenizing text can change tokens, and an unfinished
+        # response has no EOS to add).
+        prompts, chosen, rejected = ([_token_list(batch[name][i], row, name) for i, row in enumerate(indices)]
+                                     for name in SAMPLED_ID_COLUMNS)
+    elif fmt == STANDARD:
         prompts = text_ids(tokenizer, batch["prompt"], add_special_tokens=True)
         chosen = [ids + [eos_id] for ids in text_ids(tokenizer, batch["chosen"])]
         rejected = [ids + [eos_id] for ids in text_ids(tokenizer, batch["rejected"])]
@@ -184,6 +190,18 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
         out[_PROMPT_CUT].append(int(prompt_cut))
         out[_RESPONSES_CUT].append(int(len(chosen_ids) > budget) + int(len(rejected_ids) > budget))
     return out
+
+
+SAMPLED_ID_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
+"""Optional columns of standard rows: token ids exactly as sampled (prompt with its special tokens; responses with
+EOS only when the sample finished). When present they are used instead of tokenizing the text."""
+
+
+def _token_list(value, row: int, field: str) -> list[int]:
+    ids = value.tolist() if hasattr(value, "tolist") else value
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+        raise DataError("", "expected a non-empty list of token ids (non-negative integers)", row=row, field=field)
+    return ids
 
 
 def truncate_prompt(prompt: list[int], row: int, max_length: int, max_prompt_length: int | None,

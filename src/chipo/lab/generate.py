@@ -68,7 +68,9 @@ def generate_preferences(model, tokenizer, prompts: Sequence[str], gold, *, pair
                          desc: str = "sampling preference pairs") -> tuple[list[dict], PreferenceStats]:
     """Preference rows by the paper's data process: two samples of ``model`` (pi_ref) per pair, BT-labelled by ``gold``.
 
-    Pairs with an empty response are dropped (a preference row needs two non-empty responses) and counted.
+    Pairs with an empty response are dropped (a preference row needs two non-empty responses) and counted. Rows
+    carry the sampled token ids (``prompt_token_ids``, ``chosen_token_ids``, ``rejected_token_ids``; a response
+    has its EOS only when it finished), which ``chipo.data`` trains on instead of re-tokenizing the text.
     """
     samples = sample_responses(model, tokenizer, prompts, 2 * pairs_per_prompt, settings, desc=desc,
                                progress=progress)
@@ -85,9 +87,12 @@ def generate_preferences(model, tokenizer, prompts: Sequence[str], gold, *, pair
         c, r = (i, j) if first_wins else (j, i)
         identical += samples.texts[c] == samples.texts[r]
         agree += 1.0 if rewards[c] > rewards[r] else 0.5 if rewards[c] == rewards[r] else 0.0
+        # The sampled token ids travel with the text, so training uses exactly the tokens pi_ref drew.
         rows.append({"prompt": samples.prompts[samples.prompt_index[i]], "chosen": samples.texts[c],
                      "rejected": samples.texts[r], "gold_chosen": float(rewards[c]),
-                     "gold_rejected": float(rewards[r]), "p_label": float(p if first_wins else 1.0 - p)})
+                     "gold_rejected": float(rewards[r]), "p_label": float(p if first_wins else 1.0 - p),
+                     "prompt_token_ids": samples.prompt_ids[samples.prompt_index[i]],
+                     "chosen_token_ids": samples.response_ids[c], "rejected_token_ids": samples.response_ids[r]})
     stats = PreferenceStats(
         pairs=len(rows), dropped_empty=dropped, identical_pairs=int(identical),
         label_agrees_with_gold=agree / max(len(rows), 1),

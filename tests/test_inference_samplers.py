@@ -97,18 +97,23 @@ def test_pessimism_converges_to_chi2_regularized_optimum():
     target = Q * regularized_weights(R, lam, beta)
     assert target.sum() == pytest.approx(1.0)
     assert np.allclose(pessimism_distribution(Q, R, 200, beta, r_max), target, atol=1e-12)
-    # the chi2 optimum (field notes): pi/pi_ref = max(0, 1 + (r - lambda')/beta), here with lambda' = lam
+    # the chi2 optimum: pi/pi_ref = max(0, 1 + (r - lambda')/beta), here with lambda' = lam
     assert np.allclose(target / Q, np.maximum(0.0, 1 + (R - lam) / beta))
     # and it is the maximiser: any small feasible perturbation lowers the regularised objective
     def objective(p):
         return p @ R - beta * 0.5 * np.sum(Q * (p / Q - 1) ** 2)
+    # Perturbations that stay feasible by construction: mass moves only among responses in the optimum's
+    # support, summing to zero, small enough to keep every probability non-negative.
     rng = np.random.default_rng(3)
+    support = target > 1e-9
+    assert support.sum() >= 2
+    step = 0.5 * target[support].min()
     for _ in range(50):
-        d = rng.normal(size=4)
-        d -= d.mean()
-        p = target + 1e-3 * d
-        if (p >= 0).all():
-            assert objective(p) <= objective(target) + 1e-12
+        d = np.where(support, rng.normal(size=4), 0.0)
+        d[support] -= d[support].mean()
+        p = target + step * d / np.abs(d).max()
+        assert (p >= 0).all() and p.sum() == pytest.approx(1.0)
+        assert objective(p) < objective(target)
     # sampled lambda (step 1 of the algorithm) with many samples gives nearly the same law
     rng = np.random.default_rng(4)
     draws, n = 3000, 300

@@ -142,3 +142,21 @@ def test_real_process_exit_code_and_help(tiny_dir, tmp_path):
     helped = subprocess.run([sys.executable, "-m", "chipo.cli.main", "train", "--help"], capture_output=True,
                             text=True)
     assert helped.returncode == 0 and "beta (float" in helped.stdout and "r_max" in helped.stdout
+
+
+def test_a_full_or_read_only_disk_is_one_line_exit_2(tiny_dir, tmp_path, monkeypatch, capsys):
+    """An OSError while writing the run (disk full here; read-only behaves the same) is one line naming the reason
+    and the path, exit 2 -- not a traceback. (As root, chmod cannot make a directory read-only, so the error is
+    injected where the run writes its first file.)"""
+    import errno
+
+    import chipo.train.run as run
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run, "atomic_write_text", full)
+    out = tmp_path / "out"
+    assert _train(tiny_dir, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"chipo: error: No space left on device ({out / 'run_config.yaml'})"

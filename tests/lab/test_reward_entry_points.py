@@ -90,3 +90,14 @@ def test_lab_gold_rl_reward_and_best_of_n_score_as_the_rule_says(rm, tiny_world,
     selection = sample_with_mode(policy, tokenizer, prompts, mode="bon", n=3, reward=load_scorer(str(rm)),
                                  max_new_tokens=4, seed=0)
     np.testing.assert_allclose(selection.proxy_rewards, by_hand(prompts, selection.texts), rtol=1e-5, atol=1e-6)
+
+
+def test_world_judge_on_prompts_outside_the_world_is_one_line(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "hello there", "a": "x y", "b": "z"}) + "\n")
+    out = tmp_path / "out.json"
+    assert chipo(["judge", "--pairs", str(pairs), "--judge", "reward-model", "model=world", "--output",
+                  str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chipo: error: scorer 'world' scores only the embedded world's")
+    assert not out.exists()

@@ -45,6 +45,7 @@ def _epilog() -> str:
 
 
 def main(argv: list[str]) -> int:
+    import chipo.lab  # noqa: F401 -- registers the lab\'s scorers (world, world:DIR) for reward/judge specs
     from chipo.judges import JUDGE_CONFIGS, JudgeError
 
     parser = build_parser("chipo judge", "Pairwise win rate of responses a over b with an LLM or reward-model "

@@ -26,6 +26,7 @@ labels/ties, response_length and grad_norm.
 
 
 def main(argv: list[str]) -> int:
+    import chipo.lab  # noqa: F401 -- registers the lab\'s scorers (world, world:DIR) for reward/judge specs
     from chipo.judges import JudgeError
 
     if any(a.split("=", 1)[0] == "judge" and a.split("=", 1)[-1].split(":")[0] == "world" for a in argv):

@@ -27,6 +27,8 @@ GROUPS = {"online RL (chipo)": RLConfig}
 
 
 def main(argv: list[str]) -> int:
+    import chipo.lab  # noqa: F401 -- registers the lab\'s scorers (world, world:DIR) for reward/judge specs
+
     return config_command(argv, prog="chipo rl", example=EXAMPLE, config_cls=RLConfig,
                           description="Online RL (RLOO) against a reward, regularised by KL, chi2 or chi2 + KL.",
                           runner="chipo.train.rl:run_rl", saved="policy", groups=GROUPS)

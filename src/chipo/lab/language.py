@@ -275,7 +275,13 @@ class WorldScorer:
         self.name = "world"
 
     def score(self, prompts, responses) -> np.ndarray:
-        return np.array([self.language.gold_text(p, r) for p, r in zip(prompts, responses, strict=True)])
+        try:
+            return np.array([self.language.gold_text(p, r) for p, r in zip(prompts, responses, strict=True)])
+        except ValueError as e:  # a prompt from outside the world: the user's input, not a bug
+            from chipo.config import ConfigError
+
+            raise ConfigError(f"scorer 'world' scores only the embedded world's prompts ('t<topic> s<style>'): "
+                              f"{e}") from None
 
     def exact_partition(self, model, tokenizer, prompts):
         """(log pi [P, C], rewards [P, C], well-formed [P, C]) on a partition of all sequences (module docstring)."""

@@ -23,10 +23,9 @@ def prepare_rows(config: PreferenceConfig, tokenizer, dataset, source: str):
     """Validate and tokenize raw preference rows (any TRL format; a ``datasets.Dataset`` or a list of dicts)."""
     if isinstance(dataset, list):
         dataset = hf_datasets.Dataset.from_list(dataset)
-    prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
+    prepared, _ = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
                                                  max_prompt_length=config.max_prompt_length, num_proc=config.num_proc,
                                                  drop_ties=config.drop_ties)
-    logger.info("%s: %s", source, stats)
     return prepared
 
 
@@ -44,13 +43,17 @@ def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str |
 
 
 def apply_lora(model, config: PreferenceConfig):
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
     targets = config.lora_target_modules
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collator, impl: str) -> dict:

@@ -110,14 +110,13 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
                 raise DataError(source, f"margin must be a finite number, got {value!r}", row=row,
                                 field=config.margin_column)
     try:
-        prepared, stats = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
-                                                     max_prompt_length=config.max_prompt_length,
-                                                     num_proc=config.num_proc)
+        prepared, _ = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
+                                                 max_prompt_length=config.max_prompt_length, num_proc=config.num_proc,
+                                                 drop_ties=getattr(config, "drop_ties", False))
     except ValueError as e:
         if isinstance(e, DataError):
             raise
         raise ConfigError(str(e)) from None
-    logger.info("%s[%s]: %s", source, split, stats)
     if margins is not None:
         prepared = prepared.add_column("margin", [float(margins[r]) for r in prepared["row"]])
     return prepared

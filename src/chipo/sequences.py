@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from chipo.data.collator import right_pad
 from chipo.logprobs import logprobs_from_hidden, logprobs_from_logits, sequence_logprobs
 
+LOGPROB_IMPLS = ("auto", "fused", "logits")
+"""Ways to compute sequence log-probs (``batch_sequence_logps``); 'auto' picks per model (``choose_logprobs_impl``)."""
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers

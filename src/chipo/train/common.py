@@ -34,6 +34,36 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
+def check_common_arguments(args: TrainingArguments) -> None:
+    """Checks every chipo config shares, before TrainingArguments validates itself: the seed's range, one mixed
+    precision, known loggers (``report_to`` as a comma-separated string too)."""
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"seed must lie in [0, 2**32), got {args.seed}")
+    if args.bf16 and args.fp16:
+        raise ConfigError("choose at most one of bf16 and fp16")
+    if isinstance(args.report_to, str):
+        args.report_to = [r.strip() for r in args.report_to.split(",") if r.strip()] or ["none"]
+    unknown = [r for r in (args.report_to or []) if r not in REPORTERS]
+    if unknown:
+        raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; valid: {', '.join(REPORTERS)}")
+    if args.report_to == ["none"]:
+        args.report_to = "none"
+
+
+def finish_training_arguments(args: TrainingArguments, base: type) -> None:
+    """CPU-only machines get ``use_cpu`` (so ``accelerate launch`` sets up gloo DDP) and no pinned memory; then
+    ``base.__post_init__`` (TrainingArguments) runs, its errors as one-line ``ConfigError``s."""
+    if not _has_accelerator():
+        args.use_cpu = True
+    args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+    try:
+        base.__post_init__(args)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, ImportError) as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+
+
 @dataclass
 class TrainerConfig(TrainingArguments):
     """Fields shared by the Trainer-based commands (see the subclasses for what ``dataset`` holds)."""
@@ -95,34 +125,15 @@ class TrainerConfig(TrainingArguments):
             if not 0.0 <= self.warmup_ratio < 1.0:
                 raise ConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
-        if self.bf16 and self.fp16:
-            raise ConfigError("choose at most one of bf16 and fp16")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ConfigError(f"max_train_samples must be at least 1, got {self.max_train_samples}")
-        if isinstance(self.report_to, str):
-            self.report_to = [r.strip() for r in self.report_to.split(",") if r.strip()] or ["none"]
-        unknown = [r for r in (self.report_to or []) if r not in REPORTERS]
-        if unknown:
-            raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; valid: {', '.join(REPORTERS)}")
-        if self.report_to == ["none"]:
-            self.report_to = "none"
+        check_common_arguments(self)
         # chipo's run-level conveniences, mapped onto TrainingArguments before it validates itself.
         if (self.eval_split or self.eval_dataset) and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
             self.eval_strategy = "steps" if self.eval_steps else "epoch"
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
-        # Without an accelerator, use_cpu makes accelerate set up gloo DDP under torchrun / accelerate launch.
-        if not _has_accelerator():
-            self.use_cpu = True
-        self.dataloader_pin_memory = self.dataloader_pin_memory and torch.cuda.is_available()
-        try:
-            super().__post_init__()
-        except ConfigError:
-            raise
-        except (ValueError, TypeError, ImportError) as e:
-            raise ConfigError(" ".join(str(e).split())) from None
+        finish_training_arguments(self, TrainingArguments)
 
 
 def check_output_dir(config) -> Path:

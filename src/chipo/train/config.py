@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from chipo.config import ConfigError, _field
 from chipo.losses import loss_names, resolve_options
+from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import TrainerConfig
 
 REFERENCE_MODES = ("precompute", "model")
-LOGPROB_IMPLS = ("auto", "fused", "logits")
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,7 +41,9 @@ from chipo.losses.online import nash_md_loss, preference_probability, sample_lab
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, response_batch
+from chipo.train import loop
 from chipo.train.common import check_output_dir
+from chipo.train.loop import prompt_order
 from chipo.train.online_config import OnlineConfig
 from chipo.train.online_sampling import as_int64, sample, stream_key, uniforms
 from chipo.train.pairwise import NonFiniteError
@@ -50,7 +51,7 @@ from chipo.train.rundir import checkpoint_note
 
 logger = logging.getLogger("chipo")
 
-__all__ = ["GENERAL_PROMPT", "OnlineConfig", "OnlineTrainer", "PreferenceOracle", "list_checkpoints", "run_online"]
+__all__ = ["GENERAL_PROMPT", "OnlineConfig", "OnlineTrainer", "PreferenceOracle", "run_online"]
 
 GENERAL_PROMPT = PairwisePrompt(
     version="general-pairwise-v1",
@@ -101,7 +102,6 @@ class PreferenceOracle:
 
 # ------------------------------------------------------------------------------------------------- the trainer
 
-_STATE = "online_state.json"
 
 
 class OnlineTrainer:
@@ -125,13 +125,7 @@ class OnlineTrainer:
 
     # --- data order and randomness: functions of (seed, step, position) only
     def batch_indices(self, step: int) -> list[int]:
-        n, size = len(self.prompt_ids), self.config.prompts_per_step
-        out = []
-        for position in range(step * size, (step + 1) * size):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-            out.append(int(order[offset]))
-        return out
+        return prompt_order(len(self.prompt_ids), self.config.prompts_per_step, self.config.seed, step)
 
     def _local_positions(self) -> range:
         per = self.config.prompts_per_step // self.accelerator.num_processes
@@ -245,33 +239,13 @@ class OnlineTrainer:
 
     # --- checkpoints
     def save_checkpoint(self, step: int) -> Path:
-        """accelerate state + step + labels in ``checkpoint-<step>``: written to a hidden directory, then renamed."""
-        acc, final = self.accelerator, self.out / f"checkpoint-{step}"
-        tmp = self.out / f".checkpoint-{step}.tmp"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / _STATE).write_text(json.dumps({"step": step, "labels": self.labels}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            limit = self.config.save_total_limit
-            for old in (list_checkpoints(self.out)[:-limit] if limit else []):
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        """accelerate state + step + labels spent in ``checkpoint-<step>`` (``chipo.train.loop``)."""
+        return loop.save_checkpoint(self.accelerator, self.out, step, {"labels": self.labels},
+                                    self.config.save_total_limit)
 
     def load_state(self, checkpoint: Path) -> None:
-        self.accelerator.load_state(str(checkpoint))
-        state = json.loads((Path(checkpoint) / _STATE).read_text())
+        state = loop.load_checkpoint(self.accelerator, checkpoint, self.out / "metrics.jsonl")
         self.step, self.labels = int(state["step"]), int(state["labels"])
-        metrics = self.out / "metrics.jsonl"
-        if self.accelerator.is_main_process and metrics.is_file():  # drop lines logged after the checkpoint
-            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     # --- the loop
     def train(self) -> None:
@@ -309,12 +283,6 @@ class OnlineTrainer:
         self.accelerator.wait_for_everyone()
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete ``checkpoint-<step>`` directories, oldest first."""
-    found = [p for p in Path(out).glob("checkpoint-*") if (p / _STATE).is_file() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
-
-
 def run_online(config: OnlineConfig) -> Path:
     """Run ``chipo online``: validate everything, then train; returns the output directory with the final policy."""
     from accelerate import Accelerator
@@ -336,14 +304,7 @@ def run_online(config: OnlineConfig) -> Path:
         except Exception as e:  # noqa: BLE001 -- any failure of user code becomes one config error line
             raise ConfigError(f"judge {oracle.name} failed on a test pair: {e}") from None
     out = check_output_dir(config)
-    resume = None
-    if config.resume_from_checkpoint:
-        resume = (list_checkpoints(out)[-1:] or [None])[0] if config.resume_from_checkpoint == "latest" \
-            else Path(config.resume_from_checkpoint)
-        if resume is None:
-            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
-        elif not (resume / _STATE).is_file():
-            raise ConfigError(f"{resume} is not a chipo online checkpoint (no {_STATE})")
+    resume = loop.resolve_resume(config.resume_from_checkpoint, out, "online")
     torch.manual_seed(config.seed)
     policy = load_causal_lm(config.policy)
     ref = load_causal_lm(config.ref_model or config.policy)  # pi_ref: the initial policy, also on resume

@@ -13,12 +13,12 @@ from chipo.config import ConfigError, _field
 from chipo.divergences import EXP_CLAMP
 from chipo.losses import loss_names, resolve_options
 from chipo.losses.online import LABEL_MODES
+from chipo.sequences import LOGPROB_IMPLS
 
 NASH_MD = "nash-md"
 EXPLORATIONS = ("none", "xpo")
 REGULARIZERS = ("kl", "chi2", "chi2mix")
 JUDGE_PROMPTS = ("general", "tldr")
-LOGPROB_IMPLS = ("auto", "fused", "logits")
 PRECISIONS = ("no", "bf16", "fp16")
 
 

@@ -56,6 +56,7 @@ from chipo.generation import encode_prompts, generate
 from chipo.losses.rloo import exact_objective, rl_penalty, rloo_advantages, rloo_loss
 from chipo.rewards import score_checked
 from chipo.sequences import batch_sequence_logps, response_batch, sequence_logps
+from chipo.train.loop import prompt_order
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
 from chipo.train.rundir import checkpoint_note
@@ -140,14 +141,8 @@ class RLTrainer:
 
     # --- data order and seeds: functions of (seed, step, position) only
     def batch_indices(self, step: int) -> list[int]:
-        """Prompt indices of step ``step``'s global batch: consecutive slices of one seeded permutation per pass."""
-        n, size = len(self.prompts), self.config.prompts_per_step
-        out = []
-        for position in range(step * size, (step + 1) * size):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-            out.append(int(order[offset]))
-        return out
+        """Prompt indices of step ``step``'s global batch (``chipo.train.loop.prompt_order``)."""
+        return prompt_order(len(self.prompts), self.config.prompts_per_step, self.config.seed, step)
 
     def local_positions(self, total: int, even: bool) -> range:
         """This process's contiguous share of ``total`` batch positions (equal shares when ``even``)."""

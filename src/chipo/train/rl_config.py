@@ -21,11 +21,11 @@ from transformers import TrainingArguments
 
 from chipo.config import ConfigError, _field
 from chipo.divergences import EXP_CLAMP
-from chipo.train.common import REPORTERS, _has_accelerator
+from chipo.losses.rloo import ESTIMATORS
+from chipo.sequences import LOGPROB_IMPLS
+from chipo.train.common import check_common_arguments, finish_training_arguments
 
 REGULARIZERS = ("kl", "chi2", "chi2mix")
-ESTIMATORS = ("k1", "k3")
-LOGPROB_IMPLS = ("auto", "fused", "logits")
 
 
 def interval(value: float | None, max_steps: int) -> int:
@@ -140,31 +140,13 @@ class RLConfig(TrainingArguments):
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.logprobs_impl not in LOGPROB_IMPLS:
             raise ConfigError(f"logprobs_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprobs_impl!r}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
-        if self.bf16 and self.fp16:
-            raise ConfigError("choose at most one of bf16 and fp16")
         for name in ("save_strategy", "eval_strategy", "logging_strategy"):
             if str(getattr(self, name)).split(".")[-1].lower() in ("epoch", "best"):
                 raise ConfigError(f"{name} must be 'steps' or 'no' (chipo rl counts steps, not epochs)")
-        if isinstance(self.report_to, str):
-            self.report_to = [r.strip() for r in self.report_to.split(",") if r.strip()] or ["none"]
-        unknown = [r for r in (self.report_to or []) if r not in REPORTERS]
-        if unknown:
-            raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; valid: {', '.join(REPORTERS)}")
-        if self.report_to == ["none"]:
-            self.report_to = "none"
+        check_common_arguments(self)
         if self.eval_steps and str(self.eval_strategy).split(".")[-1].lower() == "no":
             self.eval_strategy = "steps"
-        # Without an accelerator, use_cpu makes accelerate set up gloo DDP under torchrun / accelerate launch.
-        if not _has_accelerator():
-            self.use_cpu = True
-        try:
-            super().__post_init__()
-        except ConfigError:
-            raise
-        except (ValueError, TypeError, ImportError) as e:
-            raise ConfigError(" ".join(str(e).split())) from None
+        finish_training_arguments(self, TrainingArguments)
 
     # --- step intervals as integers (0: never)
     def every(self, what: str) -> int:

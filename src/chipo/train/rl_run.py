@@ -4,19 +4,17 @@ Everything that can fail on bad input (config, tokenizer, prompts, rewards, mode
 the batch over processes) is checked before the output directory is touched, so a rejected run writes nothing.
 
 Checkpoints are ``accelerate`` states (``save_state``: policy, optimizer, RNG states of every process, the
-learning-rate scheduler) plus ``rl_state.json`` (the step), in ``output_dir/checkpoint-<step>``. Every process
-writes into ``.checkpoint-<step>.partial``; once all are done the main process renames it into place, so a run
-killed mid-save (even with SIGKILL) leaves no ``checkpoint-*`` directory that ``resume_from_checkpoint=latest``
-could pick half-written. Older checkpoints beyond ``save_total_limit`` are then removed, oldest first.
+learning-rate scheduler) plus the step, in ``output_dir/checkpoint-<step>``, written atomically by
+``chipo.train.loop`` (shared with ``chipo online``): a run killed mid-save (even with SIGKILL) leaves no
+``checkpoint-*`` directory that ``resume_from_checkpoint=latest`` could pick half-written. Older checkpoints beyond
+``save_total_limit`` are then removed, oldest first.
 Sampling and prompt order depend only on (seed, step, position), so a resumed run retraces the uninterrupted one;
 on resume, metrics.jsonl lines past the checkpoint's step (logged by the interrupted run) are dropped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -24,87 +22,32 @@ import torch
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data.prompts import load_prompts
-from chipo.io import atomic_write_text, staged_into, write_json
+from chipo.io import atomic_write_text, staged_into
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import choose_logprobs_impl, response_batch
+from chipo.train import loop
 from chipo.train.common import check_output_dir
 from chipo.train.rl import PromptSet, RLTrainer
 from chipo.train.rl_config import RLConfig
 
 logger = logging.getLogger("chipo")
 
-STATE_FILE = "rl_state.json"
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete ``checkpoint-<step>`` directories, oldest first."""
-    found = [p for p in Path(out).glob("checkpoint-*") if p.name[11:].isdigit() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
 
 
 def save_checkpoint(trainer: RLTrainer) -> Path:
-    """``checkpoint-<step>``, written under a temporary name by every process and renamed by the main one."""
-    acc, out, step = trainer.accelerator, Path(trainer.out), trainer.step
-    final, partial = out / f"checkpoint-{step}", out / f".checkpoint-{step}.partial"
-    if acc.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    acc.wait_for_everyone()
-    acc.save_state(str(partial))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_json(partial / STATE_FILE, {"step": step, "num_processes": acc.num_processes})
-        if final.exists():  # a rerun of this step: the old one goes only once the new one is complete
-            os.replace(final, out / f".checkpoint-{step}.old")
-            shutil.rmtree(out / f".checkpoint-{step}.old")
-        os.replace(partial, final)
-        limit = trainer.config.save_total_limit
-        if limit is not None:
-            for old in list_checkpoints(out)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
+    """``checkpoint-<step>`` of the RL run (``chipo.train.loop.save_checkpoint``)."""
+    return loop.save_checkpoint(trainer.accelerator, trainer.out, trainer.step, {}, trainer.config.save_total_limit)
 
 
 def load_checkpoint(trainer: RLTrainer, checkpoint: Path) -> None:
     """Restore policy, optimizer, scheduler, RNG states and the step; drop metric lines logged after it."""
-    trainer.accelerator.load_state(str(checkpoint))
-    trainer.step = int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
-    if trainer.accelerator.is_main_process:
-        _truncate_metrics(Path(trainer.out) / "metrics.jsonl", trainer.step)
-    trainer.accelerator.wait_for_everyone()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the log lines up to ``step`` (a line cut short by a kill is dropped too)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if line.strip() and json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    trainer.step = int(loop.load_checkpoint(trainer.accelerator, checkpoint, Path(trainer.out) / "metrics.jsonl")
+                       ["step"])
 
 
 def _prompt_set(tokenizer, source: str, split: str, limit: int | None, max_prompt_length: int | None) -> PromptSet:
     return PromptSet(tokenizer, load_prompts(source, split, limit).prompts, source, max_prompt_length)
-
-
-def _resolve_resume(config: RLConfig, out: Path) -> Path | None:
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        found = list_checkpoints(out)
-        if not found:
-            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
-        return found[-1] if found else None
-    path = Path(config.resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"resume_from_checkpoint {path} is not a chipo rl checkpoint (no {STATE_FILE})")
-    return path
 
 
 def _accelerator(config: RLConfig):
@@ -163,7 +106,7 @@ def run_rl(config: RLConfig, eval_callback=None) -> Path:
             except Exception as e:  # noqa: BLE001 -- any failure of user code becomes one config error line
                 raise ConfigError(f"{name} {getattr(scorer, 'name', '')} failed on a test pair: {e}") from None
     out = check_output_dir(config)
-    resume = _resolve_resume(config, out)
+    resume = loop.resolve_resume(config.resume_from_checkpoint, out, "rl")
     torch.manual_seed(config.seed)
     policy = load_causal_lm(config.policy)  # on resume, load_state then restores the trained weights
     ref = load_causal_lm(config.ref_model or config.policy)  # pi_ref: the *initial* policy, also on resume

@@ -1,0 +1,92 @@
+"""What the ``accelerate`` loops of ``chipo rl`` and ``chipo online`` share: the prompt order, checkpoints written
+atomically with ``save_state``, and resume.
+
+Both sample from the current policy, so they are not ``transformers.Trainer`` runs; they still get DDP / DeepSpeed
+from ``accelerate launch``. A checkpoint is ``checkpoint-<step>``: every process writes its part of the
+accelerate state into a hidden directory, the main process adds ``loop_state.json`` (the step and what else the
+loop needs) and renames it into place, so a kill during a save never leaves a checkpoint that ``latest`` picks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from chipo.config import ConfigError
+from chipo.io import read_json, write_json
+from chipo.train.rundir import CHECKPOINT, truncate_metrics
+
+logger = logging.getLogger("chipo")
+
+STATE_FILE = "loop_state.json"
+
+
+def prompt_order(n: int, size: int, seed: int, step: int) -> list[int]:
+    """Prompt indices of step ``step``'s global batch of ``size``: consecutive slices of one seeded permutation of
+    the ``n`` prompts per pass, so the order depends only on (seed, step) and a resumed run retraces it."""
+    out = []
+    for position in range(step * size, (step + 1) * size):
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(order[offset]))
+    return out
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete ``checkpoint-<step>`` directories of a loop run, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(out).glob("checkpoint-*")
+             if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(accelerator, out: str | os.PathLike, step: int, state: dict, total_limit: int | None) -> Path:
+    """``checkpoint-<step>`` (accelerate state + ``state``), atomically; keeps the newest ``total_limit``."""
+    out = Path(out)
+    final, partial = out / f"checkpoint-{step}", out / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(partial / STATE_FILE, {**state, "step": step, "num_processes": accelerator.num_processes})
+        if final.exists():  # a rerun of this step: the old one goes only once the new one is complete
+            old = out / f".checkpoint-{step}.old"
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(partial, final)
+        if total_limit:
+            for stale in list_checkpoints(out)[:-total_limit]:
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: str | os.PathLike, metrics: str | os.PathLike) -> dict:
+    """Restore the accelerate state; returns the saved loop state and cuts ``metrics`` back to its step."""
+    accelerator.load_state(str(checkpoint))
+    state = read_json(Path(checkpoint) / STATE_FILE) or {}
+    if accelerator.is_main_process:
+        truncate_metrics(metrics, int(state["step"]))
+    accelerator.wait_for_everyone()
+    return state
+
+
+def resolve_resume(resume: str | None, out: str | os.PathLike, command: str) -> Path | None:
+    """``resume_from_checkpoint``: None, 'latest' (the newest complete checkpoint, None with a warning when there
+    is none yet) or a checkpoint directory of this command (``ConfigError`` otherwise)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(out)
+        if not found:
+            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"resume_from_checkpoint {path} is not a chipo {command} checkpoint (no {STATE_FILE})")
+    return path

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from chipo.data.tokenize import clean_messages
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -64,8 +66,7 @@ def prompt_text(tokenizer, prompt) -> tuple[str, bool]:
         return prompt, False
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("conversational prompts need a tokenizer with a chat template")
-    messages = [{k: v for k, v in m.items() if v is not None} for m in prompt]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return tokenizer.apply_chat_template(clean_messages(prompt), tokenize=False, add_generation_prompt=True), True
 
 
 def encode_prompts(tokenizer, prompts: Sequence, max_prompt_length: int | None = None

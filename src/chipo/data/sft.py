@@ -41,7 +41,7 @@ from chipo.data.collator import _as_list, right_pad
 from chipo.data.errors import DataError
 from chipo.data.formats import describe, messages_problem, response_problem, text_problem
 from chipo.data.origin import RowLocator
-from chipo.data.tokenize import token_ids, truncate_prompt
+from chipo.data.tokenize import clean_messages, render_reply, text_ids, token_ids, truncate_prompt
 
 PROMPT_COMPLETION, CONVERSATIONAL, MESSAGES = "prompt_completion", "conversational", "messages"
 SFT_FORMATS = (PROMPT_COMPLETION, CONVERSATIONAL, MESSAGES)
@@ -163,8 +163,8 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
         return out
     eos = tokenizer.eos_token_id
     if fmt == PROMPT_COMPLETION:
-        prompts = token_ids(tokenizer, batch["prompt"], add_special_tokens=True)
-        completions = [ids + [eos] for ids in token_ids(tokenizer, batch["completion"])]
+        prompts = text_ids(tokenizer, batch["prompt"], add_special_tokens=True)
+        completions = [ids + [eos] for ids in text_ids(tokenizer, batch["completion"])]
     else:
         rendered = [_render(tokenizer, fmt, batch, i, row) for i, row in enumerate(indices)]
         prompts = token_ids(tokenizer, [p for p, _ in rendered])
@@ -185,26 +185,14 @@ def _encode_batch(batch: dict, indices: list[int], *, tokenizer, fmt: str, max_l
 def _render(tokenizer, fmt: str, batch: dict, i: int, row: int) -> tuple[str, str]:
     """(prompt text, completion text) of one conversational row, via the tokenizer's chat template."""
     if fmt == CONVERSATIONAL:
-        prompt, completion = _clean(batch["prompt"][i]), _clean(batch["completion"][i])
+        prompt, completion = clean_messages(batch["prompt"][i]), clean_messages(batch["completion"][i])
     else:
-        messages = _clean(batch["messages"][i])
+        messages = clean_messages(batch["messages"][i])
         prompt, completion = messages[:-1], messages[-1:]
     field = "completion" if fmt == CONVERSATIONAL else "messages"
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise DataError("", "the chat template does not extend the prompt: the rendered conversation does not start "
-                            "with the prompt rendered with add_generation_prompt=True", row=row, field=field)
-    text = full[len(prompt_text):]
-    if not text.strip():
-        raise DataError("", "empty completion after rendering the chat template", row=row, field=field)
-    return prompt_text, text
-
-
-def _clean(messages: list[dict]) -> list[dict]:
-    # Arrow stores messages as structs with the union of all keys, so a message without "name" comes back with
-    # "name": None; templates test `'name' in message`, so drop the None-valued keys again.
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+    return prompt_text, render_reply(tokenizer, prompt, prompt_text, completion, row=row, field=field,
+                                     what="completion")
 
 
 # ------------------------------------------------------------------------------------------------ batches

@@ -289,18 +289,12 @@ def _render_row(tokenizer, fmt: str, batch: dict, i: int, row: int):
         prompt, chosen, rejected, _ = split_implicit_prompt(batch["chosen"][i], batch["rejected"][i])
     else:
         raise ValueError(f"not a conversational format: {fmt!r}")
-    prompt = _clean(prompt)
+    prompt = clean_messages(prompt)
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     parts = [(prompt_text, [m["content"] for m in prompt], "prompt")]
     for field, response in (("chosen", chosen), ("rejected", rejected)):
-        response = _clean(response)
-        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-        if not full.startswith(prompt_text):
-            raise DataError("", "the chat template does not extend the prompt: the rendered conversation does not "
-                                "start with the prompt rendered with add_generation_prompt=True", row=row, field=field)
-        text = full[len(prompt_text):]
-        if not text.strip():
-            raise DataError("", "empty response after rendering the chat template", row=row, field=field)
+        response = clean_messages(response)
+        text = render_reply(tokenizer, prompt, prompt_text, response, row=row, field=field)
         parts.append((text, [m["content"] for m in response], field))
     for text, contents, field in parts:
         # A special-token string in content is kept as text by finding the content in the rendered text; a
@@ -311,10 +305,24 @@ def _render_row(tokenizer, fmt: str, batch: dict, i: int, row: int):
     return tuple((text, contents) for text, contents, _ in parts)
 
 
-def _clean(messages: list[dict]) -> list[dict]:
-    # Arrow stores a list of messages as structs with the union of all keys, so a message that had no "name" comes
-    # back with "name": None; templates test `'name' in message`, so drop the None-valued keys again.
+def clean_messages(messages: list[dict]) -> list[dict]:
+    """Messages without None-valued keys: Arrow stores a list of messages as structs with the union of all keys, so
+    a message that had no "name" comes back with "name": None, and templates test `'name' in message`."""
     return [{key: value for key, value in message.items() if value is not None} for message in messages]
+
+
+def render_reply(tokenizer, prompt: list[dict], prompt_text: str, reply: list[dict], *, row: int, field: str,
+                 what: str = "response") -> str:
+    """The text the chat template adds for ``reply`` after ``prompt`` (rendered with the generation prompt as
+    ``prompt_text``); ``DataError`` when the template does not extend the prompt or adds nothing."""
+    full = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError("", "the chat template does not extend the prompt: the rendered conversation does not start "
+                            "with the prompt rendered with add_generation_prompt=True", row=row, field=field)
+    text = full[len(prompt_text):]
+    if not text.strip():
+        raise DataError("", f"empty {what} after rendering the chat template", row=row, field=field)
+    return text
 
 
 def _with_eos(tokenizer, ids: list[int]) -> list[int]:

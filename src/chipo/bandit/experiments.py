@@ -38,6 +38,7 @@ from chipo.bandit._threads import single_thread  # noqa: E402
 from chipo.bandit.estimators import ESTIMATORS, estimator_policy, fit_rewards, sample_preferences  # noqa: E402
 from chipo.bandit.instances import Instance, kl_trap_instance, random_instance  # noqa: E402
 from chipo.bandit.optimum import OPTIMUM_DIVERGENCES, regularized_optimum  # noqa: E402
+from chipo.bandit.rates import bootstrap_rates  # noqa: E402
 
 METHODS = tuple(ESTIMATORS)
 LABELS = {"dpo": "DPO", "chipo": "chiPO", "kl_rlhf": "KL-RLHF", "chi2_rlhf": "chi2-RLHF"}
@@ -53,6 +54,8 @@ class Settings:
     seeds: int = 5
     tune_seeds: int = 3
     quick: bool = False
+    kl_trap_n: tuple[int, ...] | None = None
+    """Sample sizes of the kl_trap regret curve (None: the default grid)."""
 
     @property
     def beta_grid(self) -> np.ndarray:
@@ -163,7 +166,8 @@ def _regret_table(kind: str, n: int, seeds: range, betas: np.ndarray) -> dict[st
 def run_regret(settings: Settings) -> dict:
     """Regret vs n with tuned and theory beta, on the kl_trap instance and on random instances."""
     betas = settings.beta_grid
-    grids = {"kl_trap": [100, 1000] if settings.quick else [100, 300, 1000, 3000, 10000, 30000],
+    default_trap = [100, 1000] if settings.quick else [100, 300, 1000, 3000, 10000, 30000]
+    grids = {"kl_trap": list(settings.kl_trap_n) if settings.kl_trap_n else default_trap,
              "random": [100, 1000] if settings.quick else [100, 300, 1000, 3000, 10000]}
     tune = range(1000, 1000 + settings.tune_seeds)
     evaluate = range(settings.seeds)
@@ -172,7 +176,8 @@ def run_regret(settings: Settings) -> dict:
     bar = progress("regret", sum(len(ns) for ns in grids.values()))
     for kind, ns in grids.items():
         fam: dict = {"n": ns, "methods": {m: {"beta": [], "mean": [], "se": [], "theory_beta": [],
-                                             "theory_mean": [], "theory_se": [], "regC_mean": [], "chi2_mean": []}
+                                             "theory_mean": [], "theory_se": [], "regC_mean": [], "chi2_mean": [],
+                                             "per_seed": []}
                                          for m in METHODS}, "max_grad_norm": 0.0}
         example = _family(kind, 0)
         fam["instance"] = {"name": example.name, "X": example.n_contexts, "Y": example.n_actions,
@@ -197,12 +202,15 @@ def run_regret(settings: Settings) -> dict:
                 rec["theory_se"].append(float(th_se))
                 rec["regC_mean"].append(float(held[f"{m}@regC"][:, b].mean()))
                 rec["chi2_mean"].append(float(held[f"{m}@chi2"][:, b].mean()))
+                rec["per_seed"].append(held[m][:, b].tolist())
             bar.set_postfix_str(f"{kind} n={n}")
             bar.update()
         for m in METHODS:
             rec = fam["methods"][m]
             rec["slope"] = loglog_slope(ns, rec["mean"])
             rec["theory_slope"] = loglog_slope(ns, rec["theory_mean"])
+            positive = len(ns) >= 3 and min(rec["mean"]) > 0
+            rec["rates"] = bootstrap_rates(ns, np.array(rec["per_seed"])) if positive else None
         results["families"][kind] = fam
     bar.close()
     return results
@@ -260,6 +268,7 @@ def report_regret(results: dict) -> str:
                 f"{LABELS[m]} " + ", ".join(_fmt(v) for v in fam["methods"][m]["regC_mean"]) for m in METHODS), "",
             f"Largest final gradient norm of the reward fits: {_fmt(fam['max_grad_norm'])}.", ""]
         lines += _regret_verdict(fam)
+        lines += _rate_table(fam)
         lines += ["", f"![regret {kind}](regret_{kind}.png)", ""]
     return "\n".join(lines)
 
@@ -277,6 +286,25 @@ def _regret_verdict(fam: dict) -> list[str]:
            f"From n = {n0} to {n1} the regret changes by a factor "
            + ", ".join(f"{LABELS[m]} {_fmt(first[m] / last[m] if last[m] > 0 else float('nan'), 2)}"
                        for m in METHODS) + "."]
+    return out
+
+
+def _rate_table(fam: dict) -> list[str]:
+    """Fits of c n^-a, c (log n)^-b and c / log n to the tuned-beta regret (``chipo.bandit.rates``)."""
+    if not any(fam["methods"][m].get("rates") for m in METHODS):
+        return []
+    out = ["", "Rate fits (least squares in log regret over all n; 95% bootstrap intervals over evaluation seeds, "
+           "tuned beta held fixed). a: exponent of c n^-a; b: exponent of c (log n)^-b (b = 1 is c / log n); "
+           "RMS: root-mean-square log residual of each form (c / log n has one parameter, the others two).", "",
+           "| method | a (power) | b (log law) | RMS power | RMS log law | RMS c/log n |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        r = fam["methods"][m].get("rates")
+        if not r:
+            continue
+        p, iv = r["point"], r["interval"]
+        out.append(f"| {LABELS[m]} | {_fmt(p['a'], 2)} [{_fmt(iv['a'][0], 2)}, {_fmt(iv['a'][1], 2)}] | "
+                   f"{_fmt(p['b'], 2)} [{_fmt(iv['b'][0], 2)}, {_fmt(iv['b'][1], 2)}] | {_fmt(p['rms_power'], 2)} | "
+                   f"{_fmt(p['rms_loglaw'], 2)} | {_fmt(p['rms_inv_log'], 2)} |")
     return out
 
 
@@ -479,7 +507,7 @@ def report_bench(results: dict) -> str:
 
 # --------------------------------------------------------------------------------------------- drivers
 
-EXPERIMENTS = ("regret", "bound", "overopt")
+EXPERIMENTS = ("regret", "bound", "overopt", "online")
 
 
 def _compute(name: str, settings: Settings) -> tuple[dict, str, dict[str, Callable[[Path], None]]]:
@@ -493,6 +521,11 @@ def _compute(name: str, settings: Settings) -> tuple[dict, str, dict[str, Callab
     if name == "overopt":
         res = run_overopt(settings)
         return res, report_overopt(res), {f"overopt_{k}.png": _plot_overopt(res, k) for k in res["families"]}
+    if name == "online":
+        from chipo.bandit import online_experiment as O  # imports this module: import it lazily
+
+        res = O.run_online_experiment(settings)
+        return res, O.report_online(res), {"online.png": O.plot_online(res)}
     if name == "bench":
         res = run_bench(settings)
         return res, report_bench(res), {"bench.png": _plot_bench(res)}
@@ -500,14 +533,15 @@ def _compute(name: str, settings: Settings) -> tuple[dict, str, dict[str, Callab
 
 
 def run_experiment(name: str, out_dir: Path, settings: Settings) -> tuple[Path, str]:
-    """Run one experiment (``regret``, ``bound``, ``overopt``, ``bench``) and write it to out_dir/name."""
+    """Run one experiment (``regret``, ``bound``, ``overopt``, ``online``, ``bench``); write it to out_dir/name."""
     t0 = time.perf_counter()
     # Small-tensor work throughout: one thread avoids the thread-pool wait (see chipo.bandit._threads). The
     # benchmark keeps the default threads since its 1e6-entry tensors do benefit from them.
     with contextlib.nullcontext() if name == "bench" else single_thread():
         res, report, plots = _compute(name, settings)
     res["wall_seconds"] = time.perf_counter() - t0
-    res["settings"] = {"seeds": settings.seeds, "tune_seeds": settings.tune_seeds, "quick": settings.quick}
+    res["settings"] = {"seeds": settings.seeds, "tune_seeds": settings.tune_seeds, "quick": settings.quick,
+                       "kl_trap_n": settings.kl_trap_n}
     report += f"\n_Wall time: {res['wall_seconds']:.1f} s; settings: {res['settings']}._\n"
     return write_experiment(Path(out_dir) / name, report, res, plots), report
 

@@ -157,11 +157,31 @@ def kl_trap_instance(
     )
 
 
-NAMED_INSTANCES = {"kl_trap": kl_trap_instance}
+def rare_best_instance(*, n_actions: int = 10, best_prob: float = 0.005, safe_prob: float = 0.6,
+                       safe_reward: float = 0.5, r_max: float = 1.0) -> Instance:
+    """One context where exploration matters: the best response is one pi_ref rarely produces.
+
+    Actions: 0 is the *safe* response (pi_ref mass ``safe_prob``, reward ``safe_reward``); 1..K-2 share the rest of
+    the mass equally with rewards evenly spaced in [0, 0.8 safe_reward]; K-1 is the *best* response (reward r_max,
+    pi_ref mass ``best_prob``). Sampling from pi_ref shows the best response about once per 1 / best_prob draws,
+    and a learner that samples only from a policy concentrating on the safe response sees it even less often.
+    """
+    if not (0 < best_prob < 1 - safe_prob and 0 < safe_reward < r_max and n_actions >= 3):
+        raise ValueError("need n_actions >= 3, 0 < best_prob < 1 - safe_prob and 0 < safe_reward < r_max")
+    middle = n_actions - 2
+    pi_ref = np.concatenate([[safe_prob], np.full(middle, (1.0 - safe_prob - best_prob) / middle), [best_prob]])
+    reward = np.concatenate([[safe_reward], np.linspace(0.0, 0.8 * safe_reward, middle), [r_max]])
+    return Instance(
+        name="rare_best", context_probs=np.ones(1), pi_ref=pi_ref[None], reward=reward[None], r_max=r_max,
+        meta={"kind": "rare_best", "best_prob": best_prob, "safe_prob": safe_prob, "safe_reward": safe_reward},
+    )
+
+
+NAMED_INSTANCES = {"kl_trap": kl_trap_instance, "rare_best": rare_best_instance}
 
 
 def named_instance(name: str, **kwargs) -> Instance:
-    """A named hard instance (currently ``kl_trap``)."""
+    """A named hard instance (``kl_trap`` or ``rare_best``)."""
     try:
         return NAMED_INSTANCES[name](**kwargs)
     except KeyError:

@@ -123,7 +123,7 @@ def kl_trap_instance(
     The reward class is [0, R_max] with R_max = r_max > good_top (default 2 vs 0.5), so the data cannot rule out
     that a rarely seen action is better than the best well-covered one by up to ~R_max - good_top.
 
-    Why KL fails (regret >= c / log n for every beta). A trap that appeared a few times and happened to win
+    Why KL fails (regret >= c / log n for every beta, *over a finite range of n*). A trap that appeared a few times and happened to win
     its comparisons (probability ~ sigmoid(-r) ~ 0.4 per comparison) gets a fitted reward that exceeds the
     best good action's by some Delta > 0 (up to the box for a bounded MLE, ~log(1/ridge) for DPO's unbounded
     implicit reward). The KL optimum pi_ref * exp(r_hat / beta) / Z puts mass ~ p * exp(Delta / beta) / beta
@@ -131,6 +131,13 @@ def kl_trap_instance(
     evenly, the exponential tilt of the good actions has bias E[good_top - r] ~ beta (the tilt of a uniform
     density on [0, good_top] has mean good_top - beta + o(beta)), so regret >~ min_beta max(beta, n^{-1}
     e^{Delta/beta}) ~ Delta / log n.
+
+    Range of n. The argument needs a trap seen O(1) times: a trap of mass p appears in about 2 n p of n pairs, so it
+    needs 1 / (2 p_max) <~ n <~ 1 / (2 p_min) over the trap masses p_j = trap_mass 2^-j / sum_k 2^-k. With the
+    defaults p_max = 1.25e-2 and p_min = 4.8e-8 (``meta["smallest_trap_prob"]``): roughly 40 <~ n <~ 1e7. Past
+    ~1e7 every trap is compared many times, its fitted reward concentrates near 0 and the instance no longer traps
+    KL (its regret then falls polynomially); a fixed instance cannot show an asymptotic 1 / log n rate, only its
+    shape over this window.
 
     Why chi-squared succeeds (regret ~ n^{-1/2}). The chi2 (and chi2mix) optimum has density ratio at most
     1 + R_max / beta (chi2mix: W0(e^{u}) <= u for u >= 1), so a trap with p ~ 1/n gets mass <= p (1 + R/beta),

@@ -123,12 +123,12 @@ def kl_trap_instance(
     The reward class is [0, R_max] with R_max = r_max > good_top (default 2 vs 0.5), so the data cannot rule out
     that a rarely seen action is better than the best well-covered one by up to ~R_max - good_top.
 
-    Why KL fails (regret >= c / log n for every beta, *over a finite range of n*, see below). A trap that appeared
-    a few times and happened to win its comparisons (probability ~ sigmoid(-r) ~ 0.4 per comparison) gets a fitted
-    reward that exceeds the best good action's by some Delta > 0 (up to the box for a bounded MLE, ~log(1/ridge) for DPO's unbounded
-    implicit reward). The KL optimum pi_ref * exp(r_hat / beta) / Z puts mass ~ p * exp(Delta / beta) / beta
-    on it, with p ~ 1/n. To keep that small beta must be <~ Delta / log n. But with the good rewards spread
-    evenly, the exponential tilt of the good actions has bias E[good_top - r] ~ beta (the tilt of a uniform
+    Why KL fails (regret >= c / log n for every beta, *over a finite range of n*, see below). A trap that appeared a
+    few times and happened to win its comparisons (probability ~ sigmoid(-r) ~ 0.4 per comparison) gets a fitted
+    reward that exceeds the best good action's by some Delta > 0 (up to the box for a bounded MLE, ~log(1/ridge) for
+    DPO's unbounded implicit reward). The KL optimum pi_ref * exp(r_hat / beta) / Z puts mass ~ p * exp(Delta /
+    beta) / beta on it, with p ~ 1/n. To keep that small beta must be <~ Delta / log n. But with the good rewards
+    spread evenly, the exponential tilt of the good actions has bias E[good_top - r] ~ beta (the tilt of a uniform
     density on [0, good_top] has mean good_top - beta + o(beta)), so regret >~ min_beta max(beta, n^{-1}
     e^{Delta/beta}) ~ Delta / log n.
 

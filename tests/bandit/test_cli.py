@@ -15,7 +15,8 @@ def test_all_quick(tmp_path: Path) -> None:
     top = (out / "report.md").read_text()
     assert re.search(r"violations: \*\*0\*\*", top)
     for name, pngs in {"regret": ["regret_kl_trap.png", "regret_random.png"], "bound": ["bound.png"],
-                       "overopt": ["overopt_kl_trap.png", "overopt_random.png"], "bench": ["bench.png"]}.items():
+                       "overopt": ["overopt_kl_trap.png", "overopt_random.png"], "bench": ["bench.png"],
+                       "online": ["online.png"]}.items():
         d = out / name
         report = (d / "report.md").read_text()
         assert re.search(r"\d\.\d", report), name
@@ -29,6 +30,11 @@ def test_all_quick(tmp_path: Path) -> None:
             assert all(0.0 <= v <= 2.0 for v in rec["mean"])  # regret lies in [0, max reward]
     bound = json.loads((out / "bound" / "results.json").read_text())
     assert bound["violations"] == 0 and bound["n_checks"] > 100
+    online = json.loads((out / "online" / "results.json").read_text())
+    for rec in online["methods"].values():
+        assert len(rec["regret_mean"]) == online["rounds"] + 1
+        assert all(0.0 <= v <= 1.0 for v in rec["regret_mean"])  # rare_best rewards lie in [0, 1]
+    assert "sanity check" in (out / "bound" / "report.md").read_text()
     assert not list(out.glob(".*"))  # no temporary directories left behind
 
 
@@ -38,3 +44,5 @@ def test_bad_arguments() -> None:
     with pytest.raises(SystemExit):
         main(["nonsense"])
     assert main(["bound", "--seeds", "0"]) == 2
+    assert main(["regret", "--kl-trap-n", "100,abc"]) == 2
+    assert main(["regret", "--kl-trap-n", "1"]) == 2

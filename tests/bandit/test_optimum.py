@@ -126,7 +126,7 @@ def test_chi2mix_huge_ratios_and_extreme_beta() -> None:
     for div in DIVS:
         pi = regularized_optimum(ref, r, 1e-4, div)
         assert np.all(np.isfinite(pi)) and abs(pi.sum() - 1) < 1e-12
-    # chi2mix density ratio is at most ~1 + R/beta (field notes): mass on the 1e-12 action stays tiny.
+    # chi2mix density ratio is at most ~1 + R/beta (bounded chi2mix density ratio): mass on the 1e-12 action stays tiny.
     assert regularized_optimum(ref, r, 1e-4, "chi2mix")[0] < 1e-12 * (1 + 1.0 / 1e-4) * 1.01
 
 

@@ -2,7 +2,8 @@
 
 Modules: ``instances`` (random and named hard instances), ``optimum`` (exact f-regularised optimum),
 ``estimators`` (DPO, chiPO, KL-RLHF, chi2-RLHF on sampled Bradley-Terry data), ``measures`` (value, regret,
-KL / chi2 to pi_ref, concentrability, the seed's bound), ``experiments`` and ``cli`` (``chipo bandit``).
+KL / chi2 to pi_ref, concentrability, the chi-squared change-of-measure bound), ``experiments``, ``online`` (online
+DPO / XPO / chi-squared XPO) and ``cli`` (``chipo bandit``).
 Reference: Huang et al. 2024, arXiv 2407.13399 (chiPO), Proposition A.1 (KL-regularisation is not enough).
 """
 

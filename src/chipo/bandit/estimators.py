@@ -1,9 +1,9 @@
 """Finite-sample preference-optimization estimators over tabular policies, solved to optimality.
 
-Data (seed blog post): n pairs, x ~ rho, y1, y2 ~ pi_ref(.|x) i.i.d., y1 preferred with probability
-sigmoid(r*(x, y1) - r*(x, y2)) (Bradley-Terry). Every loss here is a sum over pairs of a function of one
-triple (x, y+, y-), so the data are stored compressed as unique triples with counts (``PreferenceData``);
-pairs with y1 = y2 carry no information for any margin loss (margin 0) and are dropped.
+Data (the offline setting of Huang et al. 2024, arXiv 2407.13399): n pairs, x ~ rho, y1, y2 ~ pi_ref(.|x) i.i.d.,
+y1 preferred with probability sigmoid(r*(x, y1) - r*(x, y2)) (Bradley-Terry). Every loss here is a sum over pairs
+of a function of one triple (x, y+, y-), so the data are stored compressed as unique triples with counts
+(``PreferenceData``); pairs with y1 = y2 carry no information for any margin loss (margin 0) and are dropped.
 
 Estimators (all over the *full* tabular class, so each is an exact optimisation problem):
 

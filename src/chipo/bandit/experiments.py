@@ -1,4 +1,5 @@
-"""The testbed's experiments: regret vs n, the seed's bound, overoptimization vs beta (and a solver benchmark).
+"""The testbed's experiments: regret vs n, a sanity check of the change-of-measure bound, overoptimization vs beta
+(and a solver benchmark).
 
 Each ``run_*`` function computes results (plain dicts of floats), then ``write_experiment`` writes
 ``report.md``, PNG plots (matplotlib Agg) and ``results.json`` into a temporary directory beside the target
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,12 +31,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from chipo.bandit import measures as M  # noqa: E402
 from chipo.bandit._threads import single_thread  # noqa: E402
 from chipo.bandit.estimators import ESTIMATORS, estimator_policy, fit_rewards, sample_preferences  # noqa: E402
 from chipo.bandit.instances import Instance, kl_trap_instance, random_instance  # noqa: E402
 from chipo.bandit.optimum import OPTIMUM_DIVERGENCES, regularized_optimum  # noqa: E402
+from chipo.bandit.rates import bootstrap_rates  # noqa: E402
 
 METHODS = tuple(ESTIMATORS)
 LABELS = {"dpo": "DPO", "chipo": "chiPO", "kl_rlhf": "KL-RLHF", "chi2_rlhf": "chi2-RLHF"}
@@ -50,6 +54,8 @@ class Settings:
     seeds: int = 5
     tune_seeds: int = 3
     quick: bool = False
+    kl_trap_n: tuple[int, ...] | None = None
+    """Sample sizes of the kl_trap regret curve (None: the default grid)."""
 
     @property
     def beta_grid(self) -> np.ndarray:
@@ -79,6 +85,11 @@ def loglog_slope(n: list[int] | np.ndarray, y: list[float] | np.ndarray) -> floa
     if ok.sum() < 2:
         return float("nan")
     return float(np.polyfit(np.log(n[ok]), np.log(y[ok]), 1)[0])
+
+
+def progress(desc: str, total: int | None = None, iterable=None) -> tqdm:
+    """A progress bar on stderr for one experiment (the full suite runs for minutes; stdout stays for results)."""
+    return tqdm(iterable, total=total, desc=f"bandit {desc}", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -155,15 +166,18 @@ def _regret_table(kind: str, n: int, seeds: range, betas: np.ndarray) -> dict[st
 def run_regret(settings: Settings) -> dict:
     """Regret vs n with tuned and theory beta, on the kl_trap instance and on random instances."""
     betas = settings.beta_grid
-    grids = {"kl_trap": [100, 1000] if settings.quick else [100, 300, 1000, 3000, 10000, 30000],
+    default_trap = [100, 1000] if settings.quick else [100, 300, 1000, 3000, 10000, 30000]
+    grids = {"kl_trap": list(settings.kl_trap_n) if settings.kl_trap_n else default_trap,
              "random": [100, 1000] if settings.quick else [100, 300, 1000, 3000, 10000]}
     tune = range(1000, 1000 + settings.tune_seeds)
     evaluate = range(settings.seeds)
     results: dict = {"beta_grid": betas, "seeds": settings.seeds, "tune_seeds": settings.tune_seeds,
                      "c_bound": C_BOUND, "families": {}}
+    bar = progress("regret", sum(len(ns) for ns in grids.values()))
     for kind, ns in grids.items():
         fam: dict = {"n": ns, "methods": {m: {"beta": [], "mean": [], "se": [], "theory_beta": [],
-                                             "theory_mean": [], "theory_se": [], "regC_mean": [], "chi2_mean": []}
+                                             "theory_mean": [], "theory_se": [], "regC_mean": [], "chi2_mean": [],
+                                             "per_seed": []}
                                          for m in METHODS}, "max_grad_norm": 0.0}
         example = _family(kind, 0)
         fam["instance"] = {"name": example.name, "X": example.n_contexts, "Y": example.n_actions,
@@ -188,11 +202,17 @@ def run_regret(settings: Settings) -> dict:
                 rec["theory_se"].append(float(th_se))
                 rec["regC_mean"].append(float(held[f"{m}@regC"][:, b].mean()))
                 rec["chi2_mean"].append(float(held[f"{m}@chi2"][:, b].mean()))
+                rec["per_seed"].append(held[m][:, b].tolist())
+            bar.set_postfix_str(f"{kind} n={n}")
+            bar.update()
         for m in METHODS:
             rec = fam["methods"][m]
             rec["slope"] = loglog_slope(ns, rec["mean"])
             rec["theory_slope"] = loglog_slope(ns, rec["theory_mean"])
+            positive = len(ns) >= 3 and min(rec["mean"]) > 0
+            rec["rates"] = bootstrap_rates(ns, np.array(rec["per_seed"])) if positive else None
         results["families"][kind] = fam
+    bar.close()
     return results
 
 
@@ -248,6 +268,7 @@ def report_regret(results: dict) -> str:
                 f"{LABELS[m]} " + ", ".join(_fmt(v) for v in fam["methods"][m]["regC_mean"]) for m in METHODS), "",
             f"Largest final gradient norm of the reward fits: {_fmt(fam['max_grad_norm'])}.", ""]
         lines += _regret_verdict(fam)
+        lines += _rate_table(fam)
         lines += ["", f"![regret {kind}](regret_{kind}.png)", ""]
     return "\n".join(lines)
 
@@ -268,6 +289,25 @@ def _regret_verdict(fam: dict) -> list[str]:
     return out
 
 
+def _rate_table(fam: dict) -> list[str]:
+    """Fits of c n^-a, c (log n)^-b and c / log n to the tuned-beta regret (``chipo.bandit.rates``)."""
+    if not any(fam["methods"][m].get("rates") for m in METHODS):
+        return []
+    out = ["", "Rate fits (least squares in log regret over all n; 95% bootstrap intervals over evaluation seeds, "
+           "tuned beta held fixed). a: exponent of c n^-a; b: exponent of c (log n)^-b (b = 1 is c / log n); "
+           "RMS: root-mean-square log residual of each form (c / log n has one parameter, the others two).", "",
+           "| method | a (power) | b (log law) | RMS power | RMS log law | RMS c/log n |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        r = fam["methods"][m].get("rates")
+        if not r:
+            continue
+        p, iv = r["point"], r["interval"]
+        out.append(f"| {LABELS[m]} | {_fmt(p['a'], 2)} [{_fmt(iv['a'][0], 2)}, {_fmt(iv['a'][1], 2)}] | "
+                   f"{_fmt(p['b'], 2)} [{_fmt(iv['b'][0], 2)}, {_fmt(iv['b'][1], 2)}] | {_fmt(p['rms_power'], 2)} | "
+                   f"{_fmt(p['rms_loglaw'], 2)} | {_fmt(p['rms_inv_log'], 2)} |")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- experiment 2: bound
 
 
@@ -276,7 +316,7 @@ def run_bound(settings: Settings) -> dict:
     n_instances = 10 if settings.quick else 200
     rng = np.random.default_rng(7)
     rows = []
-    for k in range(n_instances):
+    for k in progress("bound (sanity check)", iterable=range(n_instances)):
         inst = random_instance(int(rng.integers(1, 9)), int(rng.integers(2, 31)),
                                concentration=float(np.exp(rng.uniform(np.log(0.05), np.log(3.0)))),
                                r_max=float(rng.choice([1.0, 2.0, 5.0])), seed=k)
@@ -292,7 +332,7 @@ def run_bound(settings: Settings) -> dict:
                 for beta in (0.01, 0.1, 1.0):
                     policies[f"{div}_opt_b{beta:g}"] = regularized_optimum(inst.pi_ref, r_hat, beta, div)
             for p_name, pi in policies.items():
-                b = M.seed_bound(inst, pi, r_hat)
+                b = M.change_of_measure_bound(inst, pi, r_hat)
                 rows.append({"instance": k, "n": n, "reward": r_name, "policy": p_name, **b})
     ratio = np.array([r["ratio"] for r in rows])
     slack = np.array([r["slack"] for r in rows])
@@ -321,7 +361,7 @@ def _plot_bound(results: dict) -> Callable[[Path], None]:
         lim = [max(1e-8, min(rhs.min(), 1e-4)), rhs.max() * 1.5]
         axes[0].plot(lim, lim, "k--", lw=1, label="|lhs| = rhs")
         axes[0].set(xscale="log", yscale="log", xlabel="rhs = sqrt(2 D_chi2 + 1) eps_stat",
-                    ylabel="|E_pi[r* - r_hat]|", title=f"seed's bound, {results['n_checks']} checks")
+                    ylabel="|E_pi[r* - r_hat]|", title=f"change-of-measure bound, {results['n_checks']} checks")
         axes[0].legend(fontsize=8)
         axes[1].hist([r["ratio"] for r in rows], bins=40, color="tab:blue")
         axes[1].set(xlabel="|lhs| / rhs (must be <= 1)", ylabel="count", title="tightness")
@@ -332,14 +372,18 @@ def _plot_bound(results: dict) -> Callable[[Path], None]:
 
 
 def report_bound(results: dict) -> str:
-    lines = ["# The seed's bound |E_pi[r* - r_hat]| <= sqrt(2 D_chi2(pi || pi_ref) + 1) eps_stat", "",
+    lines = ["# Sanity check: |E_pi[r* - r_hat]| <= sqrt(2 D_chi2(pi || pi_ref) + 1) eps_stat", "",
+             "This re-checks Cauchy-Schwarz (E_pi[e] = E_ref[(pi/pi_ref) e] <= ||pi/pi_ref||_ref ||e||_ref), so it "
+             "cannot fail except through a bug in the measures; it is a sanity check of the code, not evidence for "
+             "the theory. The ratio column shows how tight the bound is.", "",
              f"{results['n_checks']} checks on {results['n_instances']} random instances (1-8 contexts, 2-30 "
              "actions, Dirichlet concentration 0.05-3, R_max in {1, 2, 5}); rewards r_hat = the box-constrained "
              "Bradley-Terry MLE from 30-3000 pairs (raw and shifted per context to minimise eps_stat) and r* plus "
              "Gaussian noise; policies: pi_ref, pi*, a Dirichlet(0.3) policy, the KL/chi2/chi2mix optima of r_hat "
              "at beta in {0.01, 0.1, 1} and the Cauchy-Schwarz-aligned policy pi proportional to "
              "pi_ref (r* - r_hat - min)_+.", "",
-             f"- violations: **{results['violations']}** (tolerance 1e-12 relative)",
+             f"- violations: **{results['violations']}** (tolerance 1e-12 relative; a sanity check, cannot fail "
+             "for correct code)",
              f"- smallest slack rhs - |lhs|: {_fmt(results['min_slack'])} "
              f"(relative to rhs: {_fmt(results['min_relative_slack'])})",
              f"- |lhs| / rhs: median {_fmt(results['median_ratio'])}, max {_fmt(results['max_ratio'])}", "",
@@ -362,7 +406,7 @@ def run_overopt(settings: Settings) -> dict:
         vals = {m: {"J": np.zeros((settings.seeds, betas.size)), "kl": np.zeros((settings.seeds, betas.size)),
                     "chi2": np.zeros((settings.seeds, betas.size))} for m in METHODS}
         j_star, j_ref = [], []
-        for s in range(settings.seeds):
+        for s in progress(f"overopt {kind}", iterable=range(settings.seeds)):
             inst = _family(kind, s)
             fits = fit_rewards(inst, sample_preferences(inst, n, np.random.default_rng(500 + s)))
             j_star.append(M.optimal_value(inst))
@@ -440,15 +484,15 @@ def run_bench(settings: Settings) -> dict:
     size = 200 if settings.quick else 1000
     inst = random_instance(size, size, concentration=0.3, seed=0)
     rows = []
-    for div in OPTIMUM_DIVERGENCES:
-        for beta in (1.0, 0.01):
-            times = []
-            for _ in range(1 if settings.quick else 3):
-                t0 = time.perf_counter()
-                pi = regularized_optimum(inst.pi_ref, inst.reward, beta, div)
-                times.append(time.perf_counter() - t0)
-            rows.append({"divergence": div, "beta": beta, "seconds_min": min(times), "seconds_max": max(times),
-                         "max_row_sum_error": float(np.abs(pi.sum(1) - 1).max())})
+    cases = [(div, beta) for div in OPTIMUM_DIVERGENCES for beta in (1.0, 0.01)]
+    for div, beta in progress("bench", iterable=cases):
+        times = []
+        for _ in range(1 if settings.quick else 3):
+            t0 = time.perf_counter()
+            pi = regularized_optimum(inst.pi_ref, inst.reward, beta, div)
+            times.append(time.perf_counter() - t0)
+        rows.append({"divergence": div, "beta": beta, "seconds_min": min(times), "seconds_max": max(times),
+                     "max_row_sum_error": float(np.abs(pi.sum(1) - 1).max())})
     return {"size": size, "rows": rows}
 
 
@@ -463,7 +507,7 @@ def report_bench(results: dict) -> str:
 
 # --------------------------------------------------------------------------------------------- drivers
 
-EXPERIMENTS = ("regret", "bound", "overopt")
+EXPERIMENTS = ("regret", "bound", "overopt", "online")
 
 
 def _compute(name: str, settings: Settings) -> tuple[dict, str, dict[str, Callable[[Path], None]]]:
@@ -477,6 +521,11 @@ def _compute(name: str, settings: Settings) -> tuple[dict, str, dict[str, Callab
     if name == "overopt":
         res = run_overopt(settings)
         return res, report_overopt(res), {f"overopt_{k}.png": _plot_overopt(res, k) for k in res["families"]}
+    if name == "online":
+        from chipo.bandit import online_experiment as O  # imports this module: import it lazily
+
+        res = O.run_online_experiment(settings)
+        return res, O.report_online(res), {"online.png": O.plot_online(res)}
     if name == "bench":
         res = run_bench(settings)
         return res, report_bench(res), {"bench.png": _plot_bench(res)}
@@ -484,14 +533,15 @@ def _compute(name: str, settings: Settings) -> tuple[dict, str, dict[str, Callab
 
 
 def run_experiment(name: str, out_dir: Path, settings: Settings) -> tuple[Path, str]:
-    """Run one experiment (``regret``, ``bound``, ``overopt``, ``bench``) and write it to out_dir/name."""
+    """Run one experiment (``regret``, ``bound``, ``overopt``, ``online``, ``bench``); write it to out_dir/name."""
     t0 = time.perf_counter()
     # Small-tensor work throughout: one thread avoids the thread-pool wait (see chipo.bandit._threads). The
     # benchmark keeps the default threads since its 1e6-entry tensors do benefit from them.
     with contextlib.nullcontext() if name == "bench" else single_thread():
         res, report, plots = _compute(name, settings)
     res["wall_seconds"] = time.perf_counter() - t0
-    res["settings"] = {"seeds": settings.seeds, "tune_seeds": settings.tune_seeds, "quick": settings.quick}
+    res["settings"] = {"seeds": settings.seeds, "tune_seeds": settings.tune_seeds, "quick": settings.quick,
+                       "kl_trap_n": settings.kl_trap_n}
     report += f"\n_Wall time: {res['wall_seconds']:.1f} s; settings: {res['settings']}._\n"
     return write_experiment(Path(out_dir) / name, report, res, plots), report
 

@@ -123,14 +123,21 @@ def kl_trap_instance(
     The reward class is [0, R_max] with R_max = r_max > good_top (default 2 vs 0.5), so the data cannot rule out
     that a rarely seen action is better than the best well-covered one by up to ~R_max - good_top.
 
-    Why KL fails (regret >= c / log n for every beta). A trap that appeared a few times and happened to win
-    its comparisons (probability ~ sigmoid(-r) ~ 0.4 per comparison) gets a fitted reward that exceeds the
-    best good action's by some Delta > 0 (up to the box for a bounded MLE, ~log(1/ridge) for DPO's unbounded
-    implicit reward). The KL optimum pi_ref * exp(r_hat / beta) / Z puts mass ~ p * exp(Delta / beta) / beta
-    on it, with p ~ 1/n. To keep that small beta must be <~ Delta / log n. But with the good rewards spread
-    evenly, the exponential tilt of the good actions has bias E[good_top - r] ~ beta (the tilt of a uniform
+    Why KL fails (regret >= c / log n for every beta, *over a finite range of n*, see below). A trap that appeared a
+    few times and happened to win its comparisons (probability ~ sigmoid(-r) ~ 0.4 per comparison) gets a fitted
+    reward that exceeds the best good action's by some Delta > 0 (up to the box for a bounded MLE, ~log(1/ridge) for
+    DPO's unbounded implicit reward). The KL optimum pi_ref * exp(r_hat / beta) / Z puts mass ~ p * exp(Delta /
+    beta) / beta on it, with p ~ 1/n. To keep that small beta must be <~ Delta / log n. But with the good rewards
+    spread evenly, the exponential tilt of the good actions has bias E[good_top - r] ~ beta (the tilt of a uniform
     density on [0, good_top] has mean good_top - beta + o(beta)), so regret >~ min_beta max(beta, n^{-1}
     e^{Delta/beta}) ~ Delta / log n.
+
+    Range of n. The argument needs a trap seen O(1) times: a trap of mass p appears in about 2 n p of n pairs, so it
+    needs 1 / (2 p_max) <~ n <~ 1 / (2 p_min) over the trap masses p_j = trap_mass 2^-j / sum_k 2^-k. With the
+    defaults p_max = 1.25e-2 and p_min = 4.8e-8 (``meta["smallest_trap_prob"]``): roughly 40 <~ n <~ 1e7. Past
+    ~1e7 every trap is compared many times, its fitted reward concentrates near 0 and the instance no longer traps
+    KL (its regret then falls polynomially); a fixed instance cannot show an asymptotic 1 / log n rate, only its
+    shape over this window.
 
     Why chi-squared succeeds (regret ~ n^{-1/2}). The chi2 (and chi2mix) optimum has density ratio at most
     1 + R_max / beta (chi2mix: W0(e^{u}) <= u for u >= 1), so a trap with p ~ 1/n gets mass <= p (1 + R/beta),
@@ -157,11 +164,31 @@ def kl_trap_instance(
     )
 
 
-NAMED_INSTANCES = {"kl_trap": kl_trap_instance}
+def rare_best_instance(*, n_actions: int = 10, best_prob: float = 0.005, safe_prob: float = 0.6,
+                       safe_reward: float = 0.5, r_max: float = 1.0) -> Instance:
+    """One context where exploration matters: the best response is one pi_ref rarely produces.
+
+    Actions: 0 is the *safe* response (pi_ref mass ``safe_prob``, reward ``safe_reward``); 1..K-2 share the rest of
+    the mass equally with rewards evenly spaced in [0, 0.8 safe_reward]; K-1 is the *best* response (reward r_max,
+    pi_ref mass ``best_prob``). Sampling from pi_ref shows the best response about once per 1 / best_prob draws,
+    and a learner that samples only from a policy concentrating on the safe response sees it even less often.
+    """
+    if not (0 < best_prob < 1 - safe_prob and 0 < safe_reward < r_max and n_actions >= 3):
+        raise ValueError("need n_actions >= 3, 0 < best_prob < 1 - safe_prob and 0 < safe_reward < r_max")
+    middle = n_actions - 2
+    pi_ref = np.concatenate([[safe_prob], np.full(middle, (1.0 - safe_prob - best_prob) / middle), [best_prob]])
+    reward = np.concatenate([[safe_reward], np.linspace(0.0, 0.8 * safe_reward, middle), [r_max]])
+    return Instance(
+        name="rare_best", context_probs=np.ones(1), pi_ref=pi_ref[None], reward=reward[None], r_max=r_max,
+        meta={"kind": "rare_best", "best_prob": best_prob, "safe_prob": safe_prob, "safe_reward": safe_reward},
+    )
+
+
+NAMED_INSTANCES = {"kl_trap": kl_trap_instance, "rare_best": rare_best_instance}
 
 
 def named_instance(name: str, **kwargs) -> Instance:
-    """A named hard instance (currently ``kl_trap``)."""
+    """A named hard instance (``kl_trap`` or ``rare_best``)."""
     try:
         return NAMED_INSTANCES[name](**kwargs)
     except KeyError:

@@ -1,14 +1,15 @@
-"""Exact measures of tabular policies: value, regret, divergences to pi_ref, concentrability, the seed's bound.
+"""Exact measures of tabular policies: value, regret, divergences to pi_ref, concentrability, the chi-squared
+change-of-measure bound.
 
 Policies are arrays pi[X, Y] (rows sum to one); every expectation over contexts uses the instance's rho[X].
-Conventions follow the seed blog post and arXiv 2407.13399:
+Conventions follow Huang et al. 2024 (chiPO, arXiv 2407.13399):
 
 * J(pi) = E_{x ~ rho, y ~ pi(.|x)}[r*(x, y)];   J* = E_x max_y r*(x, y) (the unregularised optimum pi*).
 * KL(pi || pi_ref) = E_x sum_y pi log(pi / pi_ref)  (0 log 0 = 0).
 * D_chi2(pi || pi_ref) = 1/2 E_x E_{pi_ref}[(pi/pi_ref - 1)^2] = 1/2 (E_x sum_y pi^2 / pi_ref - 1).
 * C^pi = 1 + 2 D_chi2(pi || pi_ref) = E_x E_pi[pi / pi_ref] (single-policy chi-squared concentrability).
-* Seed's bound (Cauchy-Schwarz): |E_pi[r* - r_hat]| <= sqrt(2 D_chi2(pi || pi_ref) + 1) * eps_stat,
-  eps_stat^2 = E_x E_{pi_ref}[(r* - r_hat)^2].
+* Change-of-measure bound (Cauchy-Schwarz; the step behind the chi-squared analysis of arXiv 2407.13399):
+  |E_pi[r* - r_hat]| <= sqrt(2 D_chi2(pi || pi_ref) + 1) * eps_stat, eps_stat^2 = E_x E_{pi_ref}[(r* - r_hat)^2].
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def kl_to_ref(inst: Instance, pi: np.ndarray) -> float:
 
 
 def chi2_to_ref(inst: Instance, pi: np.ndarray) -> float:
-    """Exact D_chi2(pi || pi_ref) = 1/2 (E_x sum_y pi^2 / pi_ref - 1) (seed's 1/2 convention)."""
+    """Exact D_chi2(pi || pi_ref) = 1/2 (E_x sum_y pi^2 / pi_ref - 1) (the paper's 1/2 convention)."""
     return float(0.5 * (inst.context_probs @ (pi**2 / inst.pi_ref).sum(1) - 1.0))
 
 
@@ -98,8 +99,9 @@ def align_reward(inst: Instance, reward_hat: np.ndarray) -> np.ndarray:
     return reward_hat + shift
 
 
-def seed_bound(inst: Instance, pi: np.ndarray, reward_hat: np.ndarray) -> dict[str, float]:
-    """Both sides of the seed's bound for one policy: lhs = E_pi[r* - r_hat], rhs = sqrt(2 D_chi2 + 1) eps_stat.
+def change_of_measure_bound(inst: Instance, pi: np.ndarray, reward_hat: np.ndarray) -> dict[str, float]:
+    """Both sides of the change-of-measure bound for one policy: lhs = E_pi[r* - r_hat],
+    rhs = sqrt(2 D_chi2 + 1) eps_stat.
 
     Returns lhs, |lhs|, rhs, slack = rhs - |lhs| (>= 0 by Cauchy-Schwarz), ratio = |lhs| / rhs, chi2 and eps.
     """

@@ -5,7 +5,8 @@ For each context x (independently, since both terms average over x ~ rho) we sol
     max_{pi(.|x) in simplex}  sum_y pi(y) r(y)  -  beta * sum_y pi_ref(y) f(pi(y) / pi_ref(y)).
 
 The objective is strictly concave (f strictly convex). Stationarity with a multiplier lambda(x) for the
-sum-to-one constraint and complementary slackness for pi >= 0 give (field notes, section 5)
+sum-to-one constraint and complementary slackness for pi >= 0 give (the f-regularised optimum used throughout
+Huang et al. 2024, arXiv 2407.13399)
 
     pi(y) = pi_ref(y) * (f')^{-1}( (r(y) - lambda) / beta ),                                    (*)
 
@@ -15,12 +16,13 @@ lambda = beta * log sum_y pi_ref exp(r / beta) in closed form (the exponential t
 implicit regulariser, f' = z + log z) (f')^{-1}(u) = W0(e^u), evaluated by ``chipo.divergences`` with Newton
 on z + log z = u so that large u never overflows.
 
-The normaliser solves g(lambda) = sum_y pi_ref(y) z_y(lambda) - 1 = 0. g is continuous and non-increasing, and
-because f'(1) = 0 for these generators, lambda in [min_y r, max_y r] brackets the root (at lambda = min r every
-z >= 1, at lambda = max r every z <= 1). We run a vectorised safeguarded Newton iteration: a Newton step when it
-stays inside the current bracket, bisection otherwise, with the bracket updated from the sign of g. g is convex
-for kl, chi2 and chi2mix ((f')^{-1} is convex there), so after the first step Newton approaches the root
-monotonically from the left. Stop when |g| <= tol (default 1e-12) in every context.
+The normaliser solves g(lambda) = sum_y pi_ref(y) z_y(lambda) - 1 = 0. g is continuous and non-increasing.
+With c = f'(1) (c = 0 for kl and chi2, but c = 1 for chi2mix, whose f'(z) = z + log z), lambda in
+[min_y r - beta c, max_y r - beta c] brackets the root: at the left end every u = (r - lambda)/beta >= c, so every
+z >= 1 and g >= 0; at the right end every u <= c, so every z <= 1 and g <= 0. We run a vectorised safeguarded
+Newton iteration: a Newton step when it stays inside the current bracket, bisection otherwise, with the bracket
+updated from the sign of g. g is convex for kl, chi2 and chi2mix ((f')^{-1} is convex there), so after the first
+step Newton approaches the root monotonically from the left. Stop when |g| <= tol (default 1e-12) in every context.
 
 The derivative dz/du = 1 / f''(z) is obtained from the *link* by autograd: with L = log z,
 d f'(e^L) / dL = z f''(z), hence dz/du = z / (d link / d L). This keeps the code generic over
@@ -110,7 +112,7 @@ def regularized_optimum(
         reward: same shape as pi_ref; any real values (the optimum is shift-invariant per context).
         beta: regularisation strength > 0.
         divergence: a ``chipo.divergences`` name (``kl``, ``chi2``, ``chi2mix``) or an FDivergence whose link is
-            increasing with f'(1) = 0.
+            increasing (any value of f'(1); the bracket is shifted by it).
         tol: tolerance on |sum_y pi(y|x) - 1| before the final renormalisation.
         return_normalizer: also return lambda[X] of equation (*).
         closed_form_kl: for ``kl`` use lambda = beta * logsumexp(log pi_ref + r / beta) instead of the root-find.

@@ -20,10 +20,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chipo.bandit.experiments import Settings, _fmt, _mean_se, progress  # noqa: E402
+from chipo.bandit.experiments import Settings, progress  # noqa: E402
 from chipo.bandit.instances import rare_best_instance  # noqa: E402
 from chipo.bandit.online import ONLINE_METHODS, run_online  # noqa: E402
 from chipo.bandit.optimum import regularized_optimum  # noqa: E402
+from chipo.bandit.reports import _fmt  # noqa: E402
+from chipo.stats import mean_se  # noqa: E402
 
 BETAS = {"kl": 0.05, "chi2mix": 0.002}
 """beta per link (module docstring)."""
@@ -51,7 +53,7 @@ def run_online_experiment(settings: Settings) -> dict:
             draws.append(run.best_action_draws)
             bar.update()
         curves = np.array(curves)
-        mean, se = _mean_se(curves)
+        mean, se = mean_se(curves, axis=0)
         floor_pi = regularized_optimum(inst.pi_ref, inst.reward, beta, link)
         results["methods"][method] = {
             "link": link, "beta": beta, "alpha": GAMMA * beta if bonus else 0.0, "regret_mean": mean,

@@ -355,7 +355,9 @@ def plot(summary: list[dict], out: Path) -> list[str]:
                     points = sorted(points, key=lambda e: e["epoch"] or 0)
                 x = [math.sqrt(max(e["kl"], 0.0)) if xkey == "sqrt_kl" else e["labels"] for e in points]
                 ax.errorbar(x, [e["gold"] for e in points], yerr=np.nan_to_num([e["gold_se"] for e in points]),
-                            marker="s" if offline else "o", ls="--" if offline else "-", capsize=2,
+                            # offline runs all use the whole budget: a line to them would suggest a curve
+                            marker="s" if offline else "o", ls=("--" if xkey == "sqrt_kl" else "none") if offline
+                            else "-", capsize=2,
                             color=COLORS.get(m), label=LABELS[m], alpha=0.8)
                 if offline:
                     for xi, e in zip(x[1:], points[1:]):

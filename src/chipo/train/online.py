@@ -147,11 +147,13 @@ class OnlineTrainer:
         policy = acc.unwrap_model(self.policy)
         opts = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad)
-        a = sample(policy, None, p_ids, keys[0], **opts)
-        if cfg.nash_md:
-            b = sample(policy, self.ref, p_ids, keys[1], mixture_coef=cfg.mixture_coef, **opts)
-        else:
-            b = sample(self.ref if cfg.exploration == "xpo" else policy, None, p_ids, keys[1], **opts)
+        if cfg.nash_md or cfg.exploration == "xpo":
+            a = sample(policy, None, p_ids, keys[0], **opts)
+            b = (sample(policy, self.ref, p_ids, keys[1], mixture_coef=cfg.mixture_coef, **opts) if cfg.nash_md
+                 else sample(self.ref, None, p_ids, keys[1], **opts))
+        else:  # both responses from pi: one sampling loop over twice the rows (each row has its own random stream)
+            both = sample(policy, None, p_ids + p_ids, keys[0] + keys[1], **opts)
+            a, b = both[:len(p_ids)], both[len(p_ids):]
         decode = lambda rows: [decode_response(self.tokenizer, ids, done) for ids, done in rows]  # noqa: E731
         prob = self.oracle.probabilities(texts, decode(a), decode(b)).to(acc.device)
         missing = torch.isnan(prob)

@@ -48,7 +48,7 @@ TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 
 
 @pytest.mark.parametrize("method", [("loss=dpo",), ("loss=chipo", "label=argmax"),
-                                    ("loss=chipo", "exploration=xpo", "alpha=0.1")])
+                                    ("loss=chipo", "exploration=xpo", "xpo_alpha=0.1")])
 def test_pairwise_methods_with_function_judge(tiny_dir, data, tmp_path, method):
     out = tmp_path / "run"
     assert run(tiny_dir, data, out, "judge=test_online_cli:length_reward", *method) == 0
@@ -190,7 +190,7 @@ def test_ddp_two_processes_match_one_process(tiny_dir, data, tmp_path):
     give the 1-process gradient, so the per-step losses agree to the all-reduce's round-off."""
     common = [f"policy={tiny_dir / 'model'}", f"prompts={data / 'prompts.jsonl'}", "max_new_tokens=6",
               "prompts_per_step=4", "max_steps=3", "learning_rate=1e-3", "disable_tqdm=true", "save_steps=0",
-              "judge=test_online_cli:length_reward", "loss=chipo", "exploration=xpo", "alpha=0.1"]
+              "judge=test_online_cli:length_reward", "loss=chipo", "exploration=xpo", "xpo_alpha=0.1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     one, two = tmp_path / "one", tmp_path / "two"

@@ -11,7 +11,7 @@ EXAMPLE = """examples:
   # online chiPO against a reward model, Bradley-Terry labels, at most 2000 judge calls
   chipo online policy=runs/sft prompts=data/prompts.jsonl judge=runs/rm loss=chipo beta=0.05 max_labels=2000
   # chi-squared XPO (Xie et al. 2024, arXiv 2405.21046): one response from pi, one from pi_ref, exploration bonus
-  chipo online policy=runs/sft prompts=data/prompts.jsonl judge=runs/rm loss=chipo exploration=xpo alpha=1e-4
+  chipo online policy=runs/sft prompts=data/prompts.jsonl judge=runs/rm loss=chipo exploration=xpo xpo_alpha=1e-4
   # Nash-MD (Munos et al. 2023, arXiv 2312.00886) with an LLM judge behind an OpenAI-compatible server
   chipo online policy=runs/sft prompts=data/prompts.jsonl loss=nash-md mixture_coef=0.5 beta=0.05 \\
       judge=openai judge_base_url=http://localhost:8000/v1 judge_model=Qwen/Qwen2.5-7B-Instruct

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from chipo.cli.main import config_command
 from chipo.train.common import TrainerConfig
-from chipo.train.config import PreferenceConfig
+from chipo.train.config import PreferenceConfig, PreferenceLossFields
 
 EXAMPLE = """example:
   chipo train model=EleutherAI/pythia-1b dataset=trl-lib/tldr-preference loss=chipo beta=0.05 \\
@@ -12,7 +12,8 @@ EXAMPLE = """example:
   accelerate launch --num_processes 8 -m chipo.cli.main train --config run.yaml
 """
 
-GROUPS = {"preference training (chipo)": PreferenceConfig, "data and sequences (chipo)": TrainerConfig}
+GROUPS = {"objective (chipo)": PreferenceLossFields, "preference training (chipo)": PreferenceConfig,
+          "data and sequences (chipo)": TrainerConfig}
 
 
 def main(argv: list[str]) -> int:

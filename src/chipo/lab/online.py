@@ -232,7 +232,8 @@ def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, e
 def _train(world: World, run_dir: Path, method: str, beta: float, seed: int, settings: OnlineLabSettings,
            eval_labels: list[int]) -> None:
     """``run_online`` with a checkpoint at every evaluated label count (resuming from the last one if present)."""
-    from chipo.train.online import OnlineConfig, list_checkpoints, run_online
+    from chipo.train.loop import list_checkpoints
+    from chipo.train.online import OnlineConfig, run_online
 
     steps = [n // settings.prompts_per_step for n in eval_labels]
     resume = run_dir.is_dir() and bool(list_checkpoints(run_dir))
@@ -243,7 +244,7 @@ def _train(world: World, run_dir: Path, method: str, beta: float, seed: int, set
     config = OnlineConfig(
         policy=world.pi_ref, prompts=world.train_prompts_path, judge=f"world-scaled:{settings.scale:g}:{world.root}",
         output_dir=str(run_dir), overwrite_output_dir=True, loss=spec["loss"], exploration=spec["exploration"],
-        alpha=settings.alpha, beta=beta,
+        xpo_alpha=settings.alpha, beta=beta,
         # chiPO's clip at 2 R_max with R_max the range of the reward behind the labels, as the offline demo sets it
         r_max=gold_high if spec["loss"] == "chipo" else None, label="bt",
         max_labels=eval_labels[-1], max_steps=steps[-1], prompts_per_step=settings.prompts_per_step,

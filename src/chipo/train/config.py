@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chipo.config import ConfigError, _field
+from chipo.divergences import EXP_CLAMP
 from chipo.losses import loss_names, resolve_options
 from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import TrainerConfig
@@ -14,14 +15,10 @@ REFERENCE_MODES = ("precompute", "model")
 
 
 @dataclass
-class PreferenceConfig(TrainerConfig):
-    """Preference training of a causal LM (chiPO, DPO and variants) on a preference dataset."""
+class PreferenceLossFields:
+    """The objective: a ``chipo.losses.preference_loss`` preset and its options (shared by ``chipo train`` and
+    ``chipo online``)."""
 
-    model: str = _field(None, "Policy to train: a hub model name or a local HF directory (also pi_ref by default).")
-    dataset: str = _field(None, "Preference data: hub dataset name, local .json/.jsonl/.parquet/.arrow file, or a "
-                                "directory saved by datasets. TRL formats: standard, conversational, implicit prompt.")
-    learning_rate: float = _field(5e-7, "Peak learning rate.")
-    # --- the objective
     loss: str = _field("chipo", f"Preference loss preset: {', '.join(loss_names())}.")
     beta: float = _field(0.1, "Regularisation strength beta (> 0): implicit reward = beta * link(pi/pi_ref).")
     r_max: float | None = _field(None, "Reward bound of the margin clip [-2 r_max, 2 r_max]; a number clips any "
@@ -37,6 +34,42 @@ class PreferenceConfig(TrainerConfig):
                                     "2024, arXiv 2405.16436; TRL's 'sft' loss term).")
     reward_bound: float | None = _field(None, "Experimental: clip each implicit reward into [-bound, bound] (no "
                                               "gradient outside) before the margin; null: off.")
+    exp_clamp: float = _field(EXP_CLAMP, "Largest exponent in z = exp(log pi - log pi_ref) (overflow guard).")
+
+    def check_loss(self) -> None:
+        """One-line ``ConfigError`` unless beta and the loss options are valid."""
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        try:
+            resolve_options(self.loss, **self.loss_options())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def loss_options(self) -> dict:
+        """Options for ``chipo.losses.preference_loss`` (only those that differ from the preset's defaults)."""
+        opts: dict = {"alpha": self.alpha}
+        if self.exp_clamp != EXP_CLAMP:
+            opts["exp_clamp"] = self.exp_clamp
+        if not self.clip_margin:
+            opts["r_max"] = None
+        elif self.r_max is not None:
+            opts["r_max"] = self.r_max
+        for name in ("link", "label_smoothing", "length_normalize", "reward_bound"):
+            if getattr(self, name) is not None:
+                opts[name] = getattr(self, name)
+        if self.sft_weight:
+            opts["sft_weight"] = self.sft_weight
+        return opts
+
+
+@dataclass
+class PreferenceConfig(TrainerConfig, PreferenceLossFields):
+    """Preference training of a causal LM (chiPO, DPO and variants) on a preference dataset."""
+
+    model: str = _field(None, "Policy to train: a hub model name or a local HF directory (also pi_ref by default).")
+    dataset: str = _field(None, "Preference data: hub dataset name, local .json/.jsonl/.parquet/.arrow file, or a "
+                                "directory saved by datasets. TRL formats: standard, conversational, implicit prompt.")
+    learning_rate: float = _field(5e-7, "Peak learning rate.")
     drop_ties: bool = _field(False, "Drop rows whose chosen and rejected responses are identical (counted in the "
                                     "log); otherwise such rows are an error naming them.")
     # --- reference model
@@ -61,12 +94,7 @@ class PreferenceConfig(TrainerConfig):
     lora_target_modules: str = _field("all-linear", "Modules to adapt (peft syntax, comma-separated or all-linear).")
 
     def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
-        try:
-            resolve_options(self.loss, **self.loss_options())
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.check_loss()
         if self.reference not in REFERENCE_MODES:
             raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
         if self.logprobs_impl not in LOGPROB_IMPLS:
@@ -75,22 +103,3 @@ class PreferenceConfig(TrainerConfig):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         super().__post_init__()
-
-    def loss_options(self) -> dict:
-        """Options for ``chipo.losses.preference_loss`` (only those that differ from the preset's defaults)."""
-        opts: dict = {"alpha": self.alpha}
-        if not self.clip_margin:
-            opts["r_max"] = None
-        elif self.r_max is not None:
-            opts["r_max"] = self.r_max
-        if self.link is not None:
-            opts["link"] = self.link
-        if self.label_smoothing is not None:
-            opts["label_smoothing"] = self.label_smoothing
-        if self.length_normalize is not None:
-            opts["length_normalize"] = self.length_normalize
-        if self.sft_weight:
-            opts["sft_weight"] = self.sft_weight
-        if self.reward_bound is not None:
-            opts["reward_bound"] = self.reward_bound
-        return opts

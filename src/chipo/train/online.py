@@ -192,7 +192,7 @@ class OnlineTrainer:
                          "logps/chosen", "logps/rejected", "clipped"):
                 columns[name] = metrics[name]
             if cfg.exploration == "xpo":
-                bonus = xpo_bonus(lp_b, lr_b, cfg.alpha)
+                bonus = xpo_bonus(lp_b, lr_b, cfg.xpo_alpha)
                 losses = losses + bonus
                 columns["loss/xpo"] = bonus.detach()
             columns["loss/preference"] = pair.detach()

@@ -1,8 +1,7 @@
 """``chipo online`` configuration: every field has help text; ``__post_init__`` validates values.
 
-A plain dataclass like ``chipo rl``'s (not a ``TrainingArguments`` subclass): the online loop is a hand-written
-``accelerate`` loop that honours exactly these keys, where a TrainingArguments subclass would accept hundreds of
-options (schedulers, accumulation, eval strategies) and silently ignore them.
+The objective's keys (loss, beta, r_max, link, alpha, sft_weight, ...) are ``chipo train``'s own
+(``PreferenceLossFields``); XPO's exploration coefficient is ``xpo_alpha``.
 """
 
 from __future__ import annotations
@@ -10,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chipo.config import ConfigError, _field
-from chipo.divergences import EXP_CLAMP
-from chipo.losses import loss_names, resolve_options
+from chipo.losses import loss_names
 from chipo.losses.online import LABEL_MODES
 from chipo.sequences import LOGPROB_IMPLS
+from chipo.train.config import PreferenceLossFields
 
 NASH_MD = "nash-md"
 EXPLORATIONS = ("none", "xpo")
@@ -23,7 +22,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
-class OnlineConfig:
+class OnlineConfig(PreferenceLossFields):
     """Online preference optimization (online DPO / chiPO, XPO, Nash-MD) of a causal LM against a judge."""
 
     policy: str = _field(None, "Policy to train: hub name or local HF causal-LM directory (also pi_ref by default).")
@@ -41,24 +40,14 @@ class OnlineConfig:
     overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir (otherwise an error).")
     # --- the objective
     loss: str = _field("dpo", f"'nash-md' or a preference loss on the labelled pair: {', '.join(loss_names())}.")
-    beta: float = _field(0.1, "Regularisation strength beta (> 0).")
-    r_max: float | None = _field(None, "Margin clip bound [-2 r_max, 2 r_max]; null: the loss's own (chipo: 5).")
-    clip_margin: bool = _field(True, "false: no margin clip at all, whatever the loss.")
-    link: str | None = _field(None, "Override the loss's link: kl, chi2mix, chi2, fkl, js, alpha.")
-    label_smoothing: float | None = _field(None, "Label-flip rate for robust/cdpo (default: the loss's own).")
-    link_alpha: float = _field(0.5, "alpha of the alpha-divergence link (TRL's f_alpha_divergence_coef).")
-    length_normalize: bool | None = _field(None, "Average log-probs over the response (default: the loss's own).")
-    sft_weight: float = _field(0.0, "RPO term: this times the token-mean NLL of the chosen responses.")
-    reward_bound: float | None = _field(None, "Experimental: clip each implicit reward into [-bound, bound].")
     exploration: str = _field("none", "'none': both responses from pi (online DPO / chiPO). 'xpo': one from pi, "
                                       "one from pi_ref, plus alpha * log pi(y~) on the pi_ref sample (Xie et al. "
                                       "2024, arXiv 2405.21046, Alg. 1).")
-    alpha: float = _field(1e-5, "XPO's exploration coefficient (exploration=xpo).")
+    xpo_alpha: float = _field(1e-5, "XPO's exploration coefficient (exploration=xpo).")
     mixture_coef: float = _field(0.5, "Nash-MD: sample the opponent from pi^(1-m) pi_ref^m, m = this (Munos et "
                                       "al. 2023, arXiv 2312.00886).")
     regularizer: str | None = _field(None, "Nash-MD's regulariser: kl (default; Nash-MD), chi2 or chi2mix "
                                            "(per-sample penalty beta * f'(pi/pi_ref), as chipo rl).")
-    exp_clamp: float = _field(EXP_CLAMP, "Largest exponent in z = exp(log pi - log pi_ref) (overflow guard).")
     # --- labels
     label: str = _field("bt", "Scorer judges: 'bt' samples the label from sigmoid(r_a - r_b) (Bradley-Terry; "
                               "Nash-MD uses that probability), 'argmax' prefers the higher score (ties dropped).")
@@ -97,8 +86,6 @@ class OnlineConfig:
         for name in ("policy", "prompts", "judge"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
-        if not self.beta > 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
         if self.loss == NASH_MD:
             if self.exploration != "none":
                 raise ConfigError("exploration=xpo applies to pairwise losses; nash-md samples its own opponent")
@@ -111,13 +98,13 @@ class OnlineConfig:
                 raise ConfigError(f"regularizer applies to loss=nash-md; loss={self.loss} regularises through its "
                                   "link (set link=...)")
             try:
-                resolve_options(self.loss, **self.loss_options())
-            except ValueError as e:
+                self.check_loss()
+            except ConfigError as e:
                 raise ConfigError(f"{e}; or loss=nash-md" if "unknown loss" in str(e) else str(e)) from None
         if self.exploration not in EXPLORATIONS:
             raise ConfigError(f"exploration must be one of {', '.join(EXPLORATIONS)}, got {self.exploration!r}")
-        if self.alpha < 0:
-            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
+        if self.xpo_alpha < 0:
+            raise ConfigError(f"xpo_alpha must be >= 0, got {self.xpo_alpha}")
         if self.label not in LABEL_MODES:
             raise ConfigError(f"label must be one of {', '.join(LABEL_MODES)}, got {self.label!r}")
         if self.judge_prompt not in JUDGE_PROMPTS:
@@ -128,6 +115,8 @@ class OnlineConfig:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
         if not self.exp_clamp > 0:
             raise ConfigError(f"exp_clamp must be positive, got {self.exp_clamp}")
         if not self.learning_rate > 0:
@@ -150,17 +139,3 @@ class OnlineConfig:
     @property
     def nash_md(self) -> bool:
         return self.loss == NASH_MD
-
-    def loss_options(self) -> dict:
-        """Options for ``chipo.losses.preference_loss`` (only those that differ from the preset's defaults)."""
-        opts: dict = {"alpha": self.link_alpha, "exp_clamp": self.exp_clamp}
-        if not self.clip_margin:
-            opts["r_max"] = None
-        elif self.r_max is not None:
-            opts["r_max"] = self.r_max
-        for name in ("link", "label_smoothing", "length_normalize", "reward_bound"):
-            if getattr(self, name) is not None:
-                opts[name] = getattr(self, name)
-        if self.sft_weight:
-            opts["sft_weight"] = self.sft_weight
-        return opts

@@ -10,6 +10,7 @@ loop needs) and renames it into place, so a kill during a save never leaves a ch
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,34 @@ from chipo.train.rundir import CHECKPOINT, truncate_metrics
 logger = logging.getLogger("chipo")
 
 STATE_FILE = "loop_state.json"
+
+
+def interval(value: float | None, max_steps: int) -> int:
+    """A TrainingArguments step interval as an integer: values below 1 are a fraction of ``max_steps``; 0: never."""
+    if not value:
+        return 0
+    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)
+
+
+def optimizer_and_scheduler(args, policy, num_training_steps: int):
+    """The optimizer and learning-rate schedule ``transformers.Trainer`` would build from ``args`` (``optim``,
+    ``adam_*``, ``weight_decay`` on matrices only, ``lr_scheduler_type``, warm-up), for a hand-written loop."""
+    from transformers import Trainer, get_scheduler
+
+    try:
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, policy)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"optim {args.optim}: {e}") from None
+    # Weight decay on matrices only (not on biases and norm gains), as transformers.Trainer does.
+    params = [p for p in policy.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.get_warmup_steps(num_training_steps),
+                              num_training_steps=num_training_steps,
+                              scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    return optimizer, scheduler
 
 
 def prompt_order(n: int, size: int, seed: int, step: int) -> list[int]:

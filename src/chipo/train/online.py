@@ -43,7 +43,7 @@ from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, response_batch
 from chipo.train import loop
 from chipo.train.common import check_output_dir
-from chipo.train.loop import prompt_order
+from chipo.train.loop import optimizer_and_scheduler, prompt_order
 from chipo.train.online_config import OnlineConfig
 from chipo.train.online_sampling import as_int64, sample, stream_key, uniforms
 from chipo.train.pairwise import NonFiniteError
@@ -117,8 +117,9 @@ class OnlineTrainer:
         self.config, self.accelerator, self.tokenizer, self.oracle = config, accelerator, tokenizer, oracle
         self.prompt_ids, self.prompt_texts, self.out = prompt_ids, prompt_texts, Path(out)
         self.ref = ref.to(accelerator.device).eval().requires_grad_(False)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer, self.scheduler = optimizer_and_scheduler(config, policy, config.max_steps)
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
         self.divergence = get_divergence(config.regularizer or "kl")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.impl, self.step, self.labels = "logits", 0, 0
@@ -215,10 +216,12 @@ class OnlineTrainer:
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             raise NonFiniteError(f"non-finite gradient at step {step + 1}; stopping before the optimizer step, "
                                  f"{checkpoint_note(self.out)}")
+        learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.labels += cfg.prompts_per_step
-        return self._reduce(columns, float(grad_norm))
+        return {**self._reduce(columns, float(grad_norm)), "learning_rate": learning_rate}
 
     def _reduce(self, columns: dict[str, torch.Tensor], grad_norm: float) -> dict[str, float]:
         """Means over the step's pairs on all processes: pair metrics over labelled pairs, the rest over all."""
@@ -261,18 +264,18 @@ class OnlineTrainer:
             if last < cfg.max_steps:
                 logger.info("label budget max_labels=%d allows %d steps", cfg.max_labels, last)
         bar = tqdm(range(self.step, last), initial=self.step, total=last, desc="chipo online", unit="step",
-                   disable=cfg.disable_tqdm or not acc.is_main_process)
+                   disable=bool(cfg.disable_tqdm) or not acc.is_main_process)
         for step in bar:
             record = self.train_step(step)
             self.step = step + 1
             record = {"step": self.step, **record}
-            if acc.is_main_process and (self.step % cfg.logging_steps == 0 or self.step == last):
+            if acc.is_main_process and (self.step % cfg.every("logging") == 0 or self.step == last):
                 line = json.dumps(record)
                 with (self.out / "metrics.jsonl").open("a") as f:
                     f.write(line + "\n")
                 tqdm.write(line, file=sys.stdout)
             bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}", labels=self.labels)
-            if cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == last):
+            if cfg.every("save") and (self.step % cfg.every("save") == 0 or self.step == last):
                 self.save_checkpoint(self.step)
 
     def save_final(self) -> None:
@@ -289,7 +292,7 @@ def run_online(config: OnlineConfig) -> Path:
     """Run ``chipo online``: validate everything, then train; returns the output directory with the final policy."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.accelerate_precision())
     if config.prompts_per_step % accelerator.num_processes:
         raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the number of "
                           f"processes ({accelerator.num_processes})")

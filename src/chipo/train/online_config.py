@@ -1,6 +1,8 @@
 """``chipo online`` configuration: every field has help text; ``__post_init__`` validates values.
 
-The objective's keys (loss, beta, r_max, link, alpha, sft_weight, ...) are ``chipo train``'s own
+A ``transformers.TrainingArguments`` subclass like every chipo trainer config: the optimizer, schedule, precision,
+logging and checkpoint keys are TrainingArguments' own (the loop builds the optimizer and schedule as Trainer does,
+``chipo.train.loop``). The objective's keys (loss, beta, r_max, link, alpha, sft_weight, ...) are ``chipo train``'s
 (``PreferenceLossFields``); XPO's exploration coefficient is ``xpo_alpha``.
 """
 
@@ -8,21 +10,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers import TrainingArguments
+
 from chipo.config import ConfigError, _field
 from chipo.losses import loss_names
 from chipo.losses.online import LABEL_MODES
 from chipo.sequences import LOGPROB_IMPLS
+from chipo.train.common import check_common_arguments, finish_training_arguments
 from chipo.train.config import PreferenceLossFields
+from chipo.train.loop import interval
 
 NASH_MD = "nash-md"
 EXPLORATIONS = ("none", "xpo")
 REGULARIZERS = ("kl", "chi2", "chi2mix")
 JUDGE_PROMPTS = ("general", "tldr")
-PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
-class OnlineConfig(PreferenceLossFields):
+class OnlineConfig(TrainingArguments, PreferenceLossFields):
     """Online preference optimization (online DPO / chiPO, XPO, Nash-MD) of a causal LM against a judge."""
 
     policy: str = _field(None, "Policy to train: hub name or local HF causal-LM directory (also pi_ref by default).")
@@ -67,20 +72,19 @@ class OnlineConfig(PreferenceLossFields):
     max_steps: int = _field(100, "Optimizer steps (fewer when max_labels runs out first).")
     prompts_per_step: int = _field(8, "Prompts (pairs, judge calls) per optimizer step over all processes; a "
                                       "multiple of the number of processes.")
-    learning_rate: float = _field(5e-7, "AdamW learning rate (constant).")
-    weight_decay: float = _field(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
+    learning_rate: float = _field(5e-7, "Peak learning rate.")
+    lr_scheduler_type: str = _field("constant", "transformers scheduler name (constant, linear, cosine, ...).")
+    optim: str = _field("adamw_torch", "Optimizer (transformers optim name; adam_beta1/2, adam_epsilon, "
+                                       "weight_decay apply).")
     seed: int = _field(0, "Random seed: prompt order, sampling and labels are functions of (seed, step, prompt).")
-    mixed_precision: str = _field("no", "accelerate mixed precision: no, bf16, fp16.")
     logprobs_impl: str = _field("auto", "'fused', 'logits' or 'auto' (see chipo train).")
     logprob_chunk: int = _field(1024, "Tokens per chunk in the fused log-prob path.")
     # --- logging, checkpoints
-    logging_steps: int = _field(1, "Log metrics (metrics.jsonl, stdout) every N steps.")
-    save_steps: int = _field(50, "Checkpoint (accelerate state: policy, optimizer, RNG; step, labels) every N steps "
+    logging_steps: float = _field(1, "Log metrics (metrics.jsonl, stdout) every N steps.")
+    save_steps: float = _field(50, "Checkpoint (accelerate state: policy, optimizer, RNG; step, labels) every N steps "
                                  "and at the last step (0: never; the final policy is always saved).")
     save_total_limit: int | None = _field(2, "Keep at most N checkpoints (null: all).")
     resume_from_checkpoint: str | None = _field(None, "'latest' or a checkpoint directory to resume from.")
-    disable_tqdm: bool = _field(False, "Hide the progress bar.")
 
     def __post_init__(self) -> None:
         for name in ("policy", "prompts", "judge"):
@@ -111,8 +115,6 @@ class OnlineConfig(PreferenceLossFields):
             raise ConfigError(f"judge_prompt must be one of {', '.join(JUDGE_PROMPTS)}, got {self.judge_prompt!r}")
         if self.logprobs_impl not in LOGPROB_IMPLS:
             raise ConfigError(f"logprobs_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprobs_impl!r}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if not self.beta > 0:
@@ -123,7 +125,9 @@ class OnlineConfig(PreferenceLossFields):
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError("weight_decay and max_grad_norm must be >= 0")
-        for name in ("max_new_tokens", "max_steps", "prompts_per_step", "logging_steps", "logprob_chunk",
+        if not self.logging_steps > 0:
+            raise ConfigError(f"logging_steps must be positive, got {self.logging_steps}")
+        for name in ("max_new_tokens", "max_steps", "prompts_per_step", "logprob_chunk",
                      "judge_max_concurrency", "judge_max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -133,8 +137,18 @@ class OnlineConfig(PreferenceLossFields):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
+        check_common_arguments(self)
+        finish_training_arguments(self, TrainingArguments)
+
+    def accelerate_precision(self) -> str:
+        """accelerate's name of the mixed precision that ``bf16`` / ``fp16`` ask for."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
+    def every(self, what: str) -> int:
+        """Interval in steps of 'logging' or 'save' (0: never), per the *_strategy and *_steps fields."""
+        if str(getattr(self, f"{what}_strategy")).split(".")[-1].lower() == "no":
+            return 0
+        return interval(getattr(self, f"{what}_steps"), self.max_steps)
 
     @property
     def nash_md(self) -> bool:

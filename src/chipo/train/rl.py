@@ -56,7 +56,7 @@ from chipo.generation import encode_prompts, generate
 from chipo.losses.rloo import exact_objective, rl_penalty, rloo_advantages, rloo_loss
 from chipo.rewards import score_checked
 from chipo.sequences import batch_sequence_logps, response_batch, sequence_logps
-from chipo.train.loop import prompt_order
+from chipo.train.loop import optimizer_and_scheduler, prompt_order
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
 from chipo.train.rundir import checkpoint_note
@@ -107,28 +107,15 @@ class RLTrainer:
 
     def __init__(self, config: RLConfig, accelerator, policy, ref, tokenizer, reward, prompts: PromptSet, out, *,
                  eval_prompts: PromptSet | None = None, gold=None, eval_callback=None, impl: str = "logits"):
-        from transformers import Trainer, get_scheduler
-
         self.config, self.accelerator, self.tokenizer = config, accelerator, tokenizer
         self.reward, self.prompts, self.out = reward, prompts, out
         self.eval_prompts, self.gold, self.eval_callback = eval_prompts, gold, eval_callback
         self.divergence = get_divergence(config.regularizer)
         self.impl = impl
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        try:
-            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(config, policy)
-        except (ValueError, ImportError) as e:
-            raise ConfigError(f"optim {config.optim}: {e}") from None
-        # Weight decay on matrices only (not on biases and norm gains), as transformers.Trainer does.
-        params = [p for p in policy.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
-        # Not passed to accelerator.prepare: an AcceleratedScheduler would step N times per step under DDP.
-        self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                                       num_warmup_steps=config.get_warmup_steps(config.max_steps),
-                                       num_training_steps=config.max_steps,
-                                       scheduler_specific_kwargs=config.lr_scheduler_kwargs or {})
+        # The scheduler is not passed to accelerator.prepare: an AcceleratedScheduler would step N times per step
+        # under DDP.
+        optimizer, self.scheduler = optimizer_and_scheduler(config, policy, config.max_steps)
         self.model, self.optimizer = accelerator.prepare(policy, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
         self.ref = ref.to(accelerator.device).eval().requires_grad_(False)

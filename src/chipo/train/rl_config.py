@@ -14,7 +14,6 @@ the processes and then into ``gradient_accumulation_steps`` micro-batches (see `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from transformers import TrainingArguments
@@ -24,15 +23,9 @@ from chipo.divergences import EXP_CLAMP
 from chipo.losses.rloo import ESTIMATORS
 from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import check_common_arguments, finish_training_arguments
+from chipo.train.loop import interval
 
 REGULARIZERS = ("kl", "chi2", "chi2mix")
-
-
-def interval(value: float | None, max_steps: int) -> int:
-    """A TrainingArguments step interval as an integer: values below 1 are a fraction of ``max_steps``."""
-    if not value:
-        return 0
-    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)
 
 
 @dataclass

@@ -24,8 +24,9 @@ Proxy view: implicit-reward accuracy on held-out (and, in a sweep, training) pre
 pairs where beta * (link(z+) - link(z-)) > 0 (ties 1/2) with the loss's own link and options -- what the optimiser
 sees -- and the fraction of training pairs whose margin sits at the loss's clip (chiPO's [-2 r_max, 2 r_max]).
 
-Where the mass goes (``data_mass``, enumerable worlds only): pi's probability on the training pairs' chosen
-responses, on their rejected responses, on every other response of the language and on text outside it.
+Where the mass goes (``data_mass``, worlds that can list their language's responses): pi's probability on the
+training pairs' chosen responses, on their rejected responses, on every other response of the language and on text
+outside it.
 
 Exact view (``ExactSpace``): when the gold scorer can enumerate a finite partition of all responses on whose cells
 its reward is constant (the embedded world, ``Language.exact_partition``), J and the win rates are computed exactly,
@@ -189,16 +190,29 @@ def implicit_reward_accuracy(policy, tokenizer, heldout: list[dict], loss: str, 
     return pair_metrics(policy, tokenizer, heldout, loss, beta, loss_options)["acc"]
 
 
-def data_mass(policy, tokenizer, gold, pairs: list[dict]) -> dict:
+def language_responses(gold, prompts: Sequence[str]) -> dict[str, list[str]] | None:
+    """Every in-language response of each prompt, for gold scorers whose language can list its response space
+    (the embedded world: the letter strings of the response length with a positive gold reward); else None."""
+    space = getattr(getattr(gold, "language", None), "response_space", None)
+    if space is None:
+        return None
+    candidates = space()
+    out = {}
+    for x in dict.fromkeys(prompts):
+        scores = np.asarray(gold.score([x] * len(candidates), candidates), dtype=float)
+        out[x] = [y for y, r in zip(candidates, scores) if r > 0]
+    return out
+
+
+def data_mass(policy, tokenizer, pairs: list[dict], language: dict[str, list[str]]) -> dict:
     """Where pi puts its mass on the training prompts, in four disjoint parts that sum to 1 (per prompt, averaged):
 
     * ``mass_chosen``: the responses that are chosen in some training pair of the prompt;
     * ``mass_rejected``: those rejected in some pair and never chosen;
-    * ``mass_other_language``: every other well-formed response of the language;
-    * ``mass_out_of_language``: every other text (malformed, too long, unfinished), gold reward 0.
+    * ``mass_other_language``: every other response of the language (``language``: prompt -> all of them);
+    * ``mass_out_of_language``: everything else (malformed, too long, unfinished text), gold reward 0.
 
-    Needs a gold scorer with ``exact_partition`` (the total well-formed mass); a response counts as well-formed
-    when its gold reward is positive (the embedded world gives 0 exactly to text outside the language).
+    Exact: pi(y | x) of every in-language response (EOS included) is computed, the rest is 1 minus their sum.
     """
     by_prompt: dict[str, dict[str, set]] = {}
     for r in pairs:
@@ -206,22 +220,21 @@ def data_mass(policy, tokenizer, gold, pairs: list[dict]) -> dict:
         sets["chosen"].add(r["chosen"])
         sets["rejected"].add(r["rejected"])
     prompts = list(by_prompt)
-    logp, _, well_formed = gold.exact_partition(policy, tokenizer, prompts)
-    formed_mass = (np.exp(logp) * well_formed).sum(1)
-    items = [(i, y, side) for i, x in enumerate(prompts) for side in ("chosen", "rejected")
-             for y in sorted(by_prompt[x][side] - (by_prompt[x]["chosen"] if side == "rejected" else set()))]
+    items = []  # (prompt index, response, part)
+    for i, x in enumerate(prompts):
+        chosen, rejected = by_prompt[x]["chosen"], by_prompt[x]["rejected"] - by_prompt[x]["chosen"]
+        inside = set(language[x])
+        items += [(i, y, "chosen") for y in sorted(chosen)] + [(i, y, "rejected") for y in sorted(rejected)]
+        items += [(i, y, "other_language") for y in sorted(inside - chosen - rejected)]
     probs = np.exp(response_logps(policy, tokenizer, [prompts[i] for i, _, _ in items],
                                   [y for _, y, _ in items]).double().numpy())
-    formed = np.asarray(gold.score([prompts[i] for i, _, _ in items], [y for _, y, _ in items]), dtype=float) > 0
-    out = {f"mass_{side}": np.zeros(len(prompts)) for side in ("chosen", "rejected")}
-    data_formed, data_malformed = np.zeros(len(prompts)), np.zeros(len(prompts))
-    for (i, _, side), p, ok in zip(items, probs, formed):
-        out[f"mass_{side}"][i] += p
-        (data_formed if ok else data_malformed)[i] += p
-    result = {key: float(v.mean()) for key, v in out.items()}
-    result["mass_other_language"] = float(np.clip(formed_mass - data_formed, 0.0, None).mean())
-    result["mass_out_of_language"] = float(np.clip(1.0 - formed_mass - data_malformed, 0.0, None).mean())
-    return result
+    parts = {name: np.zeros(len(prompts)) for name in ("chosen", "rejected", "other_language")}
+    for (i, _, part), p in zip(items, probs):
+        parts[part][i] += p
+    total = sum(parts.values())
+    out = {f"mass_{name}": float(v.mean()) for name, v in parts.items()}
+    out["mass_out_of_language"] = float(np.clip(1.0 - total, 0.0, None).mean())
+    return out
 
 
 def divergence_stats(log_ratio: torch.Tensor, clusters: Sequence | None = None) -> dict:

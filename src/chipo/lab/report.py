@@ -123,8 +123,8 @@ def mechanism_section(df: pd.DataFrame, files: list[str]) -> list[str]:
     out = ["## Where the probability goes", "",
            "On the training prompts, the policy's probability of: the responses chosen in its training pairs; "
            "those rejected (and never chosen); every other response of the language; text outside the language "
-           "(gold reward 0). The four sum to 1. 'clip %': training pairs whose implicit-reward margin is outside "
-           "the loss's clip band, so they give no gradient (chiPO clips at 2 r_max; DPO never clips). Implicit "
+           "(gold reward 0). The four sum to 1. 'clip %': training pairs the loss clips, so they give no gradient "
+           "(a margin clip at 2 r_max, or a reward bound; 0 for losses without either). Implicit "
            "accuracy: pairs the implicit reward beta * link(pi/pi_ref) orders like the label, on the training "
            f"pairs and on held-out pairs. pi_ref (epoch 0) and epoch {last}, mean ± s.e. over seeds.", "",
            "| method | beta | epoch | chosen % | rejected % | other in-language % | out of language % | clip % | "

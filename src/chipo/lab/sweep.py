@@ -334,6 +334,7 @@ class CellRunner:
         self.baseline = baseline
         self._train_pairs: dict[int, list[dict] | None] = {}
         self._ref_mass: dict[int, dict] = {}
+        self._language: dict[str, list[str]] = {}  # prompt -> its in-language responses (enumerable worlds)
 
     def method(self, name: str) -> Variant:
         return next(m for m in self.config.methods if m.name == name)
@@ -362,7 +363,7 @@ class CellRunner:
     def train_pairs(self, seed: int) -> list[dict] | None:
         """The seed's training pairs with pi_ref's log-probs (ties left out), for the proxy's view on them; None
         when the data are not a local file the lab can read."""
-        from chipo.lab.evaluate import data_mass, with_ref_logps
+        from chipo.lab.evaluate import data_mass, language_responses, with_ref_logps
 
         if seed not in self._train_pairs:
             source = self.config.train_prefs.replace("{seed}", str(seed))
@@ -370,8 +371,11 @@ class CellRunner:
             if Path(source).is_file():
                 pairs = with_ref_logps(self.ref, self.tokenizer, load_pairs(source, self.config.split))
             self._train_pairs[seed] = pairs
-            if pairs and hasattr(self.gold, "exact_partition"):
-                self._ref_mass[seed] = data_mass(self.ref, self.tokenizer, self.gold, pairs)
+            if pairs:
+                self._language.update(language_responses(self.gold, [r["prompt"] for r in pairs
+                                                                     if r["prompt"] not in self._language]) or {})
+            if pairs and all(r["prompt"] in self._language for r in pairs):
+                self._ref_mass[seed] = data_mass(self.ref, self.tokenizer, pairs, self._language)
         return self._train_pairs[seed]
 
     def mechanism(self, policy, loss: str, beta: float, seed: int, loss_options: dict) -> dict:
@@ -384,7 +388,7 @@ class CellRunner:
         train = pair_metrics(policy, self.tokenizer, pairs, loss, beta, loss_options)
         out = {"train_acc_exact": train["acc"], "clip_frac": train["clip_frac"]}
         if seed in self._ref_mass:
-            out["mass"] = data_mass(policy, self.tokenizer, self.gold, pairs)
+            out["mass"] = data_mass(policy, self.tokenizer, pairs, self._language)
             out["mass_ref"] = self._ref_mass[seed]
         return out
 

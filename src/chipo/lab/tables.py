@@ -11,6 +11,7 @@ Nothing here knows a loss by name: methods are whatever the sweep ran (``chipo.l
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,8 @@ COLUMN_HELP = {
     "gold": "mean gold reward r*(x, y) of the policy's responses (0 for text outside the language)",
     "sqrt KL": "sqrt(KL(pi || pi_ref)), in nats^1/2 (the distance of Gao et al. 2023)",
     "out of language %": "probability the policy writes text outside the language (gold reward 0)",
-    "clip %": "training pairs whose margin lies outside the loss's clip band (no gradient; chiPO: |m| > 2 r_max)",
+    "clip %": "training pairs that give no gradient because the loss clips them (a margin clip |m| > 2 r_max, or a "
+              "reward bound)",
     "implicit acc train / held-out %": "pairs ordered correctly by the implicit reward beta * link(pi/pi_ref), on "
                                        "the training pairs and on held-out pairs",
 }
@@ -100,11 +102,32 @@ def betas(df: pd.DataFrame) -> list[float]:
 
 
 def seeds(df: pd.DataFrame) -> list[int]:
-    return sorted({int(s) for s in df["seed"].dropna()})
+    values = column(df, "seed")
+    return sorted({int(s) for s in values[~np.isnan(values)]})
 
 
 def epochs(df: pd.DataFrame) -> list[int]:
     return sorted({int(e) for e in df["epoch"] if e > 0})
+
+
+_ARRAYS: OrderedDict[int, tuple[pd.DataFrame, dict[str, np.ndarray]]] = OrderedDict()
+
+
+def column(df: pd.DataFrame, name: str) -> np.ndarray:
+    """``df[name]`` as a numpy array, memoised for the last few tables (the verdicts read the same columns of the
+    same table many times; tables here are never modified in place, every change makes a new one)."""
+    key = id(df)
+    entry = _ARRAYS.get(key)
+    if entry is None or entry[0] is not df:
+        entry = (df, {})
+        _ARRAYS[key] = entry
+        while len(_ARRAYS) > 16:
+            _ARRAYS.popitem(last=False)
+    cache = entry[1]
+    if name not in cache:
+        values = df[name].to_numpy()
+        cache[name] = values.astype(float) if name in ("beta", "seed", "epoch") or values.dtype != object else values
+    return cache[name]
 
 
 def seed_matrix(df: pd.DataFrame, method: str, beta: float, metric: str,
@@ -114,19 +137,18 @@ def seed_matrix(df: pd.DataFrame, method: str, beta: float, metric: str,
     seed_list = seeds(df) if seed_list is None else seed_list
     if metric not in df:
         return [], np.full((len(seed_list), 0), np.nan)
-    mask = (df["method"].to_numpy() == method) & (df["beta"].to_numpy(dtype=float) == beta)
-    s = df["seed"].to_numpy(dtype=float)[mask]
-    e = df["epoch"].to_numpy(dtype=float)[mask]
-    v = df[metric].to_numpy(dtype=float)[mask]
+    mask = (column(df, "method") == method) & (column(df, "beta") == beta)
+    s, e = column(df, "seed")[mask], column(df, "epoch")[mask]
+    v = column(df, metric)[mask].astype(float)
     es = sorted({int(x) for x in e})
+    row = {seed: i for i, seed in enumerate(seed_list)}
+    keep = np.array([int(x) in row for x in s], dtype=bool) & ~np.isnan(v)
+    rows = np.array([row[int(x)] for x in s[keep]], dtype=int)
+    cols = np.searchsorted(np.asarray(es), e[keep].astype(int))
     total = np.zeros((len(seed_list), len(es)))
     count = np.zeros((len(seed_list), len(es)))
-    row = {seed: i for i, seed in enumerate(seed_list)}
-    col = {epoch: j for j, epoch in enumerate(es)}
-    for si, ei, vi in zip(s, e, v):
-        if int(si) in row and not math.isnan(vi):
-            total[row[int(si)], col[int(ei)]] += vi
-            count[row[int(si)], col[int(ei)]] += 1
+    np.add.at(total, (rows, cols), v[keep])
+    np.add.at(count, (rows, cols), 1.0)
     with np.errstate(invalid="ignore"):
         return es, np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
@@ -191,8 +213,8 @@ def distance_levels(df: pd.DataFrame, beta: float, kl: str, fractions=(0.25, 0.5
 
 def _with_ref_column(df: pd.DataFrame, values: np.ndarray, metric: str) -> np.ndarray:
     """Prepend pi_ref's value (its epoch-0 row) as the first column of a [seeds, epochs] matrix."""
-    ref = df.loc[df["method"] == "pi_ref", metric] if metric in df else pd.Series(dtype=float)
-    start = float(ref.iloc[0]) if len(ref) else math.nan
+    ref = column(df, metric)[column(df, "method") == "pi_ref"] if metric in df else []
+    start = float(ref[0]) if len(ref) else math.nan
     return np.concatenate([np.full((values.shape[0], 1), start), values], axis=1)
 
 

@@ -122,6 +122,8 @@ class DemoConfig:
                                     "bound (r_max / 2), and report which remedy moves which number (3x the runs).")
     out: str = _field("chipo-demo", "Output directory.")
     seeds: int | None = _field(None, "Number of seeds (default 3; quick: 1).")
+    betas: list[float] | None = _field(None, "beta values (default 0.05, 0.005: the paper's Table 1).")
+    epochs: int | None = _field(None, "Epochs of each run (default 32; quick: 4).")
     workers: int = _field(2, "Parallel training processes.")
     world_cache: str | None = _field(None, "World cache directory (default $CHIPO_CACHE/world or "
                                            "~/.cache/chipo/world).")
@@ -132,6 +134,10 @@ class DemoConfig:
             raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.betas is not None and (not self.betas or any(not b > 0 for b in self.betas)):
+            raise ConfigError(f"betas must be positive numbers, got {self.betas}")
 
 
 # ---------------------------------------------------------------------------------------------------- variants

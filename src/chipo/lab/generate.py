@@ -66,7 +66,8 @@ class PreferenceStats:
 def generate_preferences(model, tokenizer, prompts: Sequence[str], gold, *, pairs_per_prompt: int, scale: float,
                          settings: SamplingSettings, progress: bool = True,
                          desc: str = "sampling preference pairs") -> tuple[list[dict], PreferenceStats]:
-    """Preference rows by the seed's process: two samples of ``model`` (pi_ref) per pair, BT-labelled by ``gold``.
+    """Preference rows by the process of Huang et al. 2024: two samples of ``model`` (pi_ref) per pair,
+    BT-labelled by ``gold``.
 
     Pairs with an empty response are dropped (a preference row needs two non-empty responses) and counted.
     """

@@ -157,7 +157,7 @@ def mechanism(runs: pd.DataFrame, beta: float, out: Path) -> str:
     sel = runs[runs["beta"] == beta]
     parts = [f"mass.{p}" for p in tables.MASS_PARTS]
     agg = tables.aggregate(sel, parts + ["clip_frac", "train_acc_exact", "implicit_acc"])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.2), squeeze=False, sharey="row")
+    fig, axes = plt.subplots(2, len(names), figsize=(max(3.2 * len(names), 7.5), 7.4), squeeze=False, sharey="row")
     for i, m in enumerate(names):
         g = agg[agg["method"] == m].sort_values("epoch")
         x = np.arange(len(g))
@@ -179,11 +179,13 @@ def mechanism(runs: pd.DataFrame, beta: float, out: Path) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("probability mass on training prompts")
     axes[1][0].set_ylabel("fraction of pairs")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    axes[1][-1].legend(fontsize=7, loc="center left")
-    fig.suptitle(f"Where the policy's probability goes, and what the training loss sees (beta {beta:g}, mean over "
-                 "seeds)")
-    fig.tight_layout()
+    for row, anchor in ((0, 0.045), (1, 0.0)):
+        handles, labels = axes[row][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2 if row == 0 else 3, fontsize=8,
+                   bbox_to_anchor=(0.5, anchor), frameon=False)
+    fig.suptitle(f"Where the policy's probability goes (top) and what the training loss sees (bottom)\n"
+                 f"beta {beta:g}, mean over seeds; training prompts", fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     name = f"mechanism_beta{_beta_text(beta)}.png"
     fig.savefig(out / name, dpi=100)
     plt.close(fig)

@@ -97,7 +97,7 @@ def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim])
            "seeds.", ""]
     for beta in tables.betas(df):
         levels = tables.distance_levels(df, beta, keys["kl"])
-        head = ["method", "best gold (epoch)"] + [f"gold at sqrt KL {lv:.3g}" for lv in levels] + \
+        head = ["method", "best gold (mean epoch)"] + [f"gold at sqrt KL {lv:.3g}" for lv in levels] + \
             ["final gold", "final sqrt KL"]
         out += [f"beta {beta:g}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in tables.methods(df):

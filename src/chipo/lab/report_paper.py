@@ -79,9 +79,11 @@ def paper_sections(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim]) -
            "Each line is one test of the Verdicts section below (same Holm family); 'not shown' means the test "
            "did not pass, not that the opposite holds.", ""]
     last = es[-1]
+    early = "/".join(str(e) for e in verdicts.PAPER_EPOCHS if e in es and e < last) or "none"
     for beta in betas:
         out.append(_line(_find(claims, f"{B}: {WIN_LABEL} falls", beta),
-                         f"beta {beta:g}: DPO's win rate falls from the paper's epochs 1/2/4 to epoch {last}"))
+                         f"beta {beta:g}: DPO's win rate falls from epochs {early} (the paper's 1/2/4 that were "
+                         f"evaluated before the last) to epoch {last}"))
         out.append(_line(_find(claims, f"{A}: {WIN_LABEL} falls", beta),
                          f"beta {beta:g}: chiPO's win rate falls likewise (the paper says it does not)"))
         out.append(_line(_find(claims, f"{A} vs {B}: {WIN_LABEL} at epoch {last}", beta),

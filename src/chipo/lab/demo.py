@@ -81,7 +81,16 @@ def machine_info() -> dict:
             "python": sys.version.split()[0],
             "versions": f"chipo {getattr(chipo, '__version__', '?')}, torch {torch.__version__}, transformers "
                         f"{transformers.__version__}, datasets {datasets.__version__}, numpy {numpy.__version__}",
-            "torch threads per process": torch.get_num_threads()}
+            "torch threads per process": torch.get_num_threads(),
+            "load average (1, 5, 15 min) when the report was written": load_average()}
+
+
+def load_average() -> str:
+    """The machine's load average: wall times on a shared machine mean little without it."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, progress: bool = True,
@@ -115,6 +124,7 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
 
     start = time.perf_counter()
     cpu_start = time.process_time()
+    load_at_start = load_average()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -206,7 +216,8 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
         "machine": machine_info(),
         "timing": {
             "wall time (this run)": f"{wall:.0f} s ({wall / 60:.1f} min), CPU time of the main process "
-                                    f"{time.process_time() - cpu_start:.0f} s",
+                                    f"{time.process_time() - cpu_start:.0f} s; load average at the start "
+                                    f"{load_at_start}",
             "world": f"{'built' if built_now else 'loaded from cache'} in {world_seconds:.1f} s"
                      + (f" (first build took {info['build_seconds']:.0f} s)" if not built_now else ""),
             "preference data": f"{data_seconds:.1f} s",
@@ -271,7 +282,7 @@ def analysis(rows: list[dict]) -> str:
         "push-down side is log z for both, unbounded below: mass taken from rejected responses can go anywhere, "
         "including text outside the language, which the judge scores 0. The remedies act there: RPO's SFT term "
         "pulls mass back to the chosen responses; a reward bound stops the push-down once a rejected response's "
-        "implicit reward reaches -bound."
+        "implicit reward reaches -bound (the clip % column shows how often that happened in this run)."
         "\n\nLimits of this world: a constant learning rate of 1e-3 on a 0.1M-parameter model moves far in one "
         "epoch, so 'epochs' here compress the paper's time scale; evaluation uses 16 held-out prompts and seeds "
         "differ in their preference data, so a few seeds detect only large differences (see the 'detectable' "

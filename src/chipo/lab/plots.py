@@ -62,7 +62,7 @@ def winrate_vs_epochs(runs: pd.DataFrame, keys: dict, out: Path) -> str:
     pos = {e: i for i, e in enumerate(epochs)}  # 0, 1, 2, 4, ...: equal spacing reads better
     agg = tables.aggregate(runs, [keys["win"]])
     col = colors(names)
-    fig, axes = plt.subplots(1, len(betas), figsize=(5.5 * len(betas), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(betas), figsize=(max(5.5 * len(betas), 7.5), 4.6), squeeze=False, sharey=True)
     width = 0.5 / max(len(names), 1)
     for ax, beta in zip(axes[0], betas):
         for i, m in enumerate(names):
@@ -78,7 +78,7 @@ def winrate_vs_epochs(runs: pd.DataFrame, keys: dict, out: Path) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold win rate vs pi_ref" + (" (exact)" if keys["exact"] else " (sampled)"))
     axes[0][-1].legend(fontsize=8, loc="lower left")
-    fig.suptitle("Win rate against pi_ref under the gold reward (mean ± s.e. over seeds; 0.5 = pi_ref)")
+    fig.suptitle("Win rate against pi_ref under the gold reward\n(mean ± s.e. over seeds; 0.5 = pi_ref)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out / "winrate_vs_epochs.png", dpi=100)
     plt.close(fig)
@@ -91,9 +91,9 @@ def gold_vs_sqrt_kl(runs: pd.DataFrame, keys: dict, out: Path) -> str:
     runs = runs.assign(sqrt_kl=np.sqrt(runs[keys["kl"]].astype(float).clip(lower=0)))
     agg = tables.aggregate(runs, [keys["gold"], "sqrt_kl"])
     col = colors(names)
-    fig, axes = plt.subplots(1, len(betas), figsize=(5.5 * len(betas), 4.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(betas), figsize=(max(5.5 * len(betas), 7.5), 4.8), squeeze=False, sharey=True)
     for ax, beta in zip(axes[0], betas):
-        for m in names:
+        for i, m in enumerate(names):
             g = agg[(agg["method"] == m) & (agg["beta"] == beta)].sort_values("epoch")
             if g.empty:
                 continue
@@ -104,13 +104,14 @@ def gold_vs_sqrt_kl(runs: pd.DataFrame, keys: dict, out: Path) -> str:
             ax.scatter(g["sqrt_kl"], g[keys["gold"]], s=sizes, color=col[m], zorder=3)
             last = g.iloc[-1]
             ax.annotate(f"ep {int(last['epoch'])}", (last["sqrt_kl"], last[keys["gold"]]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, color=col[m])
+                        xytext=(5, -9 - 7 * (i % 3)), fontsize=7, color=col[m])  # staggered: no pile-up
         ax.set_title(f"beta = {beta:g}")
         ax.set_xlabel(f"sqrt(KL(pi || pi_ref)) [nats^1/2]\n{keys['kl_name']}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold reward" + (" (exact)" if keys["exact"] else " (sampled)"))
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Gold reward vs distance from pi_ref along training (marker size grows with the epoch)")
+    fig.suptitle("Gold reward vs distance from pi_ref along training\n(mean ± s.e. over seeds; marker size grows "
+                 "with the epoch, the last is labelled)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out / "gold_vs_sqrt_kl.png", dpi=100)
     plt.close(fig)

@@ -106,11 +106,10 @@ def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim])
             cells = [best] + [fmt_g(*tables.mean_and_se(f[f"at_{i}"])) for i in range(len(levels))]
             cells += [fmt_g(*tables.mean_and_se(f["final"])), fmt_g(*tables.mean_and_se(f["final_distance"]))]
             out.append(f"| {m} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += ["", "Which the data support (better frontier = higher gold at the largest matched sqrt KL; slower "
+                "drift = closer to pi_ref at the last epoch; each only when its test passes after Holm):", ""]
         for a, b in verdicts.comparisons(df):
-            out.append(f"- {a} against {b}: {verdicts.frontier_reading(claims, a, b, beta)} (better frontier = "
-                       "higher gold at the largest matched sqrt KL; slower drift = closer to pi_ref at the end; "
-                       "each only when its test passes).")
+            out.append(f"- {a} against {b}: {verdicts.frontier_reading(claims, a, b, beta)}.")
         out.append("")
     return out
 

@@ -32,6 +32,17 @@ from tqdm.auto import tqdm
 from chipo.config import ConfigError, _field
 from chipo.io import write_json
 from chipo.lab.configs import GoldFields, SamplingFields, Variant, parse_variants
+from chipo.lab.runs import (  # noqa: F401 -- also this module's public names
+    _quiet_libraries,
+    _steps_per_epoch,
+    _train_metrics_by_epoch,
+    append_row,
+    checkpoints_by_epoch,
+    load_pairs,
+    load_prompts,
+    quiet_libraries,
+    read_results,
+)
 
 logger = logging.getLogger("chipo.lab")
 
@@ -124,62 +135,6 @@ def cell_name(method: str, beta: float, seed: int) -> str:
 def row_method(row: dict) -> str:
     """The method (variant name) of a result row; rows written before variants existed name it by the loss."""
     return row.get("method") or row["loss"]
-
-
-def read_results(path: str | os.PathLike) -> list[dict]:
-    """Rows of results.jsonl (a torn last line from an interrupted write is ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
-    """{epoch: checkpoint directory} from each checkpoint's trainer_state.json."""
-    out = {}
-    for ckpt in run_dir.glob("checkpoint-*"):
-        state = ckpt / "trainer_state.json"
-        if state.is_file():
-            epoch = json.loads(state.read_text()).get("epoch")
-            if epoch is not None:
-                out[int(round(epoch))] = ckpt
-    return out
-
-
-def _quiet_libraries() -> None:
-    """Silence library chatter (per-run tokenizing / weight-loading bars, info logs) in worker processes."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("chipo").setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def quiet_libraries():
-    """``_quiet_libraries`` for the duration of a block, restoring the previous state (library callers, tests)."""
-    import datasets
-    import transformers
-
-    state = (datasets.is_progress_bar_enabled(), transformers.utils.logging.get_verbosity(),
-             transformers.utils.logging.is_progress_bar_enabled(), logging.getLogger("chipo").level)
-    _quiet_libraries()
-    try:
-        yield
-    finally:
-        datasets.enable_progress_bars() if state[0] else datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity(state[1])
-        if state[2]:
-            transformers.utils.logging.enable_progress_bar()
-        logging.getLogger("chipo").setLevel(state[3])
 
 
 class Sweep:
@@ -293,17 +248,6 @@ def epochs_done(rows: list[dict], method: str, beta: float, seed: int) -> set[in
     return {r["epoch"] for r in rows
             if r.get("loss") != "pi_ref" and row_method(r) == method and r.get("beta") == beta
             and r.get("seed") == seed}
-
-
-def append_row(path: Path, row: dict) -> None:
-    """Append one JSON line with a single O_APPEND write (safe with several worker processes)."""
-    data = (json.dumps(row, default=float) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CellRunner:
@@ -466,46 +410,3 @@ def r_max_for(loss: str, r_max):
     from chipo.losses import LOSSES
 
     return r_max if "r_max" in LOSSES[loss].defaults else None
-
-
-def _steps_per_epoch(dataset: str, batch_size: int) -> int:
-    """Optimizer steps per epoch of a local JSON-lines file (log once per epoch); 10 when unknown."""
-    path = Path(dataset)
-    if path.is_file() and path.suffix == ".jsonl":
-        n = sum(1 for line in path.open() if line.strip())
-        return max(1, math.ceil(n / batch_size))
-    return 10
-
-
-def _train_metrics_by_epoch(path: Path) -> dict[int, dict]:
-    """Training-set loss and implicit-reward accuracy logged at each whole epoch (the proxy's own view)."""
-    out: dict[int, dict] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        epoch = rec.get("epoch")
-        if epoch is None or "loss" not in rec or abs(epoch - round(epoch)) > 1e-6:
-            continue
-        out[int(round(epoch))] = {"train_loss": rec["loss"], "train_acc": rec.get("rewards/accuracies")}
-    return out
-
-
-def load_prompts(source: str, split: str = "train", limit: int | None = None) -> tuple[list[str], list[str | None]]:
-    """String prompts and optional reference responses ('reference', 'completion' or 'chosen' column)."""
-    from chipo.data.prompts import load_prompts as load_prompt_rows
-
-    rows = load_prompt_rows(source, split, limit, text_only=True)
-    return rows.prompts, rows.references
-
-
-def load_pairs(source: str, split: str = "train") -> list[dict]:
-    """Standard-format preference rows (prompt / chosen / rejected strings)."""
-    from chipo.data import load_preference_dataset
-
-    dataset = load_preference_dataset(source, split)
-    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-    if missing:
-        raise ConfigError(f"{source}: missing column(s) {sorted(missing)}")
-    return [{"prompt": p, "chosen": c, "rejected": r}
-            for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])]

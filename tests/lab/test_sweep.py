@@ -150,3 +150,15 @@ def test_a_sweep_over_variants_trains_each_with_its_options_and_records_them(tin
     changed = _config(tiny_world, tmp_path / "sweep", seeds=[0], epochs=1, variants=["rpo:dpo:sft_weight=2"])
     with pytest.raises(ConfigError, match="rename the variant"):
         Sweep(changed, train_fn=FakeTrainer(tiny_world / "pi_ref"), progress=False).run()
+
+
+@pytest.mark.slow
+def test_a_sweep_is_deterministic_on_one_machine(tiny_world, tmp_path):
+    """The same sweep (real trainer, sampling, evaluation) twice into two directories: every metric equal."""
+    results = []
+    for name in ("a", "b"):
+        config = _config(tiny_world, tmp_path / name, losses=["chipo"], seeds=[0], epochs=1)
+        rows = Sweep(config, progress=False).run()
+        results.append({(r["loss"], r["epoch"]): {k: v for k, v in r.items() if not k.endswith("seconds")}
+                        for r in rows})
+    assert results[0] == results[1]

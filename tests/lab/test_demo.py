@@ -20,10 +20,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert demo(["--quick", f"out={out}", "--no-progress"]) == 0
     report = out / "report"
     for name in ("report.md", "winrate_vs_epochs.png", "gold_vs_sqrt_kl.png", "divergence_vs_epochs.png",
-                 "results.json", "results.csv"):
+                 "mechanism_beta0p05.png", "mechanism_beta0p005.png", "results.json", "results.csv"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     text = (report / "report.md").read_text()
-    for needle in ("Table 1", "chiPO vs DPO", "machine", "versions", "wall time", "seeds"):
+    for needle in ("Table 1", "chiPO vs DPO", "machine", "versions", "wall time", "seeds", "## Verdicts",
+                   "The frontier at matched distance", "Where the probability goes"):
         assert needle in text, needle
     rows = json.loads((report / "results.json").read_text())["rows"]
     cells = {(r["loss"], r["beta"]) for r in rows if r["loss"] != "pi_ref"}
@@ -32,6 +33,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert 0.0 <= r["win_rate_vs_ref"] <= 1.0 and math.isfinite(r["kl_k3"])
         assert 0.0 <= r["exact"]["win_rate_vs_ref"] <= 1.0
         assert r["exact"]["total_mass"] == pytest.approx(1.0, abs=1e-6)
+        if r["loss"] != "pi_ref":  # where the mass goes on the training prompts: four parts summing to 1
+            assert sum(r["mass"].values()) == pytest.approx(1.0, abs=1e-6) and 0 <= r["clip_frac"] <= 1
     ref = next(r for r in rows if r["loss"] == "pi_ref")
     assert ref["exact"]["win_rate_vs_ref"] == pytest.approx(0.5) and ref["exact"]["kl"] == pytest.approx(0.0)
     assert "Report:" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -71,3 +72,47 @@ def test_win_probability_by_sorting_matches_brute_force():
     brute = p @ win_indicator(r[:, None], r[None, :]) @ q
     assert win_probability(p, q, r) == pytest.approx(brute)
     assert win_probability(q, q, r) == pytest.approx(0.5)  # any policy against itself
+
+
+def test_data_mass_parts_sum_to_one_and_agree_with_the_exact_partition(tiny_world):
+    """Two independent computations of the in-language mass: the sum of pi(y|x) over the enumerated in-language
+    responses (``data_mass``) and the well-formed cells of the world's exact partition of all sequences."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chipo.lab.evaluate import data_mass, language_responses
+    from chipo.rewards import load_scorer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "pi_ref").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world / "pi_ref")
+    gold = load_scorer(f"world:{tiny_world}")
+    pairs = [json.loads(line) for line in open(tiny_world / "prefs.jsonl")]
+    language = language_responses(gold, [r["prompt"] for r in pairs])
+    mass = data_mass(model, tokenizer, pairs, language)
+    assert sum(mass.values()) == pytest.approx(1.0, abs=1e-9)
+    assert all(v >= 0 for v in mass.values())
+    prompts = list(dict.fromkeys(r["prompt"] for r in pairs))
+    logp, _, well_formed = gold.exact_partition(model, tokenizer, prompts)
+    formed = (np.exp(logp) * well_formed).sum(1).mean()
+    formed_data = 0.0  # chosen / rejected responses that are in the language, per prompt, averaged
+    for x in prompts:
+        texts = {r[side] for r in pairs if r["prompt"] == x for side in ("chosen", "rejected")} & set(language[x])
+        if texts:
+            from chipo.lab.generate import response_logps
+            formed_data += float(np.exp(response_logps(model, tokenizer, [x] * len(texts), sorted(texts))).sum())
+    formed_data /= len(prompts)
+    assert mass["mass_other_language"] + formed_data == pytest.approx(formed, abs=1e-6)
+
+
+def test_implicit_reward_accuracy_passes_lengths_so_ipo_works(tiny_world):
+    """IPO normalises by response length by default; at pi = pi_ref every margin is 0: accuracy exactly 1/2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chipo.lab.evaluate import pair_metrics, with_ref_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "pi_ref").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world / "pi_ref")
+    pairs = with_ref_logps(model, tokenizer, [json.loads(line) for line in open(tiny_world / "prefs.jsonl")])
+    assert all(r["chosen"] != r["rejected"] and r["chosen_length"] >= 1 for r in pairs)
+    for loss in ("ipo", "dpo", "chipo"):
+        out = pair_metrics(model, tokenizer, pairs, loss, 0.1)
+        assert out["acc"] == pytest.approx(0.5) and out["clip_frac"] == 0.0

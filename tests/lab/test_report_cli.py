@@ -3,53 +3,78 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from chipo.cli.lab import main
-from chipo.lab.report import aggregate, primary, table1, write_report
+from chipo.lab import tables
+from chipo.lab.report import write_report
+from chipo.lab.report_paper import PAPER, table1
 
 
-def _rows():
+def _rows(losses=("dpo", "chipo")):
     rows = [{"loss": "pi_ref", "beta": None, "seed": None, "epoch": 0, "win_rate_vs_ref": 0.5, "gold_mean": 0.4,
              "kl_k3": 0.0, "kl_k1": 0.0, "chi2_mc": 0.0, "length_mean": 4.0, "n_prompts": 2, "n_samples": 8,
              "examples": [{"prompt": "t0 s0", "response": "a b", "gold": 0.5}]}]
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         for beta in (0.1, 0.01):
             for epoch in (1, 2, 4):
-                for loss, drop in (("dpo", 0.1), ("chipo", 0.01)):
-                    win = 0.6 - drop * epoch + 0.01 * seed
+                for loss, drop in zip(losses, (0.1, 0.01)):
+                    jitter = 0.002 * ((7 * seed + 3 * epoch) % 5)  # so per-seed differences vary
+                    win = 0.6 - drop * epoch + 0.01 * seed + jitter + (0.003 * seed * seed if loss == losses[0]
+                                                                       else 0.0)
                     rows.append({"loss": loss, "beta": beta, "seed": seed, "epoch": epoch, "win_rate_vs_ref": win,
-                                 "gold_mean": win - 0.1, "kl_k3": epoch * (2.0 if loss == "dpo" else 1.0),
+                                 "gold_mean": win - 0.1, "kl_k3": epoch * (2.0 if loss == losses[0] else 1.0),
                                  "kl_k1": epoch, "chi2_mc": 10.0 * epoch, "length_mean": 4.0,
                                  "implicit_acc": 0.6, "train_acc": 0.7, "n_prompts": 2, "n_samples": 8})
     return rows
 
 
-def test_report_writes_markdown_plots_and_raw_results(tmp_path):
+def _sweep(tmp_path, rows):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    report = write_report(sweep, meta={"machine": {"machine": "test box"}, "timing": {"wall time": "1 s"}})
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return sweep
+
+
+def test_report_writes_markdown_plots_and_raw_results(tmp_path):
+    sweep = _sweep(tmp_path, _rows())
+    report = write_report(sweep, meta={"machine": {"machine": "test box"}, "timing": {"wall time": "1 s"}},
+                          extra=PAPER)
     out = report.parent
     for name in ("report.md", "winrate_vs_epochs.png", "gold_vs_sqrt_kl.png", "divergence_vs_epochs.png",
                  "results.json", "results.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     text = report.read_text()
     assert "test box" in text and "Table 1" in text and "chiPO vs DPO" in text
-    # Mean over the two seeds at beta 0.01, epoch 4: chiPO 0.6 - 0.04 + 0.005, DPO 0.6 - 0.4 + 0.005.
-    assert "56.5 vs 20.5" in text
+    # Mean over the three seeds at beta 0.01, epoch 4 (jitter 0.004, 0.008, 0.002: mean 0.00467):
+    # chiPO 0.6 - 0.04 + 0.01 + 0.00467 = 57.5%, DPO 0.6 - 0.4 + 0.01 + 0.00467 + 0.003 * 5/3 = 22.0%.
+    assert "57.5 vs 22.0" in text
     data = json.loads((out / "results.json").read_text())
-    assert len(data["rows"]) == len(_rows()) and data["aggregate"]
+    assert len(data["rows"]) == len(_rows()) and data["claims"]
+    # Every claim's word follows its Holm-adjusted test; a statement only for passed claims.
+    for c in data["claims"]:
+        assert (c["statement"] is not None) == c["passed"] == (c["p_adjusted"] <= 0.05)
+    # DPO falls by 0.1 per epoch at both betas: its fall from epochs 1/2 to 4 is a finding.
+    assert any(c["passed"] and c["claim"].startswith("dpo: gold win rate vs pi_ref falls") for c in data["claims"])
     # Rewriting replaces the report atomically (no stale temporary directories left behind).
     write_report(sweep)
     assert sorted(p.name for p in tmp_path.joinpath("sweep").iterdir()) == ["report", "results.jsonl"]
 
 
+def test_the_generic_report_knows_no_loss_by_name(tmp_path):
+    """Any methods (here ipo and hinge): verdicts compare them, no paper table, no hard-coded names."""
+    report = write_report(_sweep(tmp_path, _rows(("ipo", "hinge"))))
+    text = report.read_text()
+    assert "Table 1" not in text and "chiPO" not in text and "DPO" not in text
+    assert "hinge vs ipo: gold win rate vs pi_ref at epoch 4, beta 0.1" in text
+    assert not re.search(r"the seed(?!s)|field notes", text, re.IGNORECASE)
+
+
 def test_table1_layout():
-    rows = _rows()
-    keys = primary(rows)
-    text = table1(aggregate(rows, [keys["win"]]), keys)
+    df = tables.results_table(_rows())
+    text = table1(df, tables.headline(df))
     lines = text.splitlines()
     assert lines[0].startswith("| beta | epochs 1 (chiPO vs DPO) | 2 | 4 |")
     assert lines[2].startswith("| 0.1 |") and lines[3].startswith("| 0.01 |")

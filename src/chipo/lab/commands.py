@@ -21,7 +21,11 @@ def run_demo_command(config: DemoConfig) -> Path:
     from chipo.lab.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick(seeds=config.seeds or 1) if config.quick else DemoSettings(seeds=config.seeds or 3)
-    settings = dataclasses.replace(settings, workers=config.workers)
+    settings = dataclasses.replace(settings, workers=config.workers, ablations=config.ablations)
+    if config.betas:
+        settings = dataclasses.replace(settings, betas=tuple(config.betas))
+    if config.epochs:
+        settings = dataclasses.replace(settings, epochs=config.epochs)
     rlhf_settings = None
     if config.full and config.quick:
         from chipo.lab.rlhf import RLHFSettings

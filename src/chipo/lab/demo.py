@@ -1,25 +1,29 @@
 """``chipo demo``: the whole overoptimization experiment on the embedded world, on a laptop.
 
-Pipeline: world (built and cached on first use: SFT of pi_ref) -> preference data by the seed's process (fresh
-draws from pi_ref for every seed, Bradley-Terry labels from the gold reward) -> sweep DPO and chiPO over two betas,
-epochs and seeds -> evaluation of every epoch checkpoint on held-out prompts -> report.md with plots and tables.
+Pipeline: world (built and cached on first use: SFT of pi_ref) -> preference data by the process of Huang et al.
+2024 (arXiv 2407.13399, section 2: fresh draws from pi_ref for every seed, Bradley-Terry labels from the gold
+reward) -> sweep DPO and chiPO (``ablations``: each also with RPO's SFT term and with a reward bound) over two
+betas, epochs and seeds -> evaluation of every epoch checkpoint on held-out prompts -> report.md with plots, the
+paper's Table 1 layout and its claims tested (``chipo.lab.report_paper``).
 
 The protocol is fixed here, before looking at any result, and the report states it:
 
 * betas 0.05 and 0.005, the two values of the paper's Table 1 (arXiv 2407.13399);
-* Bradley-Terry scale 5 on a gold reward in [0, 1] (as in the field notes' exploration), so the BT reward
+* Bradley-Terry scale 5 on a gold reward in [0, 1], so the BT reward
   s * r* lies in [0, 5] and chiPO's reward bound is r_max = 5 * (1 - 0) = 5: the paper's R_max is the range of the
   reward that generates the labels. It equals chipo's default, so the clip is the paper's, not tuned;
 * AdamW, constant learning rate 1e-3 (a standard rate for a model this small), batch 32, up to 32 epochs over
   ~380 pairs (the paper trains 1-4 epochs of 92k pairs; what matters is steps per distinct pair);
 * evaluation on 16 held-out prompts, 64 samples each, ancestral sampling, plus exact metrics over the enumerable
-  response space.
+  response space;
+* ablations: the remedies of ``chipo.losses.preference_loss`` at values fixed here, not tuned: ``sft_weight`` 1
+  (RPO, Liu et al. 2024, arXiv 2405.16436, weight 1 as in TRL's examples) and ``reward_bound`` r_max / 2 (the BT
+  reward s r* spans an interval of width r_max, so relative to its middle it lies within +- r_max / 2).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -50,6 +54,7 @@ class DemoSettings:
     max_eval_prompts: int | None = None
     max_new_tokens: int = 8
     workers: int = 2
+    ablations: bool = False
 
     @staticmethod
     def quick(seeds: int = 1) -> DemoSettings:
@@ -76,7 +81,16 @@ def machine_info() -> dict:
             "python": sys.version.split()[0],
             "versions": f"chipo {getattr(chipo, '__version__', '?')}, torch {torch.__version__}, transformers "
                         f"{transformers.__version__}, datasets {datasets.__version__}, numpy {numpy.__version__}",
-            "torch threads per process": torch.get_num_threads()}
+            "torch threads per process": torch.get_num_threads(),
+            "load average (1, 5, 15 min) when the report was written": load_average()}
+
+
+def load_average() -> str:
+    """The machine's load average: wall times on a shared machine mean little without it."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, progress: bool = True,
@@ -104,11 +118,13 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chipo.lab.report import write_report
+    from chipo.lab.report_paper import PAPER
     from chipo.lab.sweep import Sweep, SweepConfig, read_results
     from chipo.lab.world import load_or_build_world
 
     start = time.perf_counter()
     cpu_start = time.process_time()
+    load_at_start = load_average()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -150,16 +166,19 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
 
     reward_low, reward_high = gold.reward_range
     r_max = settings.scale * (reward_high - reward_low)
+    variants = ablation_variants(settings.losses, r_max) if settings.ablations else None
     config = SweepConfig(
         ref_model=world.pi_ref, train_prefs=str(out / "data" / "train_seed{seed}.jsonl"),
         eval_prompts=world.eval_prompts_path, heldout_prefs=str(out / "data" / "heldout.jsonl"),
-        out_dir=str(out / "sweep"), gold=world.gold_spec, losses=list(settings.losses), betas=list(settings.betas),
+        out_dir=str(out / "sweep"), gold=world.gold_spec, losses=list(settings.losses), variants=variants,
+        betas=list(settings.betas),
         seeds=list(range(settings.seeds)), epochs=settings.epochs, learning_rate=settings.learning_rate,
         batch_size=settings.batch_size, r_max=r_max, max_length=32, num_samples=settings.num_samples,
         max_new_tokens=settings.max_new_tokens, max_eval_prompts=settings.max_eval_prompts,
     )
-    n_runs = len(settings.losses) * len(settings.betas) * settings.seeds
-    echo(f"[3/4] sweep: {n_runs} training runs ({', '.join(settings.losses)} x beta {list(settings.betas)} x "
+    n_runs = len(config.methods) * len(settings.betas) * settings.seeds
+    echo(f"[3/4] sweep: {n_runs} training runs ({', '.join(m.name for m in config.methods)} x beta "
+         f"{list(settings.betas)} x "
          f"{settings.seeds} seed(s)), {settings.epochs} epochs each, evaluated at epochs {config.eval_epochs}")
     t0 = time.perf_counter()
     workers = max(1, min(settings.workers, os.cpu_count() or 1))
@@ -170,7 +189,8 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
     results = read_results(out / "sweep" / "results.jsonl")
     wall = time.perf_counter() - start
     meta = {
-        "title": "chipo demo: DPO vs chiPO on the embedded world" + (" (quick)" if settings.epochs < 8 else ""),
+        "title": "chipo demo: DPO vs chiPO on the embedded world" + (" with remedies" if settings.ablations else "")
+                 + (" (quick)" if settings.epochs < 8 else ""),
         "summary": SUMMARY,
         "setup": {
             "world": f"{info['spec']['n_topics']} topics x {info['spec']['n_styles']} styles = "
@@ -196,7 +216,8 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
         "machine": machine_info(),
         "timing": {
             "wall time (this run)": f"{wall:.0f} s ({wall / 60:.1f} min), CPU time of the main process "
-                                    f"{time.process_time() - cpu_start:.0f} s",
+                                    f"{time.process_time() - cpu_start:.0f} s; load average at the start "
+                                    f"{load_at_start}",
             "world": f"{'built' if built_now else 'loaded from cache'} in {world_seconds:.1f} s"
                      + (f" (first build took {info['build_seconds']:.0f} s)" if not built_now else ""),
             "preference data": f"{data_seconds:.1f} s",
@@ -206,9 +227,9 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
         "data": data_stats,
     }
     write_json(out / "sweep" / "meta.json", meta)
-    report = write_report(out / "sweep", out / "report", meta=meta, analysis=analysis(results))
+    report = write_report(out / "sweep", out / "report", meta=meta, analysis=analysis(results), extra=PAPER)
     if full:
-        from chipo.lab.report import write_rlhf_section
+        from chipo.lab.report_rlhf import write_rlhf_section
         from chipo.lab.rlhf import RLHFSettings, run_rlhf
 
         echo("[+] --full: reward model, RL with kl and chi2mix, best-of-n and pessimism on the same world and data")
@@ -231,98 +252,52 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
 
 SUMMARY = ("pi_ref is a tiny language model that speaks a synthetic language; a gold judge scores its answers and "
            "gives the lowest score to anything outside the language. DPO and chiPO are trained on preference pairs "
-           "sampled from pi_ref and labelled by the judge (the seed's process), then their own samples are judged. "
+           "sampled from pi_ref and labelled by the judge (the data process of Huang et al. 2024, arXiv "
+           "2407.13399), then their own samples are judged. "
            "Overoptimization shows as a falling win rate against pi_ref while the policy drifts away from it.")
 
 
-def _mean(rows, loss, beta, epoch, key) -> float:
-    values = []
-    for r in rows:
-        if r["loss"] == loss and r["beta"] == beta and r["epoch"] == epoch:
-            block = r.get("exact") or {}
-            v = block.get(key[6:]) if key.startswith("exact.") else r.get(key)
-            if v is not None:
-                values.append(float(v))
-    return sum(values) / len(values) if values else math.nan
+def ablation_variants(losses, r_max: float) -> list[str]:
+    """Each loss plain, with RPO's SFT term (weight 1) and with a reward bound of r_max / 2 (module docstring)."""
+    out = [f"{loss}:{loss}" for loss in losses]
+    out += [f"{loss}+sft:{loss}:sft_weight=1" for loss in losses]
+    out += [f"{loss}+bound:{loss}:reward_bound={r_max / 2:g}" for loss in losses]
+    return out
 
 
 def analysis(rows: list[dict]) -> str:
-    """A reading of the run's numbers: where the mass goes, the proxy vs the gold view, why the losses differ.
+    """Why the losses can differ (the paper's argument, as an explanation, not a finding) and the world's limits.
 
-    Every number is taken from ``rows``; sentences that make a claim are chosen by the numbers, not assumed.
-    """
-    betas = sorted({r["beta"] for r in rows if r.get("beta") is not None})
-    epochs = sorted({r["epoch"] for r in rows if r["epoch"] > 0})
-    ref = next((r for r in rows if r["loss"] == "pi_ref"), None)
-    losses = {r["loss"] for r in rows}
-    if not betas or not epochs or ref is None or not ref.get("exact") or not {"dpo", "chipo"} <= losses:
+    Findings are the report's verdicts; this text makes no comparative claim of its own."""
+    if not rows:
         return ""
-    small, first, last = betas[0], epochs[0], epochs[-1]
-    name = {"dpo": "DPO", "chipo": "chiPO"}
-    bad_ref = ref["exact"]["mass_malformed"]
-    parts = []
-    for loss in ("dpo", "chipo"):
-        m = {key: _mean(rows, loss, small, last, key) for key in
-             ("exact.mass_malformed", "length_mean", "exact.win_rate_vs_ref", "implicit_acc", "train_acc")}
-        parts.append(f"{name[loss]} at beta {small:g}, epoch {last}: {100 * m['exact.mass_malformed']:.1f}% of its "
-                     f"mass on malformed text (pi_ref: {100 * bad_ref:.1f}%), mean length {m['length_mean']:.1f} "
-                     f"tokens, exact win rate {100 * m['exact.win_rate_vs_ref']:.1f}%.")
-    text = " ".join(parts)
-
-    # Proxy view vs gold view, over all epochs at the small beta.
-    for loss in ("dpo", "chipo"):
-        held = [_mean(rows, loss, small, e, "implicit_acc") for e in epochs]
-        train = [_mean(rows, loss, small, e, "train_acc") for e in epochs]
-        win = [_mean(rows, loss, small, e, "exact.win_rate_vs_ref") for e in epochs]
-        text += (f" {name[loss]}'s implicit-reward accuracy on its training pairs goes from {100 * train[0]:.0f}% "
-                 f"(epoch {first}) to {100 * train[-1]:.0f}% (epoch {last}), on held-out pairs it stays within "
-                 f"{100 * min(held):.0f}-{100 * max(held):.0f}%, while its gold win rate spans "
-                 f"{100 * min(win):.0f}-{100 * max(win):.0f}%.")
-    text += (" The proxy the optimiser sees keeps improving on the training pairs and says little about the gold "
-             "outcome on new prompts: the finite preference data cannot tell these policies apart.")
-
-    dpo_bad = _mean(rows, "dpo", small, last, "exact.mass_malformed")
-    chipo_bad = _mean(rows, "chipo", small, last, "exact.mass_malformed")
-    text += "\n\nWhy they differ (the seed's argument, checked against where the mass went). "
-    text += ("Both losses see the same pairs and fit the same labels; they differ in how far from pi_ref they must "
-             "move to express a reward margin. DPO's implicit reward is beta log(pi/pi_ref): at small beta a margin "
-             "of a few nats needs log-ratio gaps of hundreds, so the logistic loss keeps pushing long after the data "
-             "are fitted. chiPO's link z + log z grows linearly in the ratio z, so a ratio of about margin/beta "
-             "already expresses the margin and the loss saturates with a bounded shift (the optimum of its "
-             "regulariser has pi/pi_ref <= 1 + R_max/beta). The push-down side is the same log z for both losses. ")
-    if dpo_bad > 2 * bad_ref:
-        text += (f"In this run the mass DPO takes from the responses in the data goes to text pi_ref does not write "
-                 f"({100 * dpo_bad:.0f}% malformed at epoch {last}), which the judge scores 0")
-        text += (f"; chiPO moves less of it there ({100 * chipo_bad:.0f}%)." if chipo_bad < dpo_bad
-                 else f"; chiPO moves as much or more ({100 * chipo_bad:.0f}%).")
-    else:
-        text += "In this run DPO did not move much mass to malformed text; its losses come from within the language."
-    chipo_wins = [_mean(rows, "chipo", small, e, "exact.win_rate_vs_ref") for e in epochs]
-    if chipo_wins[-1] < max(chipo_wins) - 0.05:
-        text += (f" chiPO is not immune: its win rate at beta {small:g} falls from {100 * max(chipo_wins):.0f}% to "
-                 f"{100 * chipo_wins[-1]:.0f}% by epoch {last} as its malformed mass grows -- later and less than "
-                 "DPO's, consistent with a stronger but not absolute regulariser (its push-down side is "
-                 "unregularised, and the margin clip at 2 r_max only binds at log-ratio gaps of 2 r_max / beta).")
-    text += ("\n\nLimits of this world: a constant learning rate of 1e-3 on a 0.1M-parameter model moves far in one "
-             "epoch (see the KL at epoch 1), so 'epochs' here compress the paper's time scale; evaluation uses 16 "
-             "held-out prompts and seeds differ in their preference data, so early epochs have large standard "
-             "errors; the chi-squared columns are lower bounds (partition) or heavy-tailed estimates (Monte Carlo), "
-             "so compare them in order of magnitude only.")
-    return text
+    return (
+        "Why chiPO and DPO can differ (Huang et al. 2024, section 3; an explanation to check against the "
+        "verdicts and the mass table above, not a finding). Both losses see the same pairs and fit the same "
+        "labels; they differ in how far from pi_ref they must move to express a reward margin. DPO's implicit "
+        "reward is beta log(pi/pi_ref): at small beta a margin of a few nats needs log-ratio gaps of hundreds, so "
+        "the logistic loss keeps pushing long after the data are fitted. chiPO's link z + log z grows linearly in "
+        "the ratio z, so a ratio of about margin/beta already expresses the margin (the optimum of its regulariser "
+        "has pi/pi_ref <= 1 + R_max/beta), and its margin clip at 2 r_max stops the gradient of fitted pairs. The "
+        "push-down side is log z for both, unbounded below: mass taken from rejected responses can go anywhere, "
+        "including text outside the language, which the judge scores 0. The remedies act there: RPO's SFT term "
+        "pulls mass back to the chosen responses; a reward bound stops the push-down once a rejected response's "
+        "implicit reward reaches -bound (the clip % column shows how often that happened in this run)."
+        "\n\nLimits of this world: a constant learning rate of 1e-3 on a 0.1M-parameter model moves far in one "
+        "epoch, so 'epochs' here compress the paper's time scale; evaluation uses 16 held-out prompts and seeds "
+        "differ in their preference data, so a few seeds detect only large differences (see the 'detectable' "
+        "column); the chi-squared columns are lower bounds (partition) or heavy-tailed estimates (Monte Carlo), so "
+        "compare them in order of magnitude only.")
 
 
 def echo_summary(rows: list[dict], report: Path, wall: float, echo=print) -> None:
-    from chipo.lab.report import aggregate, primary, table1
+    from chipo.lab import tables
+    from chipo.lab.report_paper import table1
 
-    keys = primary(rows)
-    agg = aggregate(rows, [keys["win"], "kl_k3", keys["chi2"]])
+    df = tables.results_table(rows)
+    keys = tables.headline(df)
     echo("")
-    echo("Gold win rate against pi_ref, % (chiPO vs DPO), mean over seeds:")
-    echo(table1(agg, keys))
-    betas = sorted({k[1] for k in agg})
-    last = max(k[2] for k in agg)
-    for beta in betas:
-        echo(f"beta {beta:g}, epoch {last}: KL chiPO {agg[('chipo', beta, last)]['kl_k3'][0]:.3g} vs DPO "
-             f"{agg[('dpo', beta, last)]['kl_k3'][0]:.3g}; chi2 chiPO {agg[('chipo', beta, last)][keys['chi2']][0]:.3g}"
-             f" vs DPO {agg[('dpo', beta, last)][keys['chi2']][0]:.3g}")
-    echo(f"\nDone in {wall:.0f} s. Report: {report}  (plots and results.json beside it)")
+    if {"dpo", "chipo"} <= set(tables.methods(df)):
+        echo("Gold win rate against pi_ref, % (chiPO vs DPO), mean over seeds:")
+        echo(table1(df, keys))
+    echo(f"\nDone in {wall:.0f} s. Report: {report}  (verdicts, plots and results.json beside it)")

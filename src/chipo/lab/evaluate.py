@@ -2,10 +2,11 @@
 
 Gold view (what we care about), from samples y ~ pi(.|x) (ancestral sampling, settings recorded):
 
-* gold reward: J(pi) = E_x E_{y~pi}[r*(x, y)], reported as mean and standard error over samples;
+* gold reward: J(pi) = E_x E_{y~pi}[r*(x, y)], reported as mean and standard error over samples, clustered by
+  prompt (``chipo.stats.clustered_mean_se``: samples of one prompt are correlated, the prompts are the units);
 * win rate against pi_ref: P[r*(x, y) > r*(x, y')] + 1/2 P[r*(x, y) = r*(x, y')], y ~ pi, y' ~ pi_ref, every
   policy sample compared with every pi_ref sample of its prompt (so pi_ref against itself scores 1/2); the standard
-  error treats the policy samples as the units (it ignores the noise of the fixed pi_ref samples);
+  error is clustered by prompt (it ignores the noise of the fixed pi_ref samples);
 * win rate against the data's reference responses, when the prompts carry them (same tie rule).
 
 Distance from pi_ref, with z = pi(y|x) / pi_ref(y|x) for whole sequences and L = log z:
@@ -13,14 +14,19 @@ Distance from pi_ref, with z = pi(y|x) / pi_ref(y|x) for whole sequences and L =
 * KL(pi || pi_ref): the plain Monte-Carlo mean of L on samples of pi ("k1", unbiased, can be negative per sample)
   and ``chipo.divergences.KL.estimate_from_policy`` (E_pi[1/z - 1 + log z], "k3": unbiased, non-negative per
   sample; Schulman 2020);
-* chi-squared, seed convention D = 1/2 E_ref[(z - 1)^2] = 1/2 (E_pi[z] - 1):
+* chi-squared, in the convention of Huang et al. 2024, D = 1/2 E_ref[(z - 1)^2] = 1/2 (E_pi[z] - 1):
   ``CHI2.estimate_from_policy`` = E_pi[(z - 2 + 1/z) / 2]. Caveat: its variance grows with E_pi[z^2], i.e. with
   the very distance it estimates, and a finite sample misses the rare y with huge z, so large values are noisy
-  *lower* bounds; we report its standard error beside it. (This is why the seed calls chi-squared the right
-  measure of uncertainty: it is exactly the quantity that is hard to see from samples.)
+  *lower* bounds; we report its standard error beside it. (chi-squared is the measure of uncertainty of the
+  paper's analysis, and exactly the quantity that is hard to see from samples.)
 
-Proxy view: implicit-reward accuracy on held-out preference pairs, the fraction of pairs where
-beta * (link(z+) - link(z-)) > 0 (ties 1/2) with the loss's own link -- what the optimiser sees.
+Proxy view: implicit-reward accuracy on held-out (and, in a sweep, training) preference pairs, the fraction of
+pairs where beta * (link(z+) - link(z-)) > 0 (ties 1/2) with the loss's own link and options -- what the optimiser
+sees -- and the fraction of training pairs whose margin sits at the loss's clip (chiPO's [-2 r_max, 2 r_max]).
+
+Where the mass goes (``data_mass``, worlds that can list their language's responses): pi's probability on the
+training pairs' chosen responses, on their rejected responses, on every other response of the language and on text
+outside it.
 
 Exact view (``ExactSpace``): when the gold scorer can enumerate a finite partition of all responses on whose cells
 its reward is constant (the embedded world, ``Language.exact_partition``), J and the win rates are computed exactly,
@@ -39,23 +45,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from chipo.data.tokenize import encode_text_pairs
 from chipo.divergences import CHI2, KL, clamped_exp
 from chipo.generation import Samples, SamplingSettings, sample_responses
 from chipo.lab.generate import response_logps
 from chipo.losses import preference_loss
 from chipo.sequences import sequence_logps
+from chipo.stats import clustered_mean_se, mean_se
 
 CHI2_CAVEAT = ("Monte-Carlo chi-squared E_pi[(z - 2 + 1/z)/2] has variance growing with E_pi[z^2], the distance "
                "itself: with a finite sample, large values are noisy lower bounds.")
-
-
-def mean_se(values: np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(n); nan for fewer than 2 values)."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        return math.nan, math.nan
-    se = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
-    return float(values.mean()), se
 
 
 def win_indicator(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,7 +71,7 @@ class Baseline:
     reference_rewards: np.ndarray  # [P], nan where a prompt has no reference response
     ref_samples: Samples
     ref_rewards: np.ndarray  # [N] gold rewards of pi_ref's samples
-    heldout: list[dict] | None = None  # held-out pairs with "ref_chosen_logps" / "ref_rejected_logps"
+    heldout: list[dict] | None = None  # held-out pairs from ``with_ref_logps`` (pi_ref's log-probs, lengths)
     exact: ExactSpace | None = None
 
 
@@ -101,14 +100,7 @@ def build_baseline(ref_model, tokenizer, prompts: Sequence[str], gold, *, refere
     reference_rewards = np.full(len(prompts), np.nan)
     if have:
         reference_rewards[have] = gold.score([prompts[i] for i in have], [references[i] for i in have])
-    heldout = None
-    if heldout_pairs:
-        heldout = [dict(row) for row in heldout_pairs]
-        chosen = response_logps(ref_model, tokenizer, [r["prompt"] for r in heldout], [r["chosen"] for r in heldout])
-        rejected = response_logps(ref_model, tokenizer, [r["prompt"] for r in heldout],
-                                  [r["rejected"] for r in heldout])
-        for row, c, r in zip(heldout, chosen.tolist(), rejected.tolist()):
-            row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+    heldout = with_ref_logps(ref_model, tokenizer, heldout_pairs) if heldout_pairs else None
     space = None
     if exact and hasattr(gold, "exact_partition"):
         space = ExactSpace(*gold.exact_partition(ref_model, tokenizer, prompts))
@@ -149,30 +141,118 @@ def exact_metrics(logps: np.ndarray, baseline: Baseline) -> dict:
             "total_mass": float(p.sum(1).mean())}
 
 
+def pair_logps(model, tokenizer, pairs: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """log pi(y+ | x), log pi(y- | x) and the response token counts (EOS included) of preference rows."""
+    prompts = [r["prompt"] for r in pairs]
+    out = {}
+    for side in ("chosen", "rejected"):
+        texts = [r[side] for r in pairs]
+        out[side] = response_logps(model, tokenizer, prompts, texts)
+        _, ids = encode_text_pairs(tokenizer, prompts, texts)
+        out[f"{side}_lengths"] = torch.tensor([len(i) for i in ids], dtype=torch.float64)
+    return out
+
+
+def with_ref_logps(ref_model, tokenizer, pairs: Sequence[dict]) -> list[dict]:
+    """Copies of the preference rows with pi_ref's log-probs and the response lengths (computed once per set).
+
+    Rows whose chosen and rejected texts are identical carry no preference (their margin is 0 whatever pi) and
+    are left out, as training leaves them out (``drop_ties``)."""
+    rows = [dict(r) for r in pairs if r["chosen"] != r["rejected"]]
+    if not rows:
+        return rows
+    logps = pair_logps(ref_model, tokenizer, rows)
+    for i, row in enumerate(rows):
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = float(logps["chosen"][i]), float(logps["rejected"][i])
+        row["chosen_length"], row["rejected_length"] = float(logps["chosen_lengths"][i]), \
+            float(logps["rejected_lengths"][i])
+    return rows
+
+
+def pair_metrics(policy, tokenizer, pairs: list[dict], loss: str, beta: float,
+                 loss_options: dict | None = None) -> dict:
+    """Implicit-reward accuracy (margin > 0, ties 1/2) and the fraction of pairs at the loss's clip, on rows from
+    ``with_ref_logps``. Response lengths go to ``preference_loss`` (IPO normalises by them, RPO's term uses them)."""
+    prompts = [r["prompt"] for r in pairs]
+    chosen = response_logps(policy, tokenizer, prompts, [r["chosen"] for r in pairs])
+    rejected = response_logps(policy, tokenizer, prompts, [r["rejected"] for r in pairs])
+    column = lambda key: torch.tensor([r[key] for r in pairs], dtype=torch.float64)  # noqa: E731
+    _, metrics = preference_loss(loss, chosen.double(), rejected.double(), column("ref_chosen_logps"),
+                                 column("ref_rejected_logps"), beta=beta, chosen_lengths=column("chosen_length"),
+                                 rejected_lengths=column("rejected_length"), **(loss_options or {}))
+    return {"acc": float(win_indicator(metrics["rewards/margins"].numpy(), 0.0).mean()),
+            "clip_frac": float(metrics["clipped"].numpy().mean())}
+
+
 def implicit_reward_accuracy(policy, tokenizer, heldout: list[dict], loss: str, beta: float,
                              loss_options: dict | None = None) -> float:
-    """Fraction of held-out pairs whose implicit-reward margin is positive (ties 1/2)."""
-    prompts = [r["prompt"] for r in heldout]
-    chosen = response_logps(policy, tokenizer, prompts, [r["chosen"] for r in heldout])
-    rejected = response_logps(policy, tokenizer, prompts, [r["rejected"] for r in heldout])
-    ref_c = torch.tensor([r["ref_chosen_logps"] for r in heldout])
-    ref_r = torch.tensor([r["ref_rejected_logps"] for r in heldout])
-    _, metrics = preference_loss(loss, chosen, rejected, ref_c, ref_r, beta=beta, **(loss_options or {}))
-    margins = metrics["rewards/margins"].numpy()
-    return float(win_indicator(margins, 0.0).mean())
+    """Fraction of held-out pairs (rows from ``with_ref_logps``) whose implicit-reward margin is positive."""
+    return pair_metrics(policy, tokenizer, heldout, loss, beta, loss_options)["acc"]
 
 
-def divergence_stats(log_ratio: torch.Tensor) -> dict:
+def language_responses(gold, prompts: Sequence[str]) -> dict[str, list[str]] | None:
+    """Every in-language response of each prompt, for gold scorers whose language can list its response space
+    (the embedded world: the letter strings of the response length with a positive gold reward); else None."""
+    space = getattr(getattr(gold, "language", None), "response_space", None)
+    if space is None:
+        return None
+    candidates = space()
+    out = {}
+    for x in dict.fromkeys(prompts):
+        scores = np.asarray(gold.score([x] * len(candidates), candidates), dtype=float)
+        out[x] = [y for y, r in zip(candidates, scores) if r > 0]
+    return out
+
+
+def data_mass(policy, tokenizer, pairs: list[dict], language: dict[str, list[str]]) -> dict:
+    """Where pi puts its mass on the training prompts, in four disjoint parts that sum to 1 (per prompt, averaged):
+
+    * ``mass_chosen``: the responses that are chosen in some training pair of the prompt;
+    * ``mass_rejected``: those rejected in some pair and never chosen;
+    * ``mass_other_language``: every other response of the language (``language``: prompt -> all of them);
+    * ``mass_out_of_language``: everything else (malformed, too long, unfinished text), gold reward 0.
+
+    Exact: pi(y | x) of every in-language response (EOS included) is computed, the rest is 1 minus their sum.
+    """
+    by_prompt: dict[str, dict[str, set]] = {}
+    for r in pairs:
+        sets = by_prompt.setdefault(r["prompt"], {"chosen": set(), "rejected": set()})
+        sets["chosen"].add(r["chosen"])
+        sets["rejected"].add(r["rejected"])
+    prompts = list(by_prompt)
+    items = []  # (prompt index, response, part)
+    for i, x in enumerate(prompts):
+        chosen, rejected = by_prompt[x]["chosen"], by_prompt[x]["rejected"] - by_prompt[x]["chosen"]
+        inside = set(language[x])
+        items += [(i, y, "chosen") for y in sorted(chosen)] + [(i, y, "rejected") for y in sorted(rejected)]
+        items += [(i, y, "other_language") for y in sorted(inside - chosen - rejected)]
+    probs = np.exp(response_logps(policy, tokenizer, [prompts[i] for i, _, _ in items],
+                                  [y for _, y, _ in items]).double().numpy())
+    parts = {name: np.zeros(len(prompts)) for name in ("chosen", "rejected", "other_language")}
+    for (i, _, part), p in zip(items, probs):
+        parts[part][i] += p
+    total = sum(parts.values())
+    out = {f"mass_{name}": float(v.mean()) for name, v in parts.items()}
+    out["mass_out_of_language"] = float(np.clip(1.0 - total, 0.0, None).mean())
+    return out
+
+
+def divergence_stats(log_ratio: torch.Tensor, clusters: Sequence | None = None) -> dict:
     """KL (k1: mean log-ratio; k3: ``KL.estimate_from_policy``) and chi-squared (``CHI2.estimate_from_policy``)
-    Monte-Carlo estimates with standard errors, from log pi - log pi_ref of the policy's own samples."""
+    Monte-Carlo estimates with standard errors, from log pi - log pi_ref of the policy's own samples; the standard
+    errors are clustered by ``clusters`` (the prompt of each sample) when given."""
     log_ratio = log_ratio.double()
     weight = clamped_exp(-log_ratio)  # importance weight 1/z of the "from policy" estimators
+
+    def se(terms: np.ndarray) -> float:
+        return clustered_mean_se(terms, clusters)[1] if clusters is not None else mean_se(terms)[1]
+
     out = {}
-    out["kl_k1"], out["kl_k1_se"] = mean_se(log_ratio.numpy())
+    out["kl_k1"], out["kl_k1_se"] = float(log_ratio.mean()), se(log_ratio.numpy())
     out["kl_k3"] = float(KL.estimate_from_policy(log_ratio))
-    out["kl_k3_se"] = mean_se((KL.f(log_ratio) * weight).numpy())[1]
+    out["kl_k3_se"] = se((KL.f(log_ratio) * weight).numpy())
     out["chi2_mc"] = float(CHI2.estimate_from_policy(log_ratio))
-    out["chi2_mc_se"] = mean_se((CHI2.f(log_ratio) * weight).numpy())[1]
+    out["chi2_mc_se"] = se((CHI2.f(log_ratio) * weight).numpy())
     out["log_ratio_max"] = float(log_ratio.max())
     return out
 
@@ -192,12 +272,13 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
         mine, theirs = index == i, baseline.ref_rewards[ref_index == i]
         wins[mine] = win_indicator(rewards[mine][:, None], theirs[None, :]).mean(1)
     out: dict = {"n_prompts": len(baseline.prompts), "n_samples": len(rewards), "sampling": settings.as_dict()}
-    out["gold_mean"], out["gold_se"] = mean_se(rewards)
-    out["win_rate_vs_ref"], out["win_rate_vs_ref_se"] = mean_se(wins)
+    # Samples of one prompt share it: standard errors cluster by prompt (CR1), not by sample.
+    out["gold_mean"], out["gold_se"] = clustered_mean_se(rewards, index)
+    out["win_rate_vs_ref"], out["win_rate_vs_ref_se"] = clustered_mean_se(wins, index)
     has_ref = ~np.isnan(baseline.reference_rewards[index])
     if has_ref.any():
-        out["win_rate_vs_reference"], out["win_rate_vs_reference_se"] = mean_se(
-            win_indicator(rewards[has_ref], baseline.reference_rewards[index][has_ref]))
+        out["win_rate_vs_reference"], out["win_rate_vs_reference_se"] = clustered_mean_se(
+            win_indicator(rewards[has_ref], baseline.reference_rewards[index][has_ref]), index[has_ref])
 
     # Log-ratios of the policy's own samples, on the exact sampled token ids (EOS included when emitted).
     prompt_ids = [tokenizer(baseline.prompts[i], add_special_tokens=True)["input_ids"] for i in samples.prompt_index]
@@ -206,8 +287,8 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
     ref_model.eval()
     log_ratio = (sequence_logps(policy, prompt_ids, samples.response_ids, pad)
                  - sequence_logps(ref_model, prompt_ids, samples.response_ids, pad)).double().cpu()
-    out.update(divergence_stats(log_ratio))
-    out["length_mean"], out["length_se"] = mean_se(samples.lengths())
+    out.update(divergence_stats(log_ratio, index))
+    out["length_mean"], out["length_se"] = clustered_mean_se(samples.lengths(), index)
     out["finished_frac"] = float(np.mean(samples.finished))
     # A few samples of the first prompts, so the report can show what the policy writes.
     out["examples"] = [{"prompt": baseline.prompts[i], "response": samples.texts[k], "gold": float(rewards[k])}

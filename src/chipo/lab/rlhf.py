@@ -250,7 +250,7 @@ def inference_curves(ref, tokenizer, prompts: list[str], gold, rm_path: str, set
     """Best-of-n and pessimism scaling curves from one scored pool of pi_ref samples (module docstring)."""
     from chipo.generation import sample_responses
     from chipo.inference import best_of_n_distribution, best_of_n_kl_bound, pessimism_distribution, select
-    from chipo.lab.evaluate import mean_se
+    from chipo.stats import mean_se
 
     width = 2 * max(settings.ns) + 1
     m = settings.replicates * width

@@ -31,7 +31,18 @@ from tqdm.auto import tqdm
 
 from chipo.config import ConfigError, _field
 from chipo.io import write_json
-from chipo.lab.configs import GoldFields, SamplingFields
+from chipo.lab.configs import GoldFields, SamplingFields, Variant, parse_variants
+from chipo.lab.runs import (  # noqa: F401 -- also this module's public names
+    _quiet_libraries,
+    _steps_per_epoch,
+    _train_metrics_by_epoch,
+    append_row,
+    checkpoints_by_epoch,
+    load_pairs,
+    load_prompts,
+    quiet_libraries,
+    read_results,
+)
 
 logger = logging.getLogger("chipo.lab")
 
@@ -64,7 +75,13 @@ class SweepConfig(GoldFields, SamplingFields):
     out_dir: str = _field(None, "Sweep directory: results.jsonl, sweep.json, runs/, ref_cache/.")
     heldout_prefs: str | None = _field(None, "Held-out preference pairs for the implicit-reward accuracy.")
     split: str = _field("train", "Split of the data sources.")
-    losses: list[str] = field(default_factory=lambda: ["dpo", "chipo"], metadata={"help": "Loss presets."})
+    losses: list[str] = field(default_factory=lambda: ["dpo", "chipo"], metadata={"help": "Loss presets (each a "
+                                                                                      "method with its defaults)."})
+    variants: dict | list[str] | None = _field(None, "Methods as loss + options, replacing `losses`: a YAML mapping "
+                                                     "name -> {loss: L, sft_weight: 1, ...} or strings "
+                                                     "'name:loss:key=value,key=value' (options: r_max, clip_margin, "
+                                                     "link, label_smoothing, alpha, length_normalize, sft_weight, "
+                                                     "reward_bound).")
     betas: list[float] = field(default_factory=lambda: [0.05, 0.005], metadata={"help": "beta values."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds."})
     epochs: int = _field(16, "Epochs of each run.")
@@ -87,7 +104,9 @@ class SweepConfig(GoldFields, SamplingFields):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
         self.check_sampling()
-        validate_grid(self.losses, self.betas, self.seeds, self.epochs)
+        self.methods: list[Variant] = (parse_variants(self.variants) if self.variants
+                                       else [Variant(loss, loss) for loss in self.losses])
+        validate_grid([m.loss for m in self.methods], self.betas, self.seeds, self.epochs)
         if self.eval_epochs is None:
             self.eval_epochs = default_eval_epochs(self.epochs)
         self.eval_epochs = sorted(set(self.eval_epochs))
@@ -97,7 +116,7 @@ class SweepConfig(GoldFields, SamplingFields):
     def results_key(self) -> dict:
         """Fields that change results: a rerun must match them to reuse results.jsonl."""
         d = dataclasses.asdict(self)
-        for name in ("out_dir", "keep_checkpoints", "losses", "betas", "seeds", "workers", "report",
+        for name in ("out_dir", "keep_checkpoints", "losses", "variants", "betas", "seeds", "workers", "report",
                      "sampling_batch_size"):
             d.pop(name)
         return d
@@ -109,64 +128,13 @@ def default_eval_epochs(epochs: int) -> list[int]:
     return sorted(set(out + [epochs]))
 
 
-def cell_name(loss: str, beta: float, seed: int) -> str:
-    return f"{loss}_beta{beta:g}_seed{seed}"
+def cell_name(method: str, beta: float, seed: int) -> str:
+    return f"{method}_beta{beta:g}_seed{seed}"
 
 
-def read_results(path: str | os.PathLike) -> list[dict]:
-    """Rows of results.jsonl (a torn last line from an interrupted write is ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
-    """{epoch: checkpoint directory} from each checkpoint's trainer_state.json."""
-    out = {}
-    for ckpt in run_dir.glob("checkpoint-*"):
-        state = ckpt / "trainer_state.json"
-        if state.is_file():
-            epoch = json.loads(state.read_text()).get("epoch")
-            if epoch is not None:
-                out[int(round(epoch))] = ckpt
-    return out
-
-
-def _quiet_libraries() -> None:
-    """Silence library chatter (per-run tokenizing / weight-loading bars, info logs) in worker processes."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("chipo").setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def quiet_libraries():
-    """``_quiet_libraries`` for the duration of a block, restoring the previous state (library callers, tests)."""
-    import datasets
-    import transformers
-
-    state = (datasets.is_progress_bar_enabled(), transformers.utils.logging.get_verbosity(),
-             transformers.utils.logging.is_progress_bar_enabled(), logging.getLogger("chipo").level)
-    _quiet_libraries()
-    try:
-        yield
-    finally:
-        datasets.enable_progress_bars() if state[0] else datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity(state[1])
-        if state[2]:
-            transformers.utils.logging.enable_progress_bar()
-        logging.getLogger("chipo").setLevel(state[3])
+def row_method(row: dict) -> str:
+    """The method (variant name) of a result row; rows written before variants existed name it by the loss."""
+    return row.get("method") or row["loss"]
 
 
 class Sweep:
@@ -184,7 +152,15 @@ class Sweep:
 
     def cells(self) -> list[tuple[str, float, int]]:
         c = self.config
-        return [(loss, beta, seed) for beta in c.betas for seed in c.seeds for loss in c.losses]
+        return [(m.name, beta, seed) for beta in c.betas for seed in c.seeds for m in c.methods]
+
+    def _check_variants(self, rows: list[dict]) -> None:
+        """A method name already in results.jsonl must mean the same loss and options (else its rows would mix)."""
+        for m in self.config.methods:
+            for r in rows:
+                if row_method(r) == m.name and (r["loss"], r.get("options") or {}) != (m.loss, m.option_dict):
+                    raise ConfigError(f"{self.results_path}: method {m.name!r} was run as {r['loss']} with options "
+                                      f"{r.get('options') or {}}, now {m.describe()}; rename the variant")
 
     def _check_config(self) -> None:
         meta = self.out / "sweep.json"
@@ -209,6 +185,7 @@ class Sweep:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_config()
         rows = read_results(self.results_path)
+        self._check_variants(rows)
         todo = [cell for cell in self.cells() if not set(c.eval_epochs) <= epochs_done(rows, *cell)]
         need_ref_row = not any(r.get("loss") == "pi_ref" for r in rows)
         if not todo and not need_ref_row:
@@ -266,20 +243,11 @@ class Sweep:
         return out
 
 
-def epochs_done(rows: list[dict], loss: str, beta: float, seed: int) -> set[int]:
-    """Epochs of cell (loss, beta, seed) already in the results."""
-    return {r["epoch"] for r in rows if r.get("loss") == loss and r.get("beta") == beta and r.get("seed") == seed}
-
-
-def append_row(path: Path, row: dict) -> None:
-    """Append one JSON line with a single O_APPEND write (safe with several worker processes)."""
-    data = (json.dumps(row, default=float) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def epochs_done(rows: list[dict], method: str, beta: float, seed: int) -> set[int]:
+    """Epochs of cell (method, beta, seed) already in the results."""
+    return {r["epoch"] for r in rows
+            if r.get("loss") != "pi_ref" and row_method(r) == method and r.get("beta") == beta
+            and r.get("seed") == seed}
 
 
 class CellRunner:
@@ -308,37 +276,81 @@ class CellRunner:
                                       settings=c.sampling(), num_samples=c.num_samples, heldout_pairs=heldout,
                                       exact=c.exact, progress=progress)
         self.baseline = baseline
+        self._train_pairs: dict[int, list[dict] | None] = {}
+        self._ref_mass: dict[int, dict] = {}
+        self._language: dict[str, list[str]] = {}  # prompt -> its in-language responses (enumerable worlds)
 
-    def train_config(self, loss: str, beta: float, seed: int, run_dir: Path, resume: bool):
+    def method(self, name: str) -> Variant:
+        return next(m for m in self.config.methods if m.name == name)
+
+    def train_config(self, method: str, beta: float, seed: int, run_dir: Path, resume: bool):
         from chipo.config import build_config
         from chipo.train.config import PreferenceConfig
 
         c = self.config
+        variant = self.method(method)
         dataset = c.train_prefs.replace("{seed}", str(seed))
         values = dict(
             model=c.ref_model, dataset=dataset, split=c.split, output_dir=str(run_dir), overwrite_output_dir=True,
-            loss=loss, beta=beta, r_max=r_max_for(loss, c.r_max), reference="precompute",
+            loss=variant.loss, beta=beta, r_max=r_max_for(variant.loss, c.r_max), reference="precompute",
             ref_cache_dir=str(self.out / "ref_cache"),
             max_length=c.max_length, max_prompt_length=c.max_prompt_length, num_train_epochs=c.epochs,
             per_device_train_batch_size=c.batch_size, learning_rate=c.learning_rate, lr_scheduler_type="constant",
             save_strategy="epoch", logging_steps=_steps_per_epoch(dataset, c.batch_size), disable_tqdm=True,
             seed=seed, resume_from_checkpoint="latest" if resume else None,
+            # Sampled pairs can repeat a response (y1 == y2): no preference, no gradient; drop them, counted.
+            drop_ties=True,
         )
+        values.update(variant.option_dict)  # the variant's options win over the sweep-wide r_max
         return build_config(PreferenceConfig, values)
 
-    def run(self, loss: str, beta: float, seed: int, done: set[int]) -> list[dict]:
+    def train_pairs(self, seed: int) -> list[dict] | None:
+        """The seed's training pairs with pi_ref's log-probs (ties left out), for the proxy's view on them; None
+        when the data are not a local file the lab can read."""
+        from chipo.lab.evaluate import data_mass, language_responses, with_ref_logps
+
+        if seed not in self._train_pairs:
+            source = self.config.train_prefs.replace("{seed}", str(seed))
+            pairs = None
+            if Path(source).is_file():
+                pairs = with_ref_logps(self.ref, self.tokenizer, load_pairs(source, self.config.split))
+            self._train_pairs[seed] = pairs
+            if pairs:
+                self._language.update(language_responses(self.gold, [r["prompt"] for r in pairs
+                                                                     if r["prompt"] not in self._language]) or {})
+            if pairs and all(r["prompt"] in self._language for r in pairs):
+                self._ref_mass[seed] = data_mass(self.ref, self.tokenizer, pairs, self._language)
+        return self._train_pairs[seed]
+
+    def mechanism(self, policy, loss: str, beta: float, seed: int, loss_options: dict) -> dict:
+        """Implicit-reward accuracy and clip fraction on the training pairs; where the mass goes (exact worlds)."""
+        from chipo.lab.evaluate import data_mass, pair_metrics
+
+        pairs = self.train_pairs(seed)
+        if not pairs:
+            return {}
+        train = pair_metrics(policy, self.tokenizer, pairs, loss, beta, loss_options)
+        out = {"train_acc_exact": train["acc"], "clip_frac": train["clip_frac"]}
+        if seed in self._ref_mass:
+            out["mass"] = data_mass(policy, self.tokenizer, pairs, self._language)
+            out["mass_ref"] = self._ref_mass[seed]
+        return out
+
+    def run(self, method: str, beta: float, seed: int, done: set[int]) -> list[dict]:
         """Train (or resume) the cell if a needed checkpoint is missing, evaluate its missing epochs."""
         from transformers import AutoModelForCausalLM
 
         from chipo.lab.evaluate import evaluate_policy
 
         c = self.config
-        run_dir = self.out / "runs" / cell_name(loss, beta, seed)
+        variant = self.method(method)
+        run_dir = self.out / "runs" / cell_name(method, beta, seed)
         missing = [e for e in c.eval_epochs if e not in done]
         ckpts = checkpoints_by_epoch(run_dir) if run_dir.is_dir() else {}
         train_seconds = None
+        config = self.train_config(method, beta, seed, run_dir, resume=bool(ckpts))
+        loss_options = config.loss_options()  # exactly the options training used
         if not all(e in ckpts for e in missing):
-            config = self.train_config(loss, beta, seed, run_dir, resume=bool(ckpts))
             start = time.perf_counter()
             self.train_calls += 1
             train_fn = self.train_fn
@@ -361,12 +373,13 @@ class CellRunner:
             start = time.perf_counter()
             policy = AutoModelForCausalLM.from_pretrained(ckpts[epoch]).eval()
             metrics = evaluate_policy(policy, self.ref, self.tokenizer, self.gold, self.baseline,
-                                      settings=c.sampling(seed), num_samples=c.num_samples, loss=loss, beta=beta,
-                                      loss_options=_loss_options(loss, c.r_max), progress=False)
+                                      settings=c.sampling(seed), num_samples=c.num_samples, loss=variant.loss,
+                                      beta=beta, loss_options=loss_options, progress=False)
+            metrics.update(self.mechanism(policy, variant.loss, beta, seed, loss_options))
             step = json.loads((ckpts[epoch] / "trainer_state.json").read_text()).get("global_step")
-            row = {"loss": loss, "beta": beta, "seed": seed, "epoch": epoch, "step": step, **metrics,
-                   **train_log.get(epoch, {}), "train_seconds": train_seconds,
-                   "eval_seconds": time.perf_counter() - start}
+            row = {"loss": variant.loss, "method": method, "options": variant.option_dict, "beta": beta,
+                   "seed": seed, "epoch": epoch, "step": step, **metrics, **train_log.get(epoch, {}),
+                   "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
             append_row(self.out / "results.jsonl", row)
             out.append(row)
         if not c.keep_checkpoints:
@@ -397,51 +410,3 @@ def r_max_for(loss: str, r_max):
     from chipo.losses import LOSSES
 
     return r_max if "r_max" in LOSSES[loss].defaults else None
-
-
-def _loss_options(loss: str, r_max) -> dict:
-    value = r_max_for(loss, r_max)
-    return {} if value is None else {"r_max": value}
-
-
-def _steps_per_epoch(dataset: str, batch_size: int) -> int:
-    """Optimizer steps per epoch of a local JSON-lines file (log once per epoch); 10 when unknown."""
-    path = Path(dataset)
-    if path.is_file() and path.suffix == ".jsonl":
-        n = sum(1 for line in path.open() if line.strip())
-        return max(1, math.ceil(n / batch_size))
-    return 10
-
-
-def _train_metrics_by_epoch(path: Path) -> dict[int, dict]:
-    """Training-set loss and implicit-reward accuracy logged at each whole epoch (the proxy's own view)."""
-    out: dict[int, dict] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        epoch = rec.get("epoch")
-        if epoch is None or "loss" not in rec or abs(epoch - round(epoch)) > 1e-6:
-            continue
-        out[int(round(epoch))] = {"train_loss": rec["loss"], "train_acc": rec.get("rewards/accuracies")}
-    return out
-
-
-def load_prompts(source: str, split: str = "train", limit: int | None = None) -> tuple[list[str], list[str | None]]:
-    """String prompts and optional reference responses ('reference', 'completion' or 'chosen' column)."""
-    from chipo.data.prompts import load_prompts as load_prompt_rows
-
-    rows = load_prompt_rows(source, split, limit, text_only=True)
-    return rows.prompts, rows.references
-
-
-def load_pairs(source: str, split: str = "train") -> list[dict]:
-    """Standard-format preference rows (prompt / chosen / rejected strings)."""
-    from chipo.data import load_preference_dataset
-
-    dataset = load_preference_dataset(source, split)
-    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-    if missing:
-        raise ConfigError(f"{source}: missing column(s) {sorted(missing)}")
-    return [{"prompt": p, "chosen": c, "rejected": r}
-            for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])]

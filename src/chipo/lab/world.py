@@ -1,7 +1,7 @@
 """The embedded world: a tiny synthetic language, its pi_ref (a small HF Llama trained by SFT) and a gold reward.
 
-It is a fair miniature of the real RLHF setting of Huang et al. 2024 (arXiv 2407.13399, section 2), small enough
-that the whole response space of a prompt can be enumerated, so the lab can report exact J(pi), KL and chi-squared
+It is a fair miniature of the RLHF setting of Huang et al. 2024 (arXiv 2407.13399, section 2), small enough that the
+whole response space of a prompt can be enumerated, so the lab can report exact J(pi), KL and chi-squared
 besides the Monte-Carlo estimates it must use with real models.
 
 The language (fixed by ``WorldSpec.seed``, generated once with numpy's PCG64 and stored with the world):
@@ -25,8 +25,8 @@ The gold reward r*(x, y) in [0, 1], defined once, independently of any algorithm
 
 with U, V fixed standard-normal tables: a random non-linear score of content for text in the language, and the
 lowest score for text outside it -- as a human or model judge scores gibberish. It is unrelated to pi_ref's
-probabilities (the writers do not know the judge), so pi_ref is a mediocre but safe policy. This mirrors the
-common overoptimization setup: a random non-linear score, zero off the chain's support.
+probabilities (the writers do not know the judge), so pi_ref is a mediocre but safe policy (random non-linear
+score, zero off the chain's support).
 
 Exact evaluation: the responses pi_ref produces are the ``n_letters ** response_length`` letter strings followed
 by EOS; the lab scores all of them exactly and lumps every other sequence (whose gold reward is 0 by definition)

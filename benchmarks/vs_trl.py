@@ -241,14 +241,15 @@ def _write_profile(spec: dict, profiler, torch_prof) -> None:
 
 
 def worker_chipo(spec: dict, result: dict) -> None:
+    import chipo.train.preference_setup as setup
     import chipo.train.run as run
     from chipo.config import load_config
     from chipo.train.config import PreferenceConfig
 
     t0 = time.perf_counter()
     timings = result.setdefault("phases_s", {})
-    original_prepare, original_ref, original_cache = run.prepare_split, run.add_reference_logps, \
-        run.cached_reference_logps
+    original_prepare, original_ref, original_cache = run.prepare_split, setup.add_reference_logps, \
+        setup.cached_reference_logps
 
     def prepare_split(*args, **kwargs):
         t = time.perf_counter()
@@ -273,7 +274,8 @@ def worker_chipo(spec: dict, result: dict) -> None:
             return _timed_train(self, lambda: super(TimedPreferenceTrainer, self).train(*args, **kwargs),
                                 result, spec, _fixed_rows_chipo)
 
-    run.prepare_split, run.add_reference_logps, run.cached_reference_logps = \
+    # run_training calls prepare_split; the reference pass lives in preference_setup (called by the trainer).
+    run.prepare_split, setup.add_reference_logps, setup.cached_reference_logps = \
         prepare_split, add_reference_logps, cached_reference_logps
     run.PreferenceTrainer = TimedPreferenceTrainer
     config = load_config(PreferenceConfig, overrides=spec["chipo_overrides"])

@@ -124,3 +124,19 @@ def logprobs_from_hidden(
 def sequence_logprobs(per_token: Tensor, response_mask: Tensor) -> Tensor:
     """Sum over response tokens [N] (the whole-sequence log pi(y|x) of the preference losses)."""
     return (per_token * response_mask).sum(-1)
+
+
+def packed_sequence_logprobs(per_token: Tensor, response_mask: Tensor, sequence: Tensor, num_sequences: int
+                             ) -> Tensor:
+    """Per-sequence sums [num_sequences] of per-token log-probs [R, L] of packed rows.
+
+    In a packed row several sequences lie side by side; ``sequence`` [R, L] names the sequence (0 ..
+    num_sequences - 1) each position belongs to (-1 on padding). Both per-token paths above work unchanged on
+    packed rows: output t predicts token t + 1, which crosses into the next sequence only at a sequence's first
+    token, and that is a prompt token, never in ``response_mask``. So the sums are those of the padded layout.
+    """
+    keep = response_mask.bool()
+    if (sequence[keep] < 0).any():
+        raise ValueError("response_mask marks a packed position that belongs to no sequence")
+    out = torch.zeros(num_sequences, dtype=per_token.dtype, device=per_token.device)
+    return out.index_add(0, sequence[keep], per_token[keep])

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from chipo.data.collator import right_pad
-from chipo.logprobs import logprobs_from_hidden, logprobs_from_logits, sequence_logprobs
+from chipo.logprobs import logprobs_from_hidden, logprobs_from_logits, packed_sequence_logprobs, sequence_logprobs
 
 LOGPROB_IMPLS = ("auto", "fused", "logits")
 """Ways to compute sequence log-probs (``batch_sequence_logps``); 'auto' picks per model (``choose_logprobs_impl``)."""
@@ -44,20 +44,115 @@ def length_buckets(lengths: list[int], max_buckets: int, overhead: float = 0.05)
     return best
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of sequences into rows of at most ``capacity`` tokens.
+
+    A sequence longer than ``capacity`` gets a row of its own. Returns the sequence indices of each row, in
+    placement order.
+    """
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, used in enumerate(fill):
+            if used + lengths[i] <= capacity:
+                rows[r].append(i)
+                fill[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            fill.append(lengths[i])
+    return rows
+
+
+def _single_row_attention(model: nn.Module) -> bool:
+    # Transformers' flash-attention path finds packed sequences from position_ids only when the batch is ONE row
+    # (``_is_packed_sequence``: batch_size == 1); with several rows it would attend across sequences. The mask-based
+    # implementations (sdpa, eager, flex_attention) confine attention per sequence in any number of rows.
+    config = getattr(_unwrap(model), "config", None)
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+def pack_batch(batch: dict[str, Tensor], max_tokens: int | None = None, single_row: bool = False
+               ) -> dict[str, Tensor]:
+    """Padding-free layout of a right-padded ``batch``: its sequences side by side in a few rows.
+
+    Returns ``input_ids``, ``position_ids``, ``response_mask`` and ``sequence`` [R, L]: each sequence's tokens
+    lie contiguously with ``position_ids`` 0, 1, ..., its length - 1, and ``sequence`` holds the index of its
+    row in ``batch`` (-1 on the padding that ends a row short of L). Rows hold at most ``max_tokens`` tokens
+    (default: the longest sequence, so the packed rows never hold more positions than the padded batch, and
+    attention, quadratic in the row width, never costs more); ``single_row``: all sequences in one row.
+    Padding at a row's end gets positions 0, 1, ... of its own, so it is a separate (ignored) sequence to
+    transformers' packed-sequence detection (``masking_utils.find_packed_sequence_indices``).
+    """
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    capacity = sum(lengths) if single_row else max(max_tokens or 0, max(lengths))
+    rows = pack_rows(lengths, capacity)
+    fill = [sum(lengths[i] for i in row) for row in rows]
+    width = max(fill)
+    device = batch["input_ids"].device
+    src_row, src_col, dst_row, dst_col = [], [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            cols = torch.arange(lengths[i])
+            src_row.append(torch.full_like(cols, i))
+            src_col.append(cols)
+            dst_row.append(torch.full_like(cols, r))
+            dst_col.append(cols + offset)
+            offset += lengths[i]
+    src = (torch.cat(src_row).to(device), torch.cat(src_col).to(device))
+    dst = (torch.cat(dst_row).to(device), torch.cat(dst_col).to(device))
+    shape = (len(rows), width)
+    # Padding first: positions restart at each row's fill, counting 0, 1, ... to the row's end.
+    position_ids = (torch.arange(width, device=device)[None] - torch.tensor(fill, device=device)[:, None]).clamp(0)
+    position_ids = position_ids.index_put(dst, src[1])
+    # Any token id will do on the padding: it is a sequence of its own whose outputs nothing reads.
+    input_ids = torch.zeros(shape, dtype=torch.long, device=device).index_put(dst, batch["input_ids"][src])
+    response_mask = torch.zeros(shape, dtype=torch.bool, device=device).index_put(dst, batch["response_mask"][src])
+    sequence = torch.full(shape, -1, dtype=torch.long, device=device).index_put(dst, src[0])
+    return {"input_ids": input_ids, "position_ids": position_ids, "response_mask": response_mask,
+            "sequence": sequence}
+
+
+def _packed_logps(model: nn.Module, batch: dict[str, Tensor], impl: str, chunk_tokens: int,
+                  max_tokens: int | None) -> Tensor:
+    packed = pack_batch(batch, max_tokens, single_row=_single_row_attention(model))
+    ids, mask = packed["input_ids"], packed["response_mask"]
+    # attention_mask=None and no cache: transformers then derives the per-sequence (block-diagonal causal) mask
+    # from the restarting position_ids; RoPE sees each sequence's own positions, as in the padded layout.
+    kwargs = {"input_ids": ids, "position_ids": packed["position_ids"], "attention_mask": None, "use_cache": False}
+    if impl == "fused":
+        out = model(**kwargs, output_hidden_states=True, logits_to_keep=1)
+        head = _unwrap(model).get_output_embeddings()
+        per_token = logprobs_from_hidden(out.hidden_states[-1], head.weight, ids, mask,
+                                         bias=getattr(head, "bias", None), chunk_tokens=chunk_tokens)
+    else:
+        per_token = logprobs_from_logits(model(**kwargs).logits, ids, mask)
+    return packed_sequence_logprobs(per_token, mask, packed["sequence"], batch["input_ids"].shape[0])
+
+
 def batch_sequence_logps(model: nn.Module, batch: dict[str, Tensor], impl: str = "fused",
-                         chunk_tokens: int = 1024, max_buckets: int = 1) -> Tensor:
+                         chunk_tokens: int = 1024, max_buckets: int = 1, packed: bool = False,
+                         pack_tokens: int | None = None) -> Tensor:
     """Summed response log-probs [2B] for ``batch`` (chosen rows first, then rejected; see the collator).
 
     ``fused`` calls the (wrapped) model -- so DDP/accelerate hooks run -- asking for hidden states and a single
     logit column, then applies the LM head only at response positions (``chipo.logprobs.logprobs_from_hidden``).
     ``logits`` materialises the model's logits and takes a chunked fp32 log-softmax.
 
-    ``max_buckets > 1`` runs the rows in up to that many length groups (``length_buckets``), each trimmed to its
-    longest row, so short rows stop paying for the batch's longest (in preference data typically over half of a
-    padded batch is padding). Rows are right-padded and attention is causal, so trimming trailing padding changes
-    no real token's output: the results equal the single forward up to float round-off. Only for unwrapped models:
-    DDP/FSDP expect exactly one forward per backward.
+    ``packed``: one forward over the padding-free layout of ``pack_batch`` (rows of up to ``pack_tokens``
+    tokens; one row under flash attention, whose variable-length kernel then runs). Needs a model that takes
+    ``position_ids`` and builds its attention mask from them (transformers' Llama-style models with sdpa, eager,
+    flex or flash attention); ``packing_matches`` checks a model. One forward, so valid under DDP too.
+
+    ``max_buckets > 1`` (when not packed) runs the rows in up to that many length groups (``length_buckets``),
+    each trimmed to its longest row, so short rows stop paying for the batch's longest (in preference data
+    typically over half of a padded batch is padding). Rows are right-padded and attention is causal, so trimming
+    trailing padding changes no real token's output: the results equal the single forward up to float round-off.
+    Only for unwrapped models: DDP/FSDP expect exactly one forward per backward.
     """
+    if packed:
+        return _packed_logps(model, batch, impl, chunk_tokens, pack_tokens)
     if max_buckets > 1 and _unwrap(model) is model:
         lengths = batch["attention_mask"].sum(-1).tolist()
         groups = length_buckets(lengths, max_buckets)
@@ -81,6 +176,31 @@ def batch_sequence_logps(model: nn.Module, batch: dict[str, Tensor], impl: str =
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
         per_token = logprobs_from_logits(logits, ids, mask)
     return sequence_logprobs(per_token, mask)
+
+
+def packing_matches(model: nn.Module, batch: dict[str, Tensor], impl: str = "fused", rows: int = 4) -> bool:
+    """Whether the packed layout reproduces the padded one on the first ``rows`` rows of ``batch``.
+
+    An architecture that ignores ``position_ids`` when masking (it would attend across packed sequences) or that
+    does not take them fails this; the check runs once, under no_grad, in eval mode (dropout off).
+    """
+    small = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "response_mask")}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = batch_sequence_logps(model, small, impl)
+            packed = batch_sequence_logps(model, small, impl, packed=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        warnings.warn(f"packed sequences unavailable for this model ({e}); using padded rows", stacklevel=2)
+        return False
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed, plain, rtol=1e-3, atol=1e-3 * max(1.0, plain.abs().max().item())):
+        warnings.warn("packed sequences give different log-probs for this model (its attention does not follow "
+                      "position_ids); using padded rows", stacklevel=2)
+        return False
+    return True
 
 
 def choose_logprobs_impl(model: nn.Module, batch: dict[str, Tensor], requested: str = "auto") -> str:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from chipo.data import PreferenceCollator
 from chipo.losses import preference_loss
 from chipo.models import load_tokenizer
-from chipo.sequences import batch_sequence_logps
+from chipo.sequences import batch_sequence_logps, packing_matches
 from chipo.train.config import PreferenceConfig
 from chipo.train.pairwise import NonFiniteError, NonFiniteGradientGuard, PairwiseTrainer
 from chipo.train.preference_setup import setup_preference_run
@@ -44,8 +44,9 @@ class PreferenceTrainer(PairwiseTrainer):
     Trainer's: ``peft_config``, ``loss_name``, ``beta``, ``loss_options`` (see ``chipo.losses``), ``ref_model``
     (a frozen reference evaluated each step; None when the batches carry precomputed ``ref_*_logps`` or when
     ``ref_adapter_disabled``), ``ref_adapter_disabled`` (LoRA: reference = policy with adapters off),
-    ``logprobs_impl``, ``logprob_chunk`` and ``padding_buckets`` (length buckets per batch, single process only;
-    see ``chipo.sequences.batch_sequence_logps``).
+    ``logprobs_impl``, ``logprob_chunk``, ``padding_buckets`` (length buckets per batch, single process only;
+    see ``chipo.sequences.batch_sequence_logps``) and ``packing`` (padding-free packed rows, checked once against
+    the padded layout; replaces the buckets).
     """
 
     # Means over pairs (TRL's names where TRL has them) and maxima (the distribution shift from pi_ref).
@@ -58,7 +59,7 @@ class PreferenceTrainer(PairwiseTrainer):
                  eval_dataset=None, processing_class=None, peft_config=None, *, loss_name: str | None = None,
                  beta: float | None = None, loss_options: dict | None = None, ref_model: nn.Module | None = None,
                  ref_adapter_disabled: bool = False, logprobs_impl: str | None = None, logprob_chunk: int | None = None,
-                 padding_buckets: int | None = None, **kwargs: Any):
+                 padding_buckets: int | None = None, packing: bool | None = None, **kwargs: Any):
         if isinstance(args, PreferenceConfig):
             if processing_class is None:
                 processing_class = load_tokenizer(args.tokenizer or (model if isinstance(model, str) else None)
@@ -75,6 +76,7 @@ class PreferenceTrainer(PairwiseTrainer):
             loss_options = args.loss_options() if loss_options is None else loss_options
             logprob_chunk = logprob_chunk or args.logprob_chunk
             padding_buckets = padding_buckets or args.padding_buckets
+            packing = args.packing if packing is None else packing
         if loss_name is None or beta is None:
             raise ValueError("PreferenceTrainer needs loss_name and beta (or args=PreferenceConfig(...))")
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -89,6 +91,8 @@ class PreferenceTrainer(PairwiseTrainer):
         self.logprob_chunk = logprob_chunk
         # Several forwards per backward are only valid without DDP/FSDP/DeepSpeed wrapping (one process).
         self.padding_buckets = padding_buckets if self.accelerator.num_processes == 1 else 1
+        self.packing = bool(packing)  # checked against the padded layout on the first batch (_logps)
+        self._packing_checked = False
         self._warned_all_clipped = False
         self.ref_model = None
         if ref_model is not None:
@@ -96,25 +100,30 @@ class PreferenceTrainer(PairwiseTrainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     # --- the loss
+    def _logps(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        if self.packing and not self._packing_checked:
+            self._packing_checked = True
+            self.packing = packing_matches(self.accelerator.unwrap_model(model), inputs, self.logprobs_impl)
+        return batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk, self.padding_buckets,
+                                    packed=self.packing)
+
     def _reference_logps(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         if "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         with torch.no_grad():
             if self.ref_model is not None:
-                logps = batch_sequence_logps(self.ref_model, inputs, self.logprobs_impl, self.logprob_chunk,
-                                             self.padding_buckets)
+                logps = self._logps(self.ref_model, inputs)
             elif self.ref_adapter_disabled:
                 unwrapped = self.accelerator.unwrap_model(model)
                 with unwrapped.disable_adapter():
-                    logps = batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk,
-                                                 self.padding_buckets)
+                    logps = self._logps(model, inputs)
             else:
                 raise RuntimeError("no reference: pass ref_model, ref_adapter_disabled=True or precomputed logps")
         return logps.detach().chunk(2)
 
     def pair_losses(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-pair losses [B] and per-pair metrics for a collated batch."""
-        policy = batch_sequence_logps(model, inputs, self.logprobs_impl, self.logprob_chunk, self.padding_buckets)
+        policy = self._logps(model, inputs)
         policy_chosen, policy_rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
         # Response token counts (length-normalised IPO, the sft term); rows are chosen first, then rejected.

@@ -225,6 +225,33 @@ def run_worker(kind: str, spec: dict, workdir: Path, script: str = __file__) -> 
     return {**json.loads(result_path.read_text()), "wall_s": wall}
 
 
+def compare(spec: dict, workdir: Path, repeats: int, samples: int, cfg: dict, load: dict, script: str | None = None,
+            **extra) -> dict:
+    """Alternated TRL / chipo whole-process runs; median samples/s of the process and of the training loop."""
+    runs = {"trl": [], "chipo": []}
+    for r in range(repeats):
+        for kind in ("trl", "chipo"):
+            res = run_worker(kind, {**spec, "out": str(workdir / f"{kind}-{r}")}, workdir,
+                             **({"script": script} if script else {}))
+            res["samples_per_s"], res["loop_samples_per_s"] = samples / res["wall_s"], samples / res["train_s"]
+            runs[kind].append(res)
+            print(f"  {kind:5s} run {r}: whole process {res['wall_s']:.1f} s ({res['samples_per_s']:.1f} samples/s), "
+                  f"training loop {res['train_s']:.1f} s ({res['loop_samples_per_s']:.1f} samples/s)", flush=True)
+    load["after"] = os.getloadavg()
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("samples_per_s", "loop_samples_per_s", "wall_s")}
+           for k, v in runs.items()}
+    summary = {"config": cfg, "samples_per_run": samples, **extra, "runs": runs, "median": med,
+               "speedup_whole": med["chipo"]["samples_per_s"] / med["trl"]["samples_per_s"],
+               "speedup_loop": med["chipo"]["loop_samples_per_s"] / med["trl"]["loop_samples_per_s"],
+               "loadavg": load, "cpus": os.cpu_count()}
+    print(f"median samples/s, whole process: chipo {med['chipo']['samples_per_s']:.1f} vs TRL "
+          f"{med['trl']['samples_per_s']:.1f} (x{summary['speedup_whole']:.2f}); training loop: chipo "
+          f"{med['chipo']['loop_samples_per_s']:.1f} vs TRL {med['trl']['loop_samples_per_s']:.1f} "
+          f"(x{summary['speedup_loop']:.2f}); load average {load['before']} -> {load['after']} on {os.cpu_count()} "
+          "CPUs")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -256,27 +283,8 @@ def main() -> None:
     check = run_worker("check", {**spec, "out": str(workdir / "check")}, workdir)
     print(f"loss check on a fixed batch: chipo {check['chipo']}\n                             TRL   {check['trl']}"
           f"\n  max |diff| = {check['max_abs_diff']:.2e}")
-    runs = {"trl": [], "chipo": []}
-    samples = 2 * cfg["prompts_per_step"] * cfg["steps"]
-    for r in range(a.repeats):
-        for kind in ("trl", "chipo"):
-            res = run_worker(kind, {**spec, "out": str(workdir / f"{kind}-{r}")}, workdir)
-            res["samples_per_s"], res["loop_samples_per_s"] = samples / res["wall_s"], samples / res["train_s"]
-            runs[kind].append(res)
-            print(f"  {kind:5s} run {r}: whole process {res['wall_s']:.1f} s ({res['samples_per_s']:.1f} samples/s), "
-                  f"training loop {res['train_s']:.1f} s ({res['loop_samples_per_s']:.1f} samples/s)", flush=True)
-    load["after"] = os.getloadavg()
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("samples_per_s", "loop_samples_per_s", "wall_s")}
-           for k, v in runs.items()}
-    summary = {"config": cfg, "samples_per_run": samples, "check": check, "runs": runs, "median": med,
-               "speedup_whole": med["chipo"]["samples_per_s"] / med["trl"]["samples_per_s"],
-               "speedup_loop": med["chipo"]["loop_samples_per_s"] / med["trl"]["loop_samples_per_s"],
-               "loadavg": load, "cpus": os.cpu_count()}
-    print(f"median samples/s, whole process: chipo {med['chipo']['samples_per_s']:.1f} vs TRL "
-          f"{med['trl']['samples_per_s']:.1f} (x{summary['speedup_whole']:.2f}); training loop: chipo "
-          f"{med['chipo']['loop_samples_per_s']:.1f} vs TRL {med['trl']['loop_samples_per_s']:.1f} "
-          f"(x{summary['speedup_loop']:.2f}); load average {load['before']} -> {load['after']} on {os.cpu_count()} "
-          "CPUs")
+    summary = compare(spec, workdir, a.repeats, 2 * cfg["prompts_per_step"] * cfg["steps"], cfg, load,
+                      check=check)
     if a.out:
         Path(a.out).write_text(json.dumps(summary, indent=2))
 

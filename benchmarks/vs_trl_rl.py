@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from vs_trl_online import CONFIG, QUICK, build_assets, run_worker  # noqa: E402
+from vs_trl_online import CONFIG, QUICK, build_assets, compare  # noqa: E402
 
 RL = {"k": 4, "beta": 0.05}
 
@@ -117,27 +116,8 @@ def main() -> None:
         build_assets(cfg, workdir / "assets")
     spec = {"dir": str(workdir / "assets"), "cfg": cfg, "threads": a.threads}
     load = {"before": os.getloadavg()}
-    runs = {"trl": [], "chipo": []}
-    samples = cfg["k"] * cfg["prompts_per_step"] * cfg["steps"]
-    for r in range(a.repeats):
-        for kind in ("trl", "chipo"):
-            res = run_worker(kind, {**spec, "out": str(workdir / f"{kind}-{r}")}, workdir, script=__file__)
-            res["samples_per_s"], res["loop_samples_per_s"] = samples / res["wall_s"], samples / res["train_s"]
-            runs[kind].append(res)
-            print(f"  {kind:5s} run {r}: whole process {res['wall_s']:.1f} s ({res['samples_per_s']:.1f} samples/s), "
-                  f"training loop {res['train_s']:.1f} s ({res['loop_samples_per_s']:.1f} samples/s)", flush=True)
-    load["after"] = os.getloadavg()
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("samples_per_s", "loop_samples_per_s", "wall_s")}
-           for k, v in runs.items()}
-    summary = {"config": cfg, "samples_per_run": samples, "runs": runs, "median": med,
-               "speedup_whole": med["chipo"]["samples_per_s"] / med["trl"]["samples_per_s"],
-               "speedup_loop": med["chipo"]["loop_samples_per_s"] / med["trl"]["loop_samples_per_s"],
-               "loadavg": load, "cpus": os.cpu_count()}
-    print(f"median samples/s, whole process: chipo {med['chipo']['samples_per_s']:.1f} vs TRL "
-          f"{med['trl']['samples_per_s']:.1f} (x{summary['speedup_whole']:.2f}); training loop: chipo "
-          f"{med['chipo']['loop_samples_per_s']:.1f} vs TRL {med['trl']['loop_samples_per_s']:.1f} "
-          f"(x{summary['speedup_loop']:.2f}); load average {load['before']} -> {load['after']} on {os.cpu_count()} "
-          "CPUs")
+    summary = compare(spec, workdir, a.repeats, cfg["k"] * cfg["prompts_per_step"] * cfg["steps"], cfg, load,
+                      script=__file__)
     if a.out:
         Path(a.out).write_text(json.dumps(summary, indent=2))
 

@@ -126,28 +126,25 @@ def check_output_path(out: str | os.PathLike) -> None:
 def clean_stale(out: str | os.PathLike) -> list[str]:
     """Remove what a killed run left half-written: hidden ``.final-*`` folders (final model being saved) and
     ``*.tmp`` files/folders (atomic writes). Call only while holding the run lock. Returns the removed names."""
-    removed = []
-    for entry in Path(out).iterdir():
-        if entry.name.startswith(".final-") or entry.name.endswith(".tmp"):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(entry.name)
-    return sorted(removed)
+    return _remove(e for e in Path(out).iterdir() if e.name.startswith(".final-") or e.name.endswith(".tmp"))
 
 
 def clear_run(out: str | os.PathLike) -> list[str]:
     """For overwrite_output_dir: remove the previous run's checkpoints, metrics, config and final model (the
     names in ``RUN_FILES``), so the new run does not append to or mix with it. Other files are left alone."""
+    return _remove(e for e in Path(out).iterdir()
+                   if e.name in RUN_FILES or CHECKPOINT.match(e.name) or e.name.startswith("model-"))
+
+
+def _remove(entries) -> list[str]:
+    """Delete files and directories (a symlink is unlinked, never followed); returns their sorted names."""
     removed = []
-    for entry in Path(out).iterdir():
-        if entry.name in RUN_FILES or CHECKPOINT.match(entry.name) or entry.name.startswith("model-"):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(entry.name)
+    for entry in list(entries):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry.name)
     return sorted(removed)
 
 

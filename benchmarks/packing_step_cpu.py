@@ -34,14 +34,17 @@ def main() -> None:
     model = build_tiny_llama(512, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=640, pad_token_id=0)
     rng = random.Random(0)
 
-    def response(lp: int) -> list[int]:
-        n = min(int(round(math.exp(rng.uniform(math.log(4), math.log(150))))), 160 - lp - 1) + 1
+    def length(lp: int) -> int:  # response + EOS, cut to max_length 160
+        return min(int(round(math.exp(rng.uniform(math.log(4), math.log(150))))), 160 - lp - 1) + 1
+
+    def tokens(n: int) -> list[int]:
         return [rng.randint(4, 511) for _ in range(n)]
 
     def feature(i: int) -> dict:
         lp = rng.randint(8, 40)
-        return {"prompt_input_ids": [rng.randint(4, 511) for _ in range(lp)], "chosen_input_ids": response(lp),
-                "rejected_input_ids": response(lp), "row": i}
+        lc, lr = length(lp), length(lp)
+        return {"prompt_input_ids": tokens(lp), "chosen_input_ids": tokens(lc), "rejected_input_ids": tokens(lr),
+                "row": i}
 
     collate = PreferenceCollator(pad_token_id=0)
     batches = [collate([feature(16 * j + i) for i in range(16)]) for j in range(n_batches)]

@@ -11,7 +11,7 @@ Everything is computed from the recipe directory (generation metas, judge result
 
 Standard errors are over seeds (the spread of the per-seed win rates) when a cell has two or more seeds; with one
 seed they are the judge's standard error over prompts, marked with a dagger. Aggregation over seeds is
-``chipo.lab.report.aggregate``, the lab's; the SFT model is the epoch-0 row (``pi_ref``) of every curve.
+``chipo.lab.tables.aggregate``, the lab's; the SFT model is the epoch-0 row (``pi_ref``) of every curve.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 
 from chipo.config import ConfigError
 from chipo.io import atomic_directory, read_json
-from chipo.lab.report import LOSS_COLORS, LOSS_LABELS, aggregate, rows_to_csv
+from chipo.lab import tables
+from chipo.lab.plots import colors
 from chipo.recipes.tldr.config import ReportStageConfig
 from chipo.recipes.tldr.cost import render_markdown as cost_markdown
 from chipo.recipes.tldr.cost import resolve_params
@@ -31,6 +32,26 @@ from chipo.recipes.tldr.judge import generated_cells
 from chipo.recipes.tldr.layout import SFT_CELL, Layout
 
 METRICS = ["win", "kl_k3", "kl_k1", "chi2_mc", "length_mean", "invalid_frac"]
+LOSS_LABELS = {"dpo": "DPO", "chipo": "chiPO", "pi_ref": "SFT (pi_ref)"}
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """{(loss, beta, epoch): {metric: (mean over seeds, s.e., seeds)}} via the lab's results table
+    (``chipo.lab.tables.aggregate``); the SFT rows (beta None) are their own group."""
+    df = tables.results_table(rows)
+    df["beta"] = df["beta"].astype(float).fillna(-1.0)  # groupby drops NaN keys: give pi_ref a placeholder beta
+    for name in METRICS:
+        if name not in df:
+            df[name] = math.nan
+    out = {}
+    for r in tables.aggregate(df, METRICS).to_dict("records"):
+        beta = None if r["beta"] == -1.0 else r["beta"]
+        out[(r["method"], beta, int(r["epoch"]))] = {m: (r[m], r[f"{m}_se"], int(r["n"])) for m in METRICS}
+    sft = out.get(("pi_ref", None, 0))
+    if sft is not None:  # the SFT model is epoch 0 of every (loss, beta) curve
+        for loss, beta in {(m, b) for m, b, _ in out if m != "pi_ref"}:
+            out[(loss, beta, 0)] = sft
+    return out
 DAGGER = "†"
 
 
@@ -72,7 +93,7 @@ class Stats:
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
-        self.agg = aggregate(rows, METRICS)
+        self.agg = aggregate(rows)
 
     def members(self, loss: str, beta: float, epoch: int) -> list[dict]:
         if epoch == 0:
@@ -185,7 +206,7 @@ def plot(stats: Stats, rows: list[dict], out: Path) -> list[str]:
                     continue
                 ax.errorbar([i for i, _ in points], [scale * s[0] for _, s in points],
                             yerr=[0.0 if math.isnan(s[1]) else scale * s[1] for _, s in points], marker="o",
-                            capsize=3, label=LOSS_LABELS.get(loss, loss), color=LOSS_COLORS.get(loss))
+                            capsize=3, label=LOSS_LABELS.get(loss, loss), color=colors(losses)[loss])
             ax.set_xticks(range(len(xs)), ["0 (SFT)", *map(str, epochs)])
             ax.set_xlabel("epochs")
             ax.set_title(f"beta = {beta:g}")
@@ -322,6 +343,6 @@ def write_report(config: ReportStageConfig, argv: list[str] | None = None) -> Pa
         (tmp / "table1.md").write_text(table1(stats, rows) + "\n")
         (tmp / "kl.md").write_text(kl_table(stats, rows) + "\n")
         (tmp / "results.json").write_text(json.dumps({"tag": tag, "rows": rows}, indent=2) + "\n")
-        (tmp / "results.csv").write_text(rows_to_csv(rows))
+        tables.results_table(rows).to_csv(tmp / "results.csv", index=False)
         (tmp / "report.md").write_text(render(config, layout, tag, rows, stats, plots, argv))
     return final / "report.md"

@@ -134,7 +134,10 @@ def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) 
                    "curves are the methods' output laws over the pool (`best_of_n_distribution`, "
                    "`pessimism_distribution` with the population normaliser and R_max = the largest proxy reward in "
                    f"the pool, {inf['r_max']:.2f}); the selections actually drawn agree within their standard errors "
-                   "(table). Pessimism betas are in the proxy's units.")
+                   "(table). Pessimism betas are in the proxy's units. Samples drawn: one selection of best-of-n "
+                   "uses n samples and one of pessimism 2n + 1 (n more to estimate its normaliser), so the table's "
+                   "selections compare them at those sample counts; the curves use the same pool for both, i.e. at "
+                   "equal samples drawn.")
     out.append("- x axis: sqrt of KL(pi || pi_ref). Trained policies (RL, DPO, chiPO): KL over the exact partition "
                "of responses (a lower bound, tight except in lumped cells); best-of-n / pessimism: KL of the output "
                "law relative to the pool (best-of-n agrees with log n - (n - 1)/n, see table).")

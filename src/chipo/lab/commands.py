@@ -26,13 +26,16 @@ def run_demo_command(config: DemoConfig) -> Path:
         settings = dataclasses.replace(settings, betas=tuple(config.betas))
     if config.epochs:
         settings = dataclasses.replace(settings, epochs=config.epochs)
-    rlhf_settings = None
+    rlhf_settings = online_settings = None
     if config.full and config.quick:
+        from chipo.lab.online import OnlineLabSettings
+
+        online_settings = OnlineLabSettings.quick()
         from chipo.lab.rlhf import RLHFSettings
 
         rlhf_settings = RLHFSettings.quick()
     return run_demo(config.out, settings, progress=config.progress, world_cache=config.world_cache,
-                    full=config.full, rlhf_settings=rlhf_settings)
+                    full=config.full, rlhf_settings=rlhf_settings, online_settings=online_settings)
 
 
 def generate_prefs(config: GeneratePrefsConfig) -> Path:

@@ -94,7 +94,8 @@ def load_average() -> str:
 
 
 def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, progress: bool = True,
-             world_cache: str | None = None, echo=print, full: bool = False, rlhf_settings=None) -> Path:
+             world_cache: str | None = None, echo=print, full: bool = False, rlhf_settings=None,
+             online_settings=None) -> Path:
     """Run the demo into ``out_dir``; returns the report path. Resumable: a rerun reuses finished cells.
 
     ``full`` (``chipo demo --full``) adds standard RLHF (reward model + RL with kl and chi2mix), best-of-n and
@@ -108,13 +109,14 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, p
 
     try:
         with quiet_libraries():
-            return _run_demo(out_dir, settings or DemoSettings(), progress, world_cache, echo, full, rlhf_settings)
+            return _run_demo(out_dir, settings or DemoSettings(), progress, world_cache, echo, full, rlhf_settings,
+                             online_settings)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str | None, echo, full: bool = False,
-              rlhf_settings=None) -> Path:
+              rlhf_settings=None, online_settings=None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chipo.lab.report import write_report
@@ -245,9 +247,28 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
             timing["whole chipo demo --full_s"] = time.perf_counter() - start
             write_json(path, rlhf)
         write_rlhf_section(report.parent, rlhf, results)
+        _online_section(world, out, report, results, online_settings, progress, echo)
     wall = time.perf_counter() - start
     echo_summary(results, report, wall, echo)
     return report
+
+
+def _online_section(world, out: Path, report: Path, results: list[dict], online_settings, progress: bool, echo) -> None:
+    """``--full``: online DPO / chiPO, XPO and chi-squared XPO at the offline demo's label budget
+    (``chipo.lab.online``), appended to the report with the offline runs beside them."""
+    from chipo.io import atomic_write_text
+    from chipo.lab.online import OnlineLabSettings, run_online_lab
+
+    echo("[+] --full: online DPO / chiPO, XPO and chi-squared XPO at the offline demo's label budget")
+    run_online_lab(world, out / "online", online_settings or OnlineLabSettings(), offline_results=results,
+                   progress=progress, echo=echo)
+    table = (out / "online" / "online_lab.md").read_text()
+    body = table.split("\n", 1)[1] if table.startswith("#") else table  # its title becomes the section's
+    section = ["", "## Online preference optimization (`chipo demo --full`)", "",
+               "The same world, judge noise and label budget as the offline runs above, with the labels asked for "
+               "pairs the policy samples as it trains (`chipo online`; details and plots in `../online/`).", "",
+               body.replace("](online_", "](../online/online_"), ""]
+    atomic_write_text(report, report.read_text().rstrip() + "\n" + "\n".join(section))
 
 
 SUMMARY = ("pi_ref is a tiny language model that speaks a synthetic language; a gold judge scores its answers and "

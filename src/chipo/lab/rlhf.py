@@ -168,6 +168,7 @@ def _train_reward_model(world, data: str, out: Path, settings: RLHFSettings) -> 
     if out.exists():
         shutil.rmtree(out)
     config = RewardConfig(model=world.pi_ref, dataset=data, output_dir=str(out), overwrite_output_dir=True,
+                          drop_ties=True,  # pairs sampled from pi_ref can repeat a response: no preference there
                           num_train_epochs=settings.rm_epochs, per_device_train_batch_size=settings.rm_batch_size,
                           learning_rate=settings.rm_learning_rate, lr_scheduler_type="constant", optim="adamw_torch",
                           save_strategy="no", logging_steps=1000, disable_tqdm=True, max_length=32,

@@ -112,7 +112,7 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
     try:
         prepared, _ = prepare_preference_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
                                                  max_prompt_length=config.max_prompt_length, num_proc=config.num_proc,
-                                                 drop_ties=getattr(config, "drop_ties", False))
+                                                 drop_ties=config.drop_ties)
     except ValueError as e:
         if isinstance(e, DataError):
             raise

@@ -20,6 +20,8 @@ class RewardConfig(TrainerConfig):
                                                      "run_config.yaml and metrics.jsonl go.")
     eval_split: str | None = _field(None, "Evaluation split (accuracy and margin are logged on it); null: none.")
     # --- the objective
+    drop_ties: bool = _field(False, "Drop rows whose chosen and rejected responses are identical (counted in the "
+                                    "log); otherwise such rows are an error naming them.")
     margin_column: str | None = _field(None, "Optional column of per-pair margins m: loss -log sigmoid(r+ - r- - m) "
                                              "(Llama 2's margin loss). null: no margin.")
     center_rewards_coefficient: float | None = _field(None, "Optional reward centering: adds coef * (r+ + r-)^2 "

@@ -173,12 +173,15 @@ def worker_check(spec: dict, result: dict) -> None:
     config = online.OnlineConfig(policy=str(d / "model"), prompts="unused", judge="vs_trl_online:check_reward",
                                  label="argmax", loss="dpo", beta=c["beta"], prompts_per_step=n,
                                  learning_rate=c["learning_rate"], output_dir=spec["out"], max_new_tokens=16)
-    calls = []
+    served = [0] * n  # how many responses of each prompt the trainer has drawn: its first is sample 0, then 1
 
     def fixed_sample(policy, ref, p_ids, keys, **_):
-        s = len(calls)
-        calls.append(s)
-        return [(responses[s][prompt_ids.index(list(p))], True) for p in p_ids]
+        out = []
+        for p in p_ids:
+            i = prompt_ids.index(list(p))
+            out.append((responses[served[i]][i], True))
+            served[i] += 1
+        return out
 
     online.sample = fixed_sample
     trainer = online.OnlineTrainer(config, Accelerator(cpu=True), perturbed(d),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chipo import stats
 from chipo.lab import tables
 
 RLHF_BEGIN, RLHF_END = "<!-- rlhf-section -->", "<!-- /rlhf-section -->"
@@ -32,6 +33,8 @@ def rlhf_curves(results: dict, rows: list[dict] | None = None) -> dict[str, dict
     """{name: {"x": sqrt KL, "gold", "proxy" (or None), "label" (steps / n / epochs)}} of every method."""
     curves = {}
     for reg, run in (results.get("rl") or {}).items():
+        if "_seed" in reg:  # further seeds: tested in the seeds table, not drawn (one curve per method)
+            continue
         c = run.get("curve") or []
         curves[reg] = {"x": [math.sqrt(max(p["kl_partition"], 0.0)) for p in c], "gold": [p["gold"] for p in c],
                        "proxy": [p["proxy"] for p in c], "label": [p["step"] for p in c], "unit": "step"}
@@ -49,6 +52,48 @@ def rlhf_curves(results: dict, rows: list[dict] | None = None) -> dict[str, dict
                     "proxy": None, "label": [int(e) for e in g["epoch"]], "unit": "epoch",
                     "name": f"{method} beta {beta:g}", "sweep": True}
     return curves
+
+
+def rl_seed_claims(results: dict, alpha: float = 0.05) -> list[dict]:
+    """Per beta: the final gold reward of chi2mix-RLHF and KL-RLHF over seeds, and the paired t test (same seed,
+    same prompts and sampling seeds) of chi2mix - kl, Holm-adjusted over the betas; the verdict word only when the
+    adjusted p is below ``alpha``."""
+    runs = [r for r in (results.get("rl") or {}).values() if r.get("done") and "seed" in r]
+    by = {}
+    for r in runs:
+        by.setdefault(r["beta"], {}).setdefault(r["regularizer"], {})[r["seed"]] = r["curve"][-1]["gold"]
+    claims = []
+    for beta, regs in sorted(by.items(), reverse=True):
+        seeds = sorted(set(regs.get("kl", {})) & set(regs.get("chi2mix", {})))
+        if len(seeds) < 2:
+            continue
+        kl, mix = (np.array([regs[g][s] for s in seeds]) for g in ("kl", "chi2mix"))
+        test = stats.paired_t(mix, kl)
+        claims.append({"beta": beta, "seeds": seeds, "kl": kl, "chi2mix": mix, "test": test,
+                       "detectable": stats.min_detectable_difference(test.se, test.df)
+                       if math.isfinite(test.se) and test.df > 0 else math.nan})
+    if claims:
+        adjusted, passed = stats.holm([c["test"].p for c in claims], alpha)
+        for c, p_adj, ok in zip(claims, adjusted, passed, strict=True):
+            c["p_holm"], c["passed"] = float(p_adj), bool(ok)
+    return claims
+
+
+def rl_seed_text(claims: list[dict]) -> list[str]:
+    """The seeds table: final gold per regularizer (mean +- s.e. over seeds) and the paired test's verdict."""
+    if not claims:
+        return []
+    out = ["", "RL over seeds (final gold reward, exact; mean ± s.e. over seeds; paired t test of chi2mix - kl "
+           "across seeds, Holm-adjusted over the betas):", "",
+           "| beta | seeds | KL-RLHF | chi2mix-RLHF | difference | p (Holm) | smallest detectable | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in claims:
+        kl, mix, t = c["kl"], c["chi2mix"], c["test"]
+        word = ("significant" if c["passed"] else "not shown")
+        out.append(f"| {c['beta']:g} | {len(c['seeds'])} | {kl.mean():.3f} ± {stats.mean_se(kl)[1]:.3f} | "
+                   f"{mix.mean():.3f} ± {stats.mean_se(mix)[1]:.3f} | {t.estimate:+.3f} | {c['p_holm']:.3g} | "
+                   f"{c['detectable']:.3f} | {word} |")
+    return out
 
 
 def plot_rlhf(curves: dict, out: Path) -> str:
@@ -138,10 +183,13 @@ def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) 
                    "uses n samples and one of pessimism 2n + 1 (n more to estimate its normaliser), so the table's "
                    "selections compare them at those sample counts; the curves use the same pool for both, i.e. at "
                    "equal samples drawn.")
+    out.append("- The curves are the first seed's runs; the table below the figure tests the final gold reward over "
+               "every seed.")
     out.append("- x axis: sqrt of KL(pi || pi_ref). Trained policies (RL, DPO, chiPO): KL over the exact partition "
                "of responses (a lower bound, tight except in lumped cells); best-of-n / pessimism: KL of the output "
                "law relative to the pool (best-of-n agrees with log n - (n - 1)/n, see table).")
     out += ["", "![rlhf_gold_vs_sqrt_kl.png](rlhf_gold_vs_sqrt_kl.png)", ""]
+    out += rl_seed_text(rl_seed_claims(results)) + [""]
 
     # What the curves show.
     out += ["What the curves show (computed from the numbers below; 'turns down' = final gold more than "

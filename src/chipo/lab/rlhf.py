@@ -64,11 +64,12 @@ class RLHFSettings:
     replicates: int = 16  # independent selections per prompt for select(); pool = replicates * (2 max n + 1)
     max_new_tokens: int = 8
     seed: int = 0
+    rl_seeds: int = 3  # RL runs per (regularizer, beta): seed, seed + 1, ...; the report tests chi2mix vs kl on them
 
     @staticmethod
     def quick() -> RLHFSettings:
         return RLHFSettings(rm_pairs_per_prompt=8, rm_epochs=1.0, steps=20, eval_every=10, eval_samples=8,
-                            ns=(1, 2, 4, 8), replicates=4, max_eval_prompts=8)
+                            ns=(1, 2, 4, 8), replicates=4, max_eval_prompts=8, rl_seeds=2)
 
 
 REGULARIZERS = ("kl", "chi2mix")
@@ -138,18 +139,22 @@ def run_rlhf(world, out_dir: str | Path, settings: RLHFSettings | None = None, *
     # --- RL with each regularizer
     results.setdefault("rl", {})
     for beta in settings.betas:
-        for reg in REGULARIZERS:
-            key = f"{reg}_beta{beta:g}"
-            if results["rl"].get(key, {}).get("done"):
-                continue
-            t0 = time.perf_counter()
-            curve = run_rl_curve(world, rm_path, out / f"rl_{key}", reg, beta, settings, eval_prompts, gold, ref,
-                                 tokenizer)
-            results["rl"][key] = {"done": True, "curve": curve, "seconds": time.perf_counter() - t0}
-            save()
-            last = curve[-1]
-            echo(f"      RL {reg} beta {beta:g}: step {last['step']}, proxy {last['proxy']:.2f}, "
-                 f"gold {last['gold']:.3f}, KL {last['kl_k3']:.2f} ({time.perf_counter() - t0:.0f} s)")
+        for offset in range(settings.rl_seeds):
+            for reg in REGULARIZERS:
+                # The first seed keeps the plain key (its curve is the one drawn); the others add a suffix.
+                key = f"{reg}_beta{beta:g}" + (f"_seed{settings.seed + offset}" if offset else "")
+                if results["rl"].get(key, {}).get("done"):
+                    continue
+                t0 = time.perf_counter()
+                curve = run_rl_curve(world, rm_path, out / f"rl_{key}", reg, beta, settings, eval_prompts, gold,
+                                     ref, tokenizer, seed=settings.seed + offset)
+                results["rl"][key] = {"done": True, "curve": curve, "seconds": time.perf_counter() - t0,
+                                      "regularizer": reg, "beta": beta, "seed": settings.seed + offset}
+                save()
+                last = curve[-1]
+                echo(f"      RL {reg} beta {beta:g} seed {settings.seed + offset}: step {last['step']}, proxy "
+                     f"{last['proxy']:.2f}, gold {last['gold']:.3f}, KL {last['kl_k3']:.2f} "
+                     f"({time.perf_counter() - t0:.0f} s)")
 
     # --- best-of-n and inference-time pessimism on one pool of pi_ref samples
     if "inference" not in results:
@@ -193,7 +198,7 @@ def reward_model_accuracy(rm_dir: str | Path, pairs: list[dict]) -> dict:
 
 
 def run_rl_curve(world, rm_path: str, out: Path, regularizer: str, beta: float, settings: RLHFSettings,
-                 eval_prompts: list[str], gold, ref, tokenizer) -> list[dict]:
+                 eval_prompts: list[str], gold, ref, tokenizer, seed: int | None = None) -> list[dict]:
     """One ``run_rl`` run; returns its evaluation curve (step 0 = pi_ref)."""
     from chipo.lab.evaluate import Baseline, ExactSpace, exact_metrics
     from chipo.train.rl import run_rl
@@ -217,7 +222,8 @@ def run_rl_curve(world, rm_path: str, out: Path, regularizer: str, beta: float, 
                       output_dir=str(out), overwrite_output_dir=True, regularizer=regularizer, estimator="k1",
                       beta=beta, k=settings.k, max_new_tokens=settings.max_new_tokens,
                       max_steps=settings.steps, prompts_per_step=settings.prompts_per_step,
-                      learning_rate=settings.learning_rate, seed=settings.seed, logging_steps=settings.eval_every,
+                      learning_rate=settings.learning_rate, seed=settings.seed if seed is None else seed,
+                      logging_steps=settings.eval_every,
                       eval_steps=settings.eval_every, eval_samples=settings.eval_samples, save_strategy="no",
                       disable_tqdm=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -159,10 +159,14 @@ def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) 
     for name, m in rms.items():
         what = ("exactly the DPO/chiPO pairs (seed 0)" if name == "rm_demo_pairs" else
                 f"{s.get('rm_pairs_per_prompt')} fresh pi_ref pairs per training prompt, more than the DPO/chiPO "
-                "data, because a reward model fit on a few hundred pairs of this world is close to chance")
+                "data")
         out.append(f"- RM `{name}` on {m['pairs']} pairs ({what}): held-out accuracy {100 * m['acc_labels']:.0f}% "
                    f"against the BT labels, {100 * m['acc_gold']:.0f}% against the gold ordering "
                    f"({m['heldout_pairs']} held-out pairs).")
+    if {"rm", "rm_demo_pairs"} <= set(rms):  # what the extra data bought, read off the two accuracies
+        big, small = rms["rm"]["acc_gold"], rms["rm_demo_pairs"]["acc_gold"]
+        out.append(f"- The larger data set {'gives' if big > small else 'does not give'} a more accurate reward model "
+                   f"here: {100 * big:.0f}% vs {100 * small:.0f}% against the gold ordering.")
     inf = results.get("inference") or {}
     if inf:
         out.append(f"- The RL runs, best-of-n and pessimism all use RM `rm`. Its correlation with the gold reward on "

@@ -6,8 +6,8 @@ Protocol (fixed before looking at results; stated in the report):
 * reward models (``chipo.train.reward.run_reward_training``, backbone = pi_ref, fresh score head) are trained on
   preference pairs drawn by *the same* Bradley-Terry process as the DPO/chiPO data (two pi_ref samples per pair,
   labels sigmoid(scale (r*(y1) - r*(y2)))). Two RMs: one on exactly the pairs DPO/chiPO saw (seed 0), and one on
-  ``rm_pairs_per_prompt`` fresh pairs per training prompt (more data: a reward model fit on a few hundred pairs
-  of this world is close to chance). RL uses the larger one; both are reported with their held-out accuracy.
+  ``rm_pairs_per_prompt`` fresh pairs per training prompt (more data). RL uses the larger one; both are reported
+  with their held-out accuracy, and the report says whether the extra data made the reward model more accurate.
   The gold reward is never changed or tuned.
 * RL: ``chipo.train.rl.run_rl`` (RLOO), once with ``regularizer=kl`` (k1 estimator) and once with ``chi2mix``,
   identical beta, steps, learning rate, k, prompts and seeds. Every ``eval_every`` steps the trainer logs the

@@ -224,6 +224,7 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
                      + (f" (first build took {info['build_seconds']:.0f} s)" if not built_now else ""),
             "preference data": f"{data_seconds:.1f} s",
             "sweep (training + evaluation)": f"{sweep_seconds:.0f} s with {workers} worker process(es)",
+            "sweep, by part (summed over runs and workers)": sweep_split(results),
         },
         "sweep_config": asdict(config),
         "data": data_stats,
@@ -251,6 +252,16 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
     wall = time.perf_counter() - start
     echo_summary(results, report, wall, echo)
     return report
+
+
+def sweep_split(rows: list[dict]) -> str:
+    """Where the sweep's time went: training, and the evaluation's sampling, gold scoring, log-probs and exact
+    metrics (``chipo.lab.evaluate.evaluate_policy`` times each), summed over the result rows."""
+    parts = {"training": sum(r.get("train_seconds") or 0.0 for r in rows)}
+    for r in rows:
+        for name, value in (r.get("seconds") or {}).items():
+            parts[name] = parts.get(name, 0.0) + value
+    return ", ".join(f"{name} {value:.0f} s" for name, value in parts.items())
 
 
 def _online_section(world, out: Path, report: Path, results: list[dict], online_settings, progress: bool, echo) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -261,10 +262,21 @@ def divergence_stats(log_ratio: torch.Tensor, clusters: Sequence | None = None) 
 def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, settings: SamplingSettings,
                     num_samples: int, loss: str | None = None, beta: float | None = None,
                     loss_options: dict | None = None, progress: bool = True) -> dict:
-    """All metrics of the module docstring for ``policy`` (see ``build_baseline`` for pi_ref's side)."""
+    """All metrics of the module docstring for ``policy`` (see ``build_baseline`` for pi_ref's side), and where
+    the evaluation's time went (``seconds``: sampling, scoring, log-probs, exact metrics)."""
+    clock = {"t": time.perf_counter()}
+    seconds: dict = {}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - clock["t"]
+        clock["t"] = now
+
     samples = sample_responses(policy, tokenizer, baseline.prompts, num_samples, settings, desc="sampling policy",
                                progress=progress)
+    lap("sampling")
     rewards = np.asarray(gold.score(samples.prompt_texts(), samples.texts), dtype=float)
+    lap("scoring")
     index = np.asarray(samples.prompt_index)
     ref_index = np.asarray(baseline.ref_samples.prompt_index)
     wins = np.empty(len(rewards))
@@ -285,8 +297,10 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy.eval()
     ref_model.eval()
+    lap("scoring")  # the win rates and standard errors above count with the gold scorer's time
     log_ratio = (sequence_logps(policy, prompt_ids, samples.response_ids, pad)
                  - sequence_logps(ref_model, prompt_ids, samples.response_ids, pad)).double().cpu()
+    lap("log-probs")
     out.update(divergence_stats(log_ratio, index))
     out["length_mean"], out["length_se"] = clustered_mean_se(samples.lengths(), index)
     out["finished_frac"] = float(np.mean(samples.finished))
@@ -295,8 +309,11 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
                        for i in range(min(2, len(baseline.prompts))) for k in np.flatnonzero(index == i)[:3]]
     if baseline.heldout and loss is not None and beta is not None:
         out["implicit_acc"] = implicit_reward_accuracy(policy, tokenizer, baseline.heldout, loss, beta, loss_options)
+        lap("log-probs")
     if baseline.exact is not None:
         out["exact"] = exact_metrics(gold.exact_partition(policy, tokenizer, baseline.prompts)[0], baseline)
+        lap("exact metrics")
+    out["seconds"] = seconds
     return out
 
 

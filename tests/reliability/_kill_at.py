@@ -4,6 +4,7 @@ usage: python _kill_at.py step:N chipo-args...
   step:N     kill -9 as optimizer step N begins (steps < N are logged and their checkpoints saved)
   sigint:N   Ctrl-C (SIGINT) as optimizer step N begins
   precompute kill -9 while the reference log-prob cache entry is being written
+  save:N     kill -9 inside the save of checkpoint-N (its weights written; no optimizer state, no trainer_state)
 """
 
 import os
@@ -32,6 +33,15 @@ def install(spec: str) -> None:
             return original(self, *args, **kwargs)
 
         transformers.Trainer.training_step = training_step
+    elif kind == "save":
+        original_save = transformers.Trainer._save_optimizer_and_scheduler
+
+        def save_optimizer_and_scheduler(self, output_dir):
+            if self.state.global_step >= int(n):
+                _die()  # save_model already wrote the weights of checkpoint-N
+            return original_save(self, output_dir)
+
+        transformers.Trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
     elif kind == "precompute":
         import chipo.train.reference as reference
 

@@ -197,3 +197,14 @@ def test_kill_9_during_reference_precompute_then_rerun_matches(tiny_dir, tmp_pat
     assert not list(cache.rglob("*.safetensors"))  # only the temporary file was written
     assert main([*_args(tiny_dir, out), f"ref_cache_dir={cache}", "resume_from_checkpoint=latest"]) == 0
     _assert_same_run(out, reference_run)
+
+
+def test_kill_9_during_a_checkpoint_save_then_resume_latest_matches(tiny_dir, tmp_path, reference_run):
+    """A real SIGKILL inside the save of checkpoint-6 (weights written, optimizer and trainer_state not): resume must
+    skip that partial checkpoint, resume checkpoint-3 and end exactly as the uninterrupted run."""
+    out = tmp_path / "killed-in-save"
+    _killed(tiny_dir, out, "save:6")
+    partial = out / "checkpoint-6"
+    assert partial.is_dir() and not (partial / "trainer_state.json").exists()
+    assert main([*_args(tiny_dir, out), "resume_from_checkpoint=latest"]) == 0
+    _assert_same_run(out, reference_run)

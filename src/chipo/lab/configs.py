@@ -115,8 +115,8 @@ class DemoConfig:
     Bradley-Terry labels, DPO and chiPO over two betas, several epochs and seeds, evaluation, report.md with plots.
     Rerunning resumes finished runs."""
 
-    quick: bool = _field(False, "Smoke-test size: 1 seed, 4 epochs (measured: 78 s on 2 cores at load average "
-                                "2-3, 2.7 min at load ~9).")
+    quick: bool = _field(False, "Smoke-test size: 1 seed, 4 epochs (measured: 40 s on 2 idle cores, 78 s at load "
+                                "average 2-3).")
     full: bool = _field(False, "Also standard RLHF (reward model + RL with kl and chi2mix), best-of-n and "
                                "inference-time pessimism on the same world and data (adds 1.5 to 3 minutes).")
     ablations: bool = _field(False, "Also DPO and chiPO each with RPO's SFT term (sft_weight 1) and with a reward "

@@ -35,7 +35,7 @@ def _has_accelerator() -> bool:
 
 
 def check_common_arguments(args: TrainingArguments) -> None:
-    """Checks every chipo config shares, before TrainingArguments validates itself: the seed's range, one mixed
+    """Checks every chipo config shares, before TrainingArguments validates itself: the range of ``seed``, one mixed
     precision, known loggers (``report_to`` as a comma-separated string too)."""
     if not 0 <= args.seed < 2**32:
         raise ConfigError(f"seed must lie in [0, 2**32), got {args.seed}")

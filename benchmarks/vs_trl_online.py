@@ -228,6 +228,18 @@ def run_worker(kind: str, spec: dict, workdir: Path, script: str = __file__) -> 
     return {**json.loads(result_path.read_text()), "wall_s": wall}
 
 
+def serve_worker(worker: list[str], workers: dict) -> None:
+    """The ``--worker KIND SPEC RESULT`` subprocess: run ``workers[KIND]`` on the spec, write its result JSON."""
+    kind, spec_path, result_path = worker
+    spec, result = json.loads(Path(spec_path).read_text()), {}
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["cfg"]["seed"])
+    workers[kind](spec, result)
+    Path(result_path).write_text(json.dumps(result))
+
+
 def compare(spec: dict, workdir: Path, repeats: int, samples: int, cfg: dict, load: dict, script: str | None = None,
             **extra) -> dict:
     """Alternated TRL / chipo whole-process runs; median samples/s of the process and of the training loop."""
@@ -266,14 +278,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker:
-        kind, spec_path, result_path = a.worker
-        spec, result = json.loads(Path(spec_path).read_text()), {}
-        import torch
-
-        torch.set_num_threads(spec["threads"])
-        torch.manual_seed(spec["cfg"]["seed"])
-        {"chipo": worker_chipo, "trl": worker_trl, "check": worker_check}[kind](spec, result)
-        Path(result_path).write_text(json.dumps(result))
+        serve_worker(a.worker, {"chipo": worker_chipo, "trl": worker_trl, "check": worker_check})
         return
     cfg = {**CONFIG, **(QUICK if a.quick else {})}
     if a.steps:

@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from vs_trl_online import CONFIG, QUICK, build_assets, compare  # noqa: E402
+from vs_trl_online import CONFIG, QUICK, build_assets, compare, serve_worker  # noqa: E402
 
 RL = {"k": 4, "beta": 0.05}
 
@@ -98,14 +98,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker:
-        kind, spec_path, result_path = a.worker
-        spec, result = json.loads(Path(spec_path).read_text()), {}
-        import torch
-
-        torch.set_num_threads(spec["threads"])
-        torch.manual_seed(spec["cfg"]["seed"])
-        {"chipo": worker_chipo, "trl": worker_trl}[kind](spec, result)
-        Path(result_path).write_text(json.dumps(result))
+        serve_worker(a.worker, {"chipo": worker_chipo, "trl": worker_trl})
         return
     cfg = {**CONFIG, **(QUICK if a.quick else {}), "k": a.k, "beta_rl": RL["beta"]}
     if a.steps:

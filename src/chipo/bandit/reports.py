@@ -47,6 +47,7 @@ def _plot_regret(results: dict, kind: str) -> Callable[[Path], None]:
         plt.close(fig)
     return draw
 
+
 def report_regret(results: dict) -> str:
     lines = ["# Regret vs n", "",
              "Regret J(pi*) - J(pi_hat) of each estimator, beta tuned per method and per n on held-out seeds "
@@ -77,6 +78,7 @@ def report_regret(results: dict) -> str:
         lines += ["", f"![regret {kind}](regret_{kind}.png)", ""]
     return "\n".join(lines)
 
+
 def _regret_verdict(fam: dict) -> list[str]:
     """Plain statements computed from the numbers (never hard-coded)."""
     meth = fam["methods"]
@@ -91,6 +93,7 @@ def _regret_verdict(fam: dict) -> list[str]:
            + ", ".join(f"{LABELS[m]} {_fmt(first[m] / last[m] if last[m] > 0 else float('nan'), 2)}"
                        for m in METHODS) + "."]
     return out
+
 
 def _rate_table(fam: dict) -> list[str]:
     """Fits of c n^-a, c (log n)^-b and c / log n to the tuned-beta regret (``chipo.bandit.rates``)."""
@@ -109,6 +112,7 @@ def _rate_table(fam: dict) -> list[str]:
                    f"{_fmt(p['b'], 2)} [{_fmt(iv['b'][0], 2)}, {_fmt(iv['b'][1], 2)}] | {_fmt(p['rms_power'], 2)} | "
                    f"{_fmt(p['rms_loglaw'], 2)} | {_fmt(p['rms_inv_log'], 2)} |")
     return out
+
 
 def _plot_bound(results: dict) -> Callable[[Path], None]:
     def draw(path: Path) -> None:
@@ -132,6 +136,7 @@ def _plot_bound(results: dict) -> Callable[[Path], None]:
         plt.close(fig)
     return draw
 
+
 def report_bound(results: dict) -> str:
     lines = ["# Sanity check: |E_pi[r* - r_hat]| <= sqrt(2 D_chi2(pi || pi_ref) + 1) eps_stat", "",
              "This re-checks Cauchy-Schwarz (E_pi[e] = E_ref[(pi/pi_ref) e] <= ||pi/pi_ref||_ref ||e||_ref), so it "
@@ -153,6 +158,7 @@ def report_bound(results: dict) -> str:
         lines.append(f"| {p} | {s['count']} | {_fmt(s['median_ratio'])} | {_fmt(s['max_ratio'])} |")
     lines += ["", "![bound](bound.png)", ""]
     return "\n".join(lines)
+
 
 def _plot_overopt(results: dict, kind: str) -> Callable[[Path], None]:
     def draw(path: Path) -> None:
@@ -180,6 +186,7 @@ def _plot_overopt(results: dict, kind: str) -> Callable[[Path], None]:
         plt.close(fig)
     return draw
 
+
 def report_overopt(results: dict) -> str:
     betas = results["betas"]
     lines = ["# Overoptimization vs beta", "",
@@ -199,6 +206,7 @@ def report_overopt(results: dict) -> str:
         lines += ["", f"![overopt {kind}](overopt_{kind}.png)", ""]
     return "\n".join(lines)
 
+
 def report_bench(results: dict) -> str:
     s = results["size"]
     lines = [f"# regularized_optimum benchmark ({s} contexts x {s} actions, float64, this machine)", "",
@@ -206,6 +214,7 @@ def report_bench(results: dict) -> str:
     for r in results["rows"]:
         lines.append(f"| {r['divergence']} | {r['beta']:g} | {r['seconds_min']:.3f} | {r['max_row_sum_error']:.1e} |")
     return "\n".join(lines) + "\n"
+
 
 def _plot_bench(results: dict) -> Callable[[Path], None]:
     def draw(path: Path) -> None:

@@ -232,11 +232,11 @@ def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, e
 def _train(world: World, run_dir: Path, method: str, beta: float, seed: int, settings: OnlineLabSettings,
            eval_labels: list[int]) -> None:
     """``run_online`` with a checkpoint at every evaluated label count (resuming from the last one if present)."""
-    from chipo.train.loop import list_checkpoints
     from chipo.train.online import OnlineConfig, run_online
+    from chipo.train.rundir import loop_checkpoints
 
     steps = [n // settings.prompts_per_step for n in eval_labels]
-    resume = run_dir.is_dir() and bool(list_checkpoints(run_dir))
+    resume = run_dir.is_dir() and bool(loop_checkpoints(run_dir))
     if not resume and run_dir.exists():  # a run that never reached a checkpoint: start afresh, no stale log lines
         shutil.rmtree(run_dir)
     spec = METHODS[method]

@@ -68,23 +68,21 @@ def load_scorer(spec: str, *, batch_size: int = 64, device=None, max_length: int
     if not spec:
         raise ConfigError("empty reward spec")
     name, _, arg = spec.partition(":")
-    if name in _REGISTRY and not Path(spec).expanduser().exists():
-        return _REGISTRY[name][0](arg or None)
     path = Path(spec).expanduser()
+    if not path.exists():
+        if name in _REGISTRY:
+            return _REGISTRY[name][0](arg or None)
+        if name == "world":  # the lab's scorer, registered only once chipo.lab is imported
+            raise ConfigError(f"reward {spec!r} is the lab's embedded-world scorer: import chipo.lab to register it")
     if _CALLABLE.match(spec) and not path.exists():
         module_name, fn_name = spec.split(":")
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as e:
-            hint = ""
-            if module_name in ("world",):
-                hint = " ('world' is the lab's scorer: import chipo.lab to register it)"
-            raise ConfigError(f"cannot load reward {spec!r}: {e}{hint}") from None
+            raise ConfigError(f"cannot load reward {spec!r}: {e}") from None
         if not callable(fn):
             raise ConfigError(f"reward {spec!r} is not callable")
         return CallableScorer(fn, spec)
-    if spec in ("world",):
-        raise ConfigError("reward 'world' is the lab's embedded-world scorer: import chipo.lab to register it")
     if path.exists() and not (path / "config.json").is_file():
         raise ConfigError(f"reward {spec!r} is a path but not an HF model directory (no config.json)")
     return RewardModelScorer(str(path) if path.exists() else spec, batch_size=batch_size, device=device,

@@ -19,11 +19,10 @@ import torch
 
 from chipo.config import ConfigError
 from chipo.io import read_json, write_json
-from chipo.train.rundir import CHECKPOINT, truncate_metrics
+from chipo.train.rundir import LOOP_STATE, loop_checkpoints, truncate_metrics
 
 logger = logging.getLogger("chipo")
 
-STATE_FILE = "loop_state.json"
 
 
 def interval(value: float | None, max_steps: int) -> int:
@@ -65,13 +64,6 @@ def prompt_order(n: int, size: int, seed: int, step: int) -> list[int]:
     return out
 
 
-def list_checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Complete ``checkpoint-<step>`` directories of a loop run, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(out).glob("checkpoint-*")
-             if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
 def save_checkpoint(accelerator, out: str | os.PathLike, step: int, state: dict, total_limit: int | None) -> Path:
     """``checkpoint-<step>`` (accelerate state + ``state``), atomically; keeps the newest ``total_limit``."""
     out = Path(out)
@@ -82,14 +74,14 @@ def save_checkpoint(accelerator, out: str | os.PathLike, step: int, state: dict,
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(partial / STATE_FILE, {**state, "step": step, "num_processes": accelerator.num_processes})
+        write_json(partial / LOOP_STATE, {**state, "step": step, "num_processes": accelerator.num_processes})
         if final.exists():  # a rerun of this step: the old one goes only once the new one is complete
             old = out / f".checkpoint-{step}.old"
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(partial, final)
         if total_limit:
-            for stale in list_checkpoints(out)[:-total_limit]:
+            for stale in loop_checkpoints(out)[:-total_limit]:
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -98,7 +90,7 @@ def save_checkpoint(accelerator, out: str | os.PathLike, step: int, state: dict,
 def load_checkpoint(accelerator, checkpoint: str | os.PathLike, metrics: str | os.PathLike) -> dict:
     """Restore the accelerate state; returns the saved loop state and cuts ``metrics`` back to its step."""
     accelerator.load_state(str(checkpoint))
-    state = read_json(Path(checkpoint) / STATE_FILE) or {}
+    state = read_json(Path(checkpoint) / LOOP_STATE) or {}
     if accelerator.is_main_process:
         truncate_metrics(metrics, int(state["step"]))
     accelerator.wait_for_everyone()
@@ -111,11 +103,11 @@ def resolve_resume(resume: str | None, out: str | os.PathLike, command: str) -> 
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(out)
+        found = loop_checkpoints(out)
         if not found:
             logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"resume_from_checkpoint {path} is not a chipo {command} checkpoint (no {STATE_FILE})")
+    if not (path / LOOP_STATE).is_file():
+        raise ConfigError(f"resume_from_checkpoint {path} is not a chipo {command} checkpoint (no {LOOP_STATE})")
     return path

@@ -334,6 +334,17 @@ def final_model_saved(out: str | os.PathLike) -> bool:
     return (Path(out) / DONE).is_file()
 
 
+LOOP_STATE = "loop_state.json"
+"""What ``chipo.train.loop`` writes last into a checkpoint of ``chipo rl`` / ``chipo online``: it marks it complete."""
+
+
+def loop_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete ``checkpoint-<step>`` directories of an accelerate-loop run, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(out).glob("checkpoint-*")
+             if (m := CHECKPOINT.match(p.name)) and (p / LOOP_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
 def checkpoint_note(output_dir: str | os.PathLike) -> str:
     """For a run that stops on an error: where its last checkpoint is, or that it has none yet.
 
@@ -343,9 +354,7 @@ def checkpoint_note(output_dir: str | os.PathLike) -> str:
     out = Path(output_dir)
     latest = latest_complete_checkpoint(out)
     if latest is None and out.is_dir():
-        steps = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))
-                 and not (p / "trainer_state.json").exists() and any(p.iterdir())]
-        latest = max(steps)[1] if steps else None
+        latest = (loop_checkpoints(out) or [None])[-1]
     if latest is None:
         return f"no checkpoint was saved yet in {out}"
     return f"the last good checkpoint is {latest}"

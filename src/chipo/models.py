@@ -6,6 +6,9 @@ everywhere: ``ConfigError("cannot load model 'x': <first line of the cause>")``.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from chipo.config import ConfigError
@@ -63,3 +66,19 @@ def load_sequence_classifier(name_or_path: str, what: str = "reward model", *, n
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def forward_with_cache(model, cache=None, **inputs):
+    """``model(**inputs, use_cache=True)`` with ``cache`` as the KV cache; returns (output, the updated cache).
+
+    transformers >= 5.2x names the KV-cache argument and output field ``cache``, earlier versions
+    ``past_key_values``: the one place that knows (the signature is looked up once per model class).
+    """
+    name = _cache_argument(type(model))
+    out = model(**inputs, use_cache=True, **{name: cache})
+    return out, getattr(out, name)
+
+
+@functools.cache
+def _cache_argument(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

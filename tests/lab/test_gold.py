@@ -3,6 +3,7 @@ judge (registered by ``chipo.lab``); and the world itself."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -75,6 +76,54 @@ def test_world_gold_is_zero_outside_the_language_and_in_unit_interval_inside():
     assert (rewards[~well] == 0).all() and ((rewards[well] > 0) & (rewards[well] < 1)).all()
     for bad in ["", "a b c", "a b c d e", "t1 a b c", "<|pad|> a b c"]:
         assert scorer.score([prompt], [bad])[0] == 0.0
+
+
+def _exact_partition_by_full_strings(language, model, tokenizer, prompt: str) -> np.ndarray:
+    """Reference for ``exact_partition``'s log-probs, without a KV cache: one forward over every full letter
+    string prompt + u (|u| = L); the logits at position P - 1 + k give the next-token distribution after u's first
+    k letters. Cell order as documented: for k = 0..L, the K^k prefixes in lexicographic order (EOS cells, then
+    the lumped "other" cells), then the K^(L+1) cells u + letter."""
+    k_letters, length = language.spec.n_letters, language.spec.response_length
+    letter_ids = tokenizer.convert_tokens_to_ids(language.letters)
+    strings = np.array(list(itertools.product(range(k_letters), repeat=length)))
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([prompt_ids + [letter_ids[a] for a in s] for s in strings])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[:, len(prompt_ids) - 1:].double(), -1).numpy()
+    cells = []
+    for k in range(length + 1):
+        rows = np.arange(0, len(strings), k_letters ** (length - k))  # one full string per prefix of length k
+        prefix = sum((lp[rows, j, np.asarray(letter_ids)[strings[rows, j]]] for j in range(k)),
+                     np.zeros(len(rows)))
+        eos = lp[rows, k, tokenizer.eos_token_id]
+        covered = np.logaddexp(np.logaddexp.reduce(lp[rows, k][:, letter_ids], axis=-1), eos)
+        cells += [prefix + eos, prefix + np.log(-np.expm1(covered))]
+        if k == length:
+            cells.append((prefix[:, None] + lp[rows, k][:, letter_ids]).reshape(-1))
+    return np.concatenate(cells)
+
+
+def test_exact_partition_equals_the_full_string_forward(tiny_world):
+    """The trie walk with a KV cache computes the same cell log-probs as full forwards (float round-off only),
+    and its vectorised rewards / well-formedness equal ``gold`` / ``_well_formed`` string by string."""
+    language = Language.from_json(json.loads((tiny_world / "language.json").read_text()))
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "pi_ref").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world / "pi_ref")
+    prompts = [language.prompt_text(*p) for p in language.all_prompts()[:3]]
+    logp, rewards, well = language.exact_partition(model, tokenizer, prompts)
+    for i, prompt in enumerate(prompts):
+        np.testing.assert_allclose(logp[i], _exact_partition_by_full_strings(language, model, tokenizer, prompt),
+                                   rtol=1e-5, atol=1e-5)
+    k, length = language.spec.n_letters, language.spec.response_length
+    offset = sum(2 * k ** j for j in range(length))
+    strings = list(itertools.product(range(k), repeat=length))
+    for i, prompt in enumerate(prompts):
+        topic, style = language.parse_prompt(prompt)
+        expected_well = [language._well_formed(topic, list(s)) for s in strings]
+        np.testing.assert_array_equal(well[i, offset:offset + k ** length], expected_well)
+        np.testing.assert_allclose(rewards[i, offset:offset + k ** length],
+                                   [language.gold(topic, style, list(s)) for s in strings], rtol=1e-12, atol=0)
+    assert logp.shape[1] == sum(2 * k ** j for j in range(length + 1)) + k ** (length + 1)
 
 
 def test_exact_partition_sums_to_one_and_matches_direct_log_probs(tiny_world):

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chipo.models import forward_with_cache
+
 WORLD_VERSION = "1"
 """Bump when the world's construction changes, so cached worlds are rebuilt."""
 
@@ -180,59 +182,84 @@ class Language:
     def exact_partition(self, model, tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """log pi of every cell of a fixed partition of *all* token sequences, with gold rewards.
 
-        One forward pass over the K^L letter strings of length L gives the next-token distribution after every
-        letter prefix of length k = 0..L. The cells, for every prefix u of length k:
-        ``u + EOS`` (a finished response of k letters), ``u + any non-letter non-EOS token`` (lumped), and for
-        k = L ``u + letter`` (every sequence that goes on past L letters, lumped per 5-letter prefix). They are
-        disjoint and cover every sequence, so the cell probabilities sum to 1. Gold rewards are constant on
-        each cell (only ``u + EOS`` with u well-formed is rewarded), so J(pi) and win rates computed on the
-        cells are exact, and KL / chi-squared on them are lower bounds of the full-sequence values (data
-        processing), tight except inside the lumped cells.
+        The next-token distribution after every letter prefix u of length k = 0..L is computed once per prefix,
+        walking the trie of prefixes level by level with a KV cache (``next_token_logps``). The cells, for every
+        prefix u of length k: ``u + EOS`` (a finished response of k letters), ``u + any non-letter non-EOS token``
+        (lumped), and for k = L ``u + letter`` (every sequence that goes on past L letters, lumped per
+        (L+1)-letter prefix). They are disjoint and cover every sequence, so the cell probabilities sum to 1. Gold
+        rewards are constant on each cell (only ``u + EOS`` with u well-formed is rewarded), so J(pi) and win
+        rates computed on the cells are exact, and KL / chi-squared on them are lower bounds of the full-sequence
+        values (data processing), tight except inside the lumped cells.
 
-        Returns (logp [P, C] float64, rewards [P, C], well_formed [P, C] bool), cells in a fixed order.
+        Returns (logp [P, C] float64, rewards [P, C], well_formed [P, C] bool), cells in a fixed order: for
+        k = 0..L the K^k prefixes in lexicographic order, EOS cells then lumped cells, then the K^(L+1) cells
+        ``u + letter``.
         """
         k_letters, length = self.spec.n_letters, self.spec.response_length
         letter_ids = tokenizer.convert_tokens_to_ids(self.letters)
         eos = tokenizer.eos_token_id
         strings = np.array(list(itertools.product(range(k_letters), repeat=length)))  # [N, L] lexicographic
-        token_strings = torch.tensor(np.asarray(letter_ids)[strings])
-        reps = [np.arange(0, len(strings), k_letters ** (length - k)) for k in range(length + 1)]  # one row/prefix
-        device = next(model.parameters()).device
         logps, rewards, formed = [], [], []
         for prompt in prompts:
-            prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"])
-            ids = torch.cat([prompt_ids.expand(len(strings), -1), token_strings], dim=1).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, len(prompt_ids) - 1:].double().cpu()
-            lp = torch.log_softmax(logits, dim=-1).numpy()  # [N, L + 1, V]: next token after prefix k
-            lp_letters, lp_eos = lp[:, :, letter_ids], lp[:, :, eos]
-            covered = np.logaddexp(np.logaddexp.reduce(lp_letters, axis=-1), lp_eos)
-            with np.errstate(divide="ignore"):
-                lp_other = np.log(np.clip(-np.expm1(covered), 0.0, None))
-            taken = np.take_along_axis(lp_letters[:, :length], strings[:, :, None], axis=-1)[..., 0]
-            prefix = np.concatenate([np.zeros((len(strings), 1)), np.cumsum(taken, axis=1)], axis=1)  # [N, L + 1]
-            cells, cell_rewards, cell_formed = [], [], []
+            levels = next_token_logps(model, tokenizer(prompt)["input_ids"], letter_ids, length)
+            cells = []
+            prefix = np.zeros(1)  # log pi(u | x) of the prefixes of the current level
+            for lp in levels:  # lp [K^k, V]: next token after each prefix u of length k
+                lp_letters, lp_eos = lp[:, letter_ids], lp[:, eos]
+                covered = np.logaddexp(np.logaddexp.reduce(lp_letters, axis=-1), lp_eos)
+                with np.errstate(divide="ignore"):
+                    lp_other = np.log(np.clip(-np.expm1(covered), 0.0, None))
+                cells += [prefix + lp_eos, prefix + lp_other]
+                prefix = (prefix[:, None] + lp_letters).reshape(-1)  # child p * K + j of prefix p, letter j
+            cells.append(prefix)  # after the loop: the K^(L+1) prefixes one letter past L
             topic, style = self.parse_prompt(prompt)
-            for k in range(length + 1):
-                rows = reps[k]
-                cells += [prefix[rows, k] + lp_eos[rows, k], prefix[rows, k] + lp_other[rows, k]]
-                if k == length:
-                    good = np.array([self.gold(topic, style, list(s)) for s in strings])
-                    well = np.array([self._well_formed(topic, list(s)) for s in strings])
-                else:
-                    good, well = np.zeros(len(rows)), np.zeros(len(rows), bool)
-                cell_rewards += [good, np.zeros(len(rows))]
-                cell_formed += [well, np.zeros(len(rows), bool)]
-            cells.append((prefix[:, length, None] + lp_letters[:, length]).reshape(-1))
-            cell_rewards.append(np.zeros(len(strings) * k_letters))
-            cell_formed.append(np.zeros(len(strings) * k_letters, bool))
+            well = self.well_formed_table(topic, strings)
+            good = np.where(well, self.gold_table(topic, style, strings), 0.0)
+            before = sum(2 * k_letters ** k for k in range(length))  # the cells of the shorter prefixes
+            tail = k_letters ** length + k_letters ** (length + 1)  # lumped cells of |u| = L, then u + letter
             logps.append(np.concatenate(cells))
-            rewards.append(np.concatenate(cell_rewards))
-            formed.append(np.concatenate(cell_formed))
+            rewards.append(np.concatenate([np.zeros(before), good, np.zeros(tail)]))
+            formed.append(np.concatenate([np.zeros(before, bool), well, np.zeros(tail, bool)]))
         return np.stack(logps), np.stack(rewards), np.stack(formed)
+
+    def well_formed_table(self, topic: int, strings: np.ndarray) -> np.ndarray:
+        """``_well_formed`` of each row of ``strings`` [N, L] (letter indices), vectorised: [N] bool."""
+        return self.first_allowed[topic, strings[:, 0]] & self.succ_allowed[strings[:, :-1], strings[:, 1:]].all(1)
+
+    def gold_table(self, topic: int, style: int, strings: np.ndarray) -> np.ndarray:
+        """The sigmoid score of ``gold`` for each row of ``strings`` [N, L], *ignoring* well-formedness (the
+        caller masks with ``well_formed_table``): [N] float64, equal to ``gold`` on well-formed rows."""
+        length = self.spec.response_length
+        score = self.gold_u[topic, np.arange(length), strings].sum(1)
+        score = score + self.gold_v[style, strings[:, :-1], strings[:, 1:]].sum(1)
+        return 1.0 / (1.0 + np.exp(-2.0 * score / math.sqrt(2 * length - 1)))
 
     def _well_formed(self, topic: int, letters: list[int]) -> bool:
         return bool(self.first_allowed[topic, letters[0]]) and all(
             self.succ_allowed[a, b] for a, b in itertools.pairwise(letters))
+
+
+@torch.no_grad()
+def next_token_logps(model, prompt_ids: list[int], letter_ids: list[int], depth: int) -> list[np.ndarray]:
+    """log pi(. | x + u) (float64 [K^k, V]) for every letter string u of length k = 0..``depth``, u in
+    lexicographic order of its letter indices (``letter_ids`` gives the token of each letter).
+
+    One forward of the prompt, then one per level of the trie of prefixes: the KV cache of the K^(k-1) prefixes
+    is repeated K times (row p * K + j extends prefix p with letter j) and only the new token runs. That is
+    P + K + ... + K^depth token positions instead of K^depth x (P + depth) for one forward over every full
+    string, with the same arithmetic per position (tests/lab/test_gold.py compares the two).
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    out, cache = forward_with_cache(model, input_ids=ids)
+    levels = [torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy()]
+    letters = torch.tensor(letter_ids, device=device)
+    for k in range(1, depth + 1):
+        cache.batch_repeat_interleave(len(letter_ids))
+        step = letters.repeat(len(letter_ids) ** (k - 1))[:, None]
+        out, cache = forward_with_cache(model, cache, input_ids=step)
+        levels.append(torch.log_softmax(out.logits[:, -1].double(), -1).cpu().numpy())
+    return levels
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer + SFT

@@ -11,12 +11,11 @@ and batch independence).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from chipo.generation import left_pad
 from chipo.losses.online import mixture_logits
+from chipo.models import forward_with_cache
 
 __all__ = ["sample", "splitmix", "stream_key", "uniforms"]
 
@@ -72,11 +71,9 @@ def uniforms(keys: torch.Tensor, counter: int, size: int) -> torch.Tensor:
 
 
 def _forward(model, ids, attention, positions, cache):
-    # transformers >= 5.2x names the KV-cache argument ``cache``; earlier versions ``past_key_values``.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{name: cache})
-    return out.logits[:, -1].float(), out.cache if name == "cache" else out.past_key_values
+    out, cache = forward_with_cache(model, cache, input_ids=ids, attention_mask=attention, position_ids=positions,
+                                    logits_to_keep=1)
+    return out.logits[:, -1].float(), cache
 
 
 @torch.no_grad()
@@ -99,28 +96,32 @@ def sample(policy, ref, prompt_ids: list[list[int]], keys: list[int], *, mixture
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         key_t = torch.tensor([as_int64(k) for k in keys], dtype=torch.int64, device=device)
         caches = [None] * len(models)
-        out = torch.empty((len(prompt_ids), 0), dtype=torch.long, device=device)
+        out = torch.full((len(prompt_ids), max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        # The attention mask grows one column per step: views of one preallocated mask, not a copy per step.
+        width = attention.shape[1]
+        attention = torch.cat([attention, attention.new_ones((len(prompt_ids), max_new_tokens))], 1)
         done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+        steps = 0
         for t in range(max_new_tokens):
             logits = []
             for j, model in enumerate(models):
-                step_logits, caches[j] = _forward(model, ids, attention, positions, caches[j])
+                step_logits, caches[j] = _forward(model, ids, attention[:, :width + t], positions, caches[j])
                 logits.append(step_logits)
             log_q = mixture_logits(logits[0], logits[-1], mixture_coef) / temperature
             noise = -torch.log(-torch.log(uniforms(key_t, t, log_q.shape[-1])))
             token = torch.argmax(log_q.double() + noise, -1)
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            out = torch.cat([out, token[:, None]], 1)
+            out[:, t] = token
+            steps = t + 1
             done = done | (token == eos_token_id)
             if bool(done.all()):
                 break
             ids, positions = token[:, None], positions[:, -1:] + 1
-            attention = torch.cat([attention, torch.ones_like(token[:, None])], 1)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
     rows = []
-    for row in out.tolist():
+    for row in out[:, :steps].tolist():
         finished = eos_token_id in row
         rows.append((row[:row.index(eos_token_id) + 1] if finished else row, finished))
     return rows

@@ -38,3 +38,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     ref = next(r for r in rows if r["loss"] == "pi_ref")
     assert ref["exact"]["win_rate_vs_ref"] == pytest.approx(0.5) and ref["exact"]["kl"] == pytest.approx(0.0)
     assert "Report:" in capsys.readouterr().out
+
+
+def test_sweep_split_counts_each_training_call_once():
+    """Rows are evaluated epochs; each carries its run's training time. Two runs (3 and 2 rows, 10 s and 4 s of
+    training) and a resumed run whose second call (5 s) trained the later epochs: training = 10 + 4 + 2 + 5 = 21 s;
+    the evaluation parts add up over all 7 rows (7 x 1 s of sampling, 7 x 0.5 s of exact metrics)."""
+    from chipo.lab.demo import sweep_split
+
+    def row(method, seed, train_seconds):
+        return {"method": method, "beta": 0.1, "seed": seed, "train_seconds": train_seconds,
+                "seconds": {"sampling": 1.0, "exact metrics": 0.5}}
+
+    rows = [row("dpo", 0, 10.0)] * 3 + [row("chipo", 0, 4.0)] * 2 + [row("dpo", 1, 2.0), row("dpo", 1, 5.0)]
+    assert sweep_split(rows) == "training 21 s, sampling 7 s, exact metrics 4 s"

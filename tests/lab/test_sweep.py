@@ -162,3 +162,32 @@ def test_a_sweep_is_deterministic_on_one_machine(tiny_world, tmp_path):
         results.append({(r["loss"], r["epoch"]): {k: v for k, v in r.items() if not k.endswith("seconds")}
                         for r in rows})
     assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_a_real_sweep_keeps_checkpoints_only_at_the_evaluated_epochs(tiny_world, tmp_path):
+    """epochs=3, eval_epochs=[1, 3]: the trainer saves per epoch, the sweep's callback drops epoch 2's checkpoint
+    (nothing would read it), and epochs 1 and 3 are evaluated from their own checkpoints."""
+    from chipo.lab.runs import checkpoints_by_epoch
+
+    config = _config(tiny_world, tmp_path / "sweep", losses=["dpo"], seeds=[0], epochs=3, eval_epochs=[1, 3],
+                     keep_checkpoints=True)
+    rows = Sweep(config, progress=False).run()
+    assert sorted(r["epoch"] for r in rows if r["loss"] == "dpo") == [1, 3]
+    run_dir = next((tmp_path / "sweep" / "runs").iterdir())
+    assert sorted(checkpoints_by_epoch(run_dir)) == [1, 3]
+
+
+def test_save_at_epochs_vetoes_only_unlisted_epochs_before_the_last():
+    """The callback turns a pending epoch-end save off at epoch 2 of 4 (not listed), keeps it at 1 (listed) and at
+    4 (the last), and never turns a save on."""
+    from types import SimpleNamespace
+
+    from chipo.lab.runs import save_at_epochs
+
+    callback, args = save_at_epochs([1]), SimpleNamespace(num_train_epochs=4)
+    decisions = {}
+    for epoch, pending in ((1, True), (2, True), (3, False), (4, True)):
+        control = SimpleNamespace(should_save=pending)
+        decisions[epoch] = callback.on_epoch_end(args, SimpleNamespace(epoch=float(epoch)), control).should_save
+    assert decisions == {1: True, 2: False, 3: False, 4: True}

@@ -256,8 +256,13 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
 
 def sweep_split(rows: list[dict]) -> str:
     """Where the sweep's time went: training, and the evaluation's sampling, gold scoring, log-probs and exact
-    metrics (``chipo.lab.evaluate.evaluate_policy`` times each), summed over the result rows."""
-    parts = {"training": sum(r.get("train_seconds") or 0.0 for r in rows)}
+    metrics (``chipo.lab.evaluate.evaluate_policy`` times each), summed over the result rows.
+
+    Every evaluated epoch of a run is a row carrying that training call's ``train_seconds``: each training call
+    counts once (per run and value), the evaluation parts once per row."""
+    calls = {(r.get("method", r.get("loss")), r.get("beta"), r.get("seed"), r["train_seconds"]) for r in rows
+             if r.get("train_seconds")}
+    parts = {"training": sum(call[-1] for call in calls)}
     for r in rows:
         for name, value in (r.get("seconds") or {}).items():
             parts[name] = parts.get(name, 0.0) + value

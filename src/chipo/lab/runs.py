@@ -39,6 +39,24 @@ def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
     return out
 
 
+def save_at_epochs(epochs):
+    """A ``TrainerCallback`` that keeps ``save_strategy="epoch"``'s checkpoint only at the given epochs (and the
+    last): the sweep evaluates a few epochs of a long run (1, 2, 4, ..., 32), and every other checkpoint (model,
+    optimizer, RNG states) is written only to be deleted; measured on the default demo's runs, ~70 ms each."""
+    from transformers import TrainerCallback
+
+    keep = {int(e) for e in epochs}
+
+    class SaveAtEpochs(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            epoch = int(round(state.epoch or 0))
+            if control.should_save and epoch not in keep and epoch < int(round(args.num_train_epochs)):
+                control.should_save = False
+            return control
+
+    return SaveAtEpochs()
+
+
 def _quiet_libraries() -> None:
     """Silence library chatter (per-run tokenizing / weight-loading bars, info logs) in worker processes."""
     import datasets

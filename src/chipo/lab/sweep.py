@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from chipo.lab.runs import (  # noqa: F401 -- also this module's public names
     load_prompts,
     quiet_libraries,
     read_results,
+    save_at_epochs,
 )
 
 logger = logging.getLogger("chipo.lab")
@@ -355,7 +357,9 @@ class CellRunner:
             self.train_calls += 1
             train_fn = self.train_fn
             if train_fn is None:
-                from chipo.train.run import run_training as train_fn
+                from chipo.train.run import run_training
+
+                train_fn = functools.partial(run_training, callbacks=[save_at_epochs(c.eval_epochs)])
             run_dir.mkdir(parents=True, exist_ok=True)
             # transformers prints every log dict to stdout when tqdm is off; keep it in the run's log instead.
             with (run_dir / "train.log").open("a") as log, contextlib.redirect_stdout(log), \

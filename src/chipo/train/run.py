@@ -10,6 +10,7 @@ place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from accelerate import PartialState
@@ -26,8 +27,9 @@ from chipo.train.preference_setup import apply_lora, prepare_split
 logger = logging.getLogger("chipo")
 
 
-def run_training(config: PreferenceConfig) -> Path:
-    """Train per ``config``; returns the output directory holding the final HF-format model."""
+def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
+    """Train per ``config``; returns the output directory holding the final HF-format model. ``callbacks``:
+    extra ``transformers.TrainerCallback``s (after chipo's metrics log)."""
     config.require_model_and_data()
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
@@ -52,7 +54,7 @@ def run_training(config: PreferenceConfig) -> Path:
         atomic_write_text(out / "run_config.yaml", dump_yaml(config))
     trainer = PreferenceTrainer(model=model, args=config, train_dataset=datasets["train"],
                                 eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-                                callbacks=[rundir.MetricsLog(out / "metrics.jsonl")])
+                                callbacks=[rundir.MetricsLog(out / "metrics.jsonl"), *callbacks])
     if run.finished:  # killed while saving the final model: rebuild it from the last checkpoint, do not train
         trainer._load_from_checkpoint(run.checkpoint)
     else:

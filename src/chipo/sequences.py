@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from chipo.data.collator import right_pad
+from chipo.data.collator import pack_rows, right_pad
 from chipo.logprobs import logprobs_from_hidden, logprobs_from_logits, packed_sequence_logprobs, sequence_logprobs
 
 LOGPROB_IMPLS = ("auto", "fused", "logits")
@@ -42,26 +42,6 @@ def length_buckets(lengths: list[int], max_buckets: int, overhead: float = 0.05)
         if cost < best_cost:
             best, best_cost = groups, cost
     return best
-
-
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of sequences into rows of at most ``capacity`` tokens.
-
-    A sequence longer than ``capacity`` gets a row of its own. Returns the sequence indices of each row, in
-    placement order.
-    """
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        for r, used in enumerate(fill):
-            if used + lengths[i] <= capacity:
-                rows[r].append(i)
-                fill[r] += lengths[i]
-                break
-        else:
-            rows.append([i])
-            fill.append(lengths[i])
-    return rows
 
 
 def _single_row_attention(model: nn.Module) -> bool:

@@ -82,6 +82,26 @@ def right_pad(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
     return input_ids, attention_mask, response_mask
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of sequences into rows of at most ``capacity`` tokens.
+
+    A sequence longer than ``capacity`` gets a row of its own. Returns the sequence indices of each row, in
+    placement order.
+    """
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, used in enumerate(fill):
+            if used + lengths[i] <= capacity:
+                rows[r].append(i)
+                fill[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            fill.append(lengths[i])
+    return rows
+
+
 def _as_list(ids) -> list[int]:
     # Rows come as lists from a plain dataset, as tensors / arrays from one with with_format("torch" / "numpy").
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)

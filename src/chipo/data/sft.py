@@ -25,19 +25,21 @@ Truncation, in this order
 
 Labels: ``-100`` on prompt tokens (unless ``completion_only_loss=false``) and on padding, the token ids elsewhere.
 Padding is located by length, not by comparing ids with ``pad_token_id``: when pad == EOS (a common fallback) the
-completion's EOS keeps its label.
+completion's EOS keeps its label. Packed batches (``SFTCollator(packing=True)``) also put ``-100`` at each
+sequence's first token (see ``SFTCollator``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import datasets
 import torch
 
 from chipo.config import ConfigError
-from chipo.data.collator import _as_list, right_pad
+from chipo.data.collator import _as_list, pack_rows, right_pad
 from chipo.data.errors import DataError
 from chipo.data.formats import describe, messages_problem, response_problem, text_problem
 from chipo.data.origin import RowLocator
@@ -200,24 +202,63 @@ def _render(tokenizer, fmt: str, batch: dict, i: int, row: int) -> tuple[str, st
 
 @dataclass
 class SFTCollator:
-    """Right-pad rows of ``prepare_sft_dataset`` into ``input_ids``, ``attention_mask`` and ``labels``, all
-    ``[B, T]`` (T the longest ``prompt + completion``, rounded up to ``pad_to_multiple_of`` if set).
+    """Collate rows of ``prepare_sft_dataset``: right-padded rows, or (``packing``) padding-free packed rows.
 
-    ``labels`` are the input ids on completion tokens (and prompt tokens when ``completion_only_loss`` is False),
-    ``-100`` elsewhere; the model shifts them itself (token t is predicted from position t - 1).
+    Padded (``packing=False``): ``input_ids``, ``attention_mask`` and ``labels``, all ``[B, T]`` (T the longest
+    ``prompt + completion``, rounded up to ``pad_to_multiple_of`` if set). ``labels`` are the input ids on
+    completion tokens (and prompt tokens when ``completion_only_loss`` is False), ``-100`` elsewhere; the model
+    shifts them itself (token t is predicted from position t - 1).
+
+    Packed (``packing=True``): ``input_ids``, ``position_ids`` and ``labels``, all ``[R, L]``, no attention mask.
+    The sequences lie side by side in rows of at most the longest sequence's length (first-fit decreasing,
+    ``pack_rows``; all in one row with ``single_row``, which flash attention needs), ``position_ids`` counting
+    0, 1, ... within each sequence, so transformers' masking builds a block-diagonal causal mask from them.
+    Labels as above, and additionally ``-100`` at each sequence's FIRST token: in a packed row that token follows
+    the previous sequence's last token, which must not be trained to predict it (in the padded layout the first
+    label is never a target either: nothing precedes it). So the set of (position, target) pairs of the loss, and
+    with it the mean token cross-entropy and its gradient, is exactly the padded batch's. A row's trailing padding
+    (``pad_token_id``, labels ``-100``) gets positions 0, 1, ... of its own, a separate sequence nothing reads.
+    The model must be called with ``use_cache=False`` (a cache disables transformers' packed-sequence masking).
     """
 
     pad_token_id: int
     completion_only_loss: bool = True
     pad_to_multiple_of: int | None = None
+    packing: bool = False
+    single_row: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("cannot collate an empty list of features")
         prompts = [_as_list(f["prompt_input_ids"]) for f in features]
         completions = [_as_list(f["completion_input_ids"]) for f in features]
+        if self.packing:
+            return self._packed(prompts, completions)
         input_ids, attention_mask, completion_mask = right_pad(prompts, completions, self.pad_token_id,
                                                                self.pad_to_multiple_of)
         trained = completion_mask if self.completion_only_loss else attention_mask.bool()
         labels = torch.where(trained, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _packed(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+        sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
+        targets = [([IGNORE_INDEX] * len(p) if self.completion_only_loss else p) + c
+                   for p, c in zip(prompts, completions, strict=True)]
+        lengths = [len(s) for s in sequences]
+        rows = pack_rows(lengths, sum(lengths) if self.single_row else max(lengths))
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for r, row in enumerate(rows):
+            offset = 0
+            for i in row:
+                end = offset + lengths[i]
+                input_ids[r, offset:end] = torch.tensor(sequences[i], dtype=torch.long)
+                position_ids[r, offset:end] = torch.arange(lengths[i])
+                labels[r, offset + 1:end] = torch.tensor(targets[i][1:], dtype=torch.long)  # first token: none
+                offset = end
+            position_ids[r, offset:] = torch.arange(width - offset)  # trailing padding: a sequence of its own
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}

@@ -17,24 +17,33 @@ to a shift of r, the penalty pins the mean reward near 0 so rewards of different
 
 Metrics (train and eval): ``rewards/accuracies`` (fraction of pairs with r+ > r-, ties 1/2), ``rewards/margins``
 (mean r+ - r-), ``rewards/chosen``, ``rewards/rejected``, ``rewards/mean``.
+
+Packing (``packing=true``, the default): the chosen and rejected sequences go through the model padding-free, side
+by side in rows (``chipo.sequences.pack_batch``: position_ids restart per sequence, no attention mask, so attention
+stays within each sequence), asking for the final hidden states; r(x, y) is the model's score head applied to the
+hidden state at the very token HF would pool in the padded batch (``packed_rewards``). Same rewards and gradients
+up to float round-off; checked once on the first batch, with a fallback to padded rows and one warning for models
+whose attention ignores position_ids or whose score head is not found.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
 from chipo.io import atomic_write_text
 from chipo.models import load_sequence_classifier, load_tokenizer
+from chipo.sequences import _single_row_attention, pack_batch
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
@@ -73,23 +82,117 @@ class RewardCollator:
         return batch
 
 
+def score_head(model: nn.Module) -> nn.Module | None:
+    """The score head of a *ForSequenceClassification (Llama, Mistral, Qwen, GPT-2: ``score``), also inside a peft
+    wrapper (its ``modules_to_save`` copy is what ``score`` then resolves to); None if there is none. Unwrap
+    DDP / accelerate first (``Accelerator.unwrap_model``)."""
+    if hasattr(model, "get_base_model"):  # peft PeftModel
+        model = model.get_base_model()
+    head = getattr(model, "score", None)
+    return head if isinstance(head, nn.Module) else None
+
+
+def padded_rewards(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """r [N] (fp32) of the right-padded rows of ``batch``: the model's own pooled logit."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 use_cache=False).logits[:, 0].float()
+
+
+def pooled_columns(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | None) -> Tensor:
+    """Column [N] that HF's sequence classifiers pool in right-padded rows: the rightmost token that is not
+    ``pad_token_id`` (so with pad == EOS the token before EOS; column 0 if every token is pad), or, without a pad
+    id, the last real token."""
+    if pad_token_id is None:
+        return attention_mask.sum(-1) - 1
+    columns = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (columns * (input_ids != pad_token_id)).argmax(-1)
+
+
+def packed_rewards(model: nn.Module, batch: dict[str, Tensor], head: nn.Module, pad_token_id: int | None,
+                   single_row: bool = False) -> Tensor:
+    """r [N] (fp32) of the rows of ``batch`` from one forward over their packed layout.
+
+    The (possibly wrapped) model runs on ``pack_batch``'s rows with ``attention_mask=None`` and no cache, so
+    transformers builds the block-diagonal causal mask from the restarting position_ids; ``head`` (``score_head``)
+    is applied to the final hidden state at each sequence's pooled token, the position whose ``position_ids``
+    equals that sequence's ``pooled_columns`` entry. Equals ``padded_rewards`` for a model whose attention follows
+    position_ids (``reward_packing_matches`` checks).
+    """
+    packed = pack_batch(batch, single_row=single_row)
+    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=None,
+                use_cache=False, output_hidden_states=True)
+    pooled = pooled_columns(batch["input_ids"], batch["attention_mask"], pad_token_id)
+    sequence = packed["sequence"]
+    at = (sequence >= 0) & (packed["position_ids"] == pooled[sequence.clamp(min=0)])
+    rows, cols = at.nonzero(as_tuple=True)  # exactly one position per sequence
+    order = sequence[rows, cols].argsort()
+    return head(out.hidden_states[-1][rows[order], cols[order]])[:, 0].float()
+
+
+def _pad_token_id(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "pad_token_id", None)
+
+
+def reward_packing_matches(model: nn.Module, batch: dict[str, Tensor], rows: int = 4,
+                           single_row: bool = False) -> bool:
+    """Whether ``packed_rewards`` reproduces ``padded_rewards`` on the first ``rows`` rows of ``batch`` (unwrapped
+    ``model``; once, under no_grad, in eval mode). Warns once and returns False if not, or if no score head."""
+    head = score_head(model)
+    if head is None:
+        warnings.warn(f"packed rows unavailable for {type(model).__name__} (no 'score' head found); using padded "
+                      "rows", stacklevel=2)
+        return False
+    small = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "response_mask")}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = padded_rewards(model, small)
+            packed = packed_rewards(model, small, head, _pad_token_id(model), single_row)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+        warnings.warn(f"packed rows unavailable for this reward model ({e}); using padded rows", stacklevel=2)
+        return False
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed, plain, rtol=1e-3, atol=1e-3 * max(1.0, plain.abs().max().item())):
+        warnings.warn("packed rows give different rewards for this model (its attention does not follow "
+                      "position_ids); using padded rows", stacklevel=2)
+        return False
+    return True
+
+
 class RewardTrainer(PairwiseTrainer):
     """``transformers.Trainer`` whose loss is the Bradley-Terry loss above (one forward over chosen + rejected).
 
-    Args (beyond Trainer's): ``center_rewards_coefficient`` (None: off). A ``margin`` key in the batch enables the
-    margin term.
+    Args (beyond Trainer's): ``center_rewards_coefficient`` (None: off); ``packing`` (padding-free rows, checked
+    once on the first batch against the padded rows; None: ``args.packing`` if set, else False). A ``margin`` key
+    in the batch enables the margin term.
     """
 
     mean_metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/mean")
 
-    def __init__(self, *args: Any, center_rewards_coefficient: float | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, center_rewards_coefficient: float | None = None, packing: bool | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
+        self.packing = bool(getattr(self.args, "packing", False) if packing is None else packing)
+        self._packing_checked = False
+
+    def rewards(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        """r [2B] (fp32) of a collated batch: packed rows when enabled and checked, else padded rows."""
+        if not self.packing:
+            return padded_rewards(model, inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        single_row = _single_row_attention(unwrapped)
+        if not self._packing_checked:
+            self._packing_checked = True
+            self.packing = reward_packing_matches(unwrapped, inputs, single_row=single_row)
+            if not self.packing:
+                return padded_rewards(model, inputs)
+        return packed_rewards(model, inputs, score_head(unwrapped), _pad_token_id(unwrapped), single_row)
 
     def pair_losses(self, model, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        use_cache=False).logits[:, 0].float()
-        chosen, rejected = rewards.chunk(2)
+        chosen, rejected = self.rewards(model, inputs).chunk(2)
         return bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.center_rewards_coefficient)
 
 
@@ -143,7 +246,7 @@ def run_reward_training(config: RewardConfig) -> Path:
         model=model, args=config, data_collator=RewardCollator(tokenizer.pad_token_id),
         train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
         callbacks=[MetricsLog(out / "metrics.jsonl")],
-        center_rewards_coefficient=config.center_rewards_coefficient,
+        center_rewards_coefficient=config.center_rewards_coefficient, packing=config.packing,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
     if datasets.get("eval") is not None:

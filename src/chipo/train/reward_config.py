@@ -27,6 +27,13 @@ class RewardConfig(TrainerConfig):
     center_rewards_coefficient: float | None = _field(None, "Optional reward centering: adds coef * (r+ + r-)^2 "
                                                             "per pair, pulling rewards toward zero mean "
                                                             "(Eisenstein et al. 2023). null: off.")
+    # --- speed
+    packing: bool = _field(True, "Padding-free batches: chosen and rejected sequences side by side in rows no "
+                                 "wider than the longest, position_ids restarting per sequence, attention "
+                                 "confined to each (transformers' sdpa/eager/flex masks; flash-attention varlen "
+                                 "in one row); the reward is the score head at each sequence's pooled token. Same "
+                                 "rewards and gradients up to round-off; checked once on the first batch, falling "
+                                 "back to padded rows with a warning. false: padded rows.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -3,27 +3,131 @@
 This is the first stage of the TL;DR recipe (pi_ref = the SFT model); it runs on ``transformers.Trainer`` with the
 model's own next-token cross-entropy, so the only SFT-specific pieces are the data preparation and the collator,
 both in ``chipo.data.sft`` (layouts, tokenization and truncation rules are documented there).
+
+Packing (``packing=true``, the default): ``SFTCollator`` lays the sequences padding-free side by side in rows, with
+position_ids restarting per sequence and label -100 at each sequence's first token, so the model's mean token
+cross-entropy covers exactly the padded batch's (position, target) pairs: same loss and gradients up to float
+round-off, less compute on padding. ``SFTTrainer`` runs such batches without a KV cache (a cache switches off
+transformers' packed-sequence masking) and checks once, on the first packed batch, that the model's per-sequence
+log-likelihoods of the labelled tokens equal those of the same sequences padded (``sft_packing_matches``); a
+model whose attention ignores position_ids fails, and the run goes on with padded rows after one warning.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import PartialState
+from torch import Tensor, nn
 from transformers import Trainer
 
 from chipo.config import dump_yaml
 from chipo.data import load_preference_dataset
-from chipo.data.sft import SFTCollator, prepare_sft_dataset
+from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
 from chipo.io import atomic_write_text
+from chipo.logprobs import logprobs_from_logits
 from chipo.models import load_causal_lm, load_tokenizer
+from chipo.sequences import _single_row_attention
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import NonFiniteGradientGuard
 from chipo.train.rundir import MetricsLog
 from chipo.train.sft_config import SFTConfig
 
 logger = logging.getLogger("chipo")
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+def is_packed(batch: dict[str, Tensor]) -> bool:
+    """Whether ``batch`` is ``SFTCollator``'s packed layout (position_ids, no attention mask)."""
+    return "position_ids" in batch and batch.get("attention_mask") is None
+
+
+def unpack_sft_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The right-padded batch (``input_ids``, ``attention_mask``, ``labels``) of a packed ``SFTCollator`` batch.
+
+    Every packed row starts a sequence at position 0 and positions count up by one within a sequence, so a new
+    sequence starts exactly where ``position_ids == 0`` (row-major), and a token's column in its padded row is
+    its position id. A row's trailing padding becomes a row of its own whose labels are all -100: it adds
+    nothing to the loss, so the loss (and its token count) is that of the padded batch.
+    """
+    positions = batch["position_ids"].reshape(-1)
+    sequence = (positions == 0).cumsum(0) - 1
+    shape = (int(sequence[-1]) + 1, int(positions.max()) + 1)
+    index = (sequence, positions)
+    ids = batch["input_ids"]
+    input_ids = torch.zeros(shape, dtype=ids.dtype, device=ids.device).index_put(index, ids.reshape(-1))
+    attention_mask = torch.zeros(shape, dtype=torch.long, device=ids.device).index_put(
+        index, torch.ones_like(positions))
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device=ids.device).index_put(
+        index, batch["labels"].reshape(-1))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _labelled_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Per-row-token log-probs [R, L] of the labelled tokens (0 elsewhere) under ``model`` on ``batch``."""
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**kwargs, use_cache=False).logits
+    labels = batch["labels"]
+    return logprobs_from_logits(logits, labels.clamp(min=0), labels != IGNORE_INDEX)
+
+
+def sft_packing_matches(model: nn.Module, batch: dict[str, Tensor], rows: int = 4) -> bool:
+    """Whether a packed ``SFTCollator`` batch gives the model the same log-likelihood of each sequence's labelled
+    tokens (the terms of the SFT loss) as the same sequences padded, on the first ``rows`` packed rows.
+
+    Runs once, under no_grad, in eval mode (dropout off), on the unwrapped model. A model whose attention ignores
+    position_ids (it would attend across packed sequences) or that does not take them fails: one warning, False.
+    """
+    packed = {k: batch[k][:rows] for k in ("input_ids", "position_ids", "labels")}
+    padded = unpack_sft_batch(packed)
+    positions = packed["position_ids"].reshape(-1)
+    sequence = (positions == 0).cumsum(0) - 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = _labelled_logps(model, padded).sum(-1)
+            per_token = _labelled_logps(model, packed).reshape(-1)
+            together = torch.zeros_like(plain).index_add(0, sequence, per_token)
+    except (TypeError, ValueError, RuntimeError) as e:
+        warnings.warn(f"packed sequences unavailable for this model ({e}); using padded rows", stacklevel=2)
+        return False
+    finally:
+        model.train(was_training)
+    if not torch.allclose(together, plain, rtol=1e-3, atol=1e-3 * max(1.0, plain.abs().max().item())):
+        warnings.warn("packed sequences give a different loss for this model (its attention does not follow "
+                      "position_ids); using padded rows", stacklevel=2)
+        return False
+    return True
+
+
+class SFTTrainer(Trainer):
+    """``transformers.Trainer`` for ``SFTCollator`` batches, padded or packed (module docstring).
+
+    A packed batch runs with ``use_cache=False``; the first one is checked with ``sft_packing_matches``, and if
+    that fails this and every later packed batch is unpacked to padded rows (``unpack_sft_batch``) and the
+    collator, if it is an ``SFTCollator``, stops packing.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.packing_ok: bool | None = None  # None: no packed batch seen yet
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if is_packed(inputs):
+            if self.packing_ok is None:
+                self.packing_ok = sft_packing_matches(self.accelerator.unwrap_model(model), inputs)
+                if not self.packing_ok and isinstance(self.data_collator, SFTCollator):
+                    self.data_collator.packing = False  # dataloader workers may hold copies: unpacked below
+            inputs = dict(inputs, use_cache=False) if self.packing_ok else unpack_sft_batch(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -62,9 +166,11 @@ def run_sft(config: SFTConfig) -> Path:
     if config.group_by_length:
         train = train.add_column("length", [len(p) + len(c) for p, c in
                                             zip(train["prompt_input_ids"], train["completion_input_ids"])])
-    trainer = Trainer(
+    collator = SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss,
+                           packing=config.packing, single_row=_single_row_attention(model))
+    trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-        data_collator=SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss),
+        data_collator=collator,
         callbacks=[MetricsLog(out / "metrics.jsonl"), NonFiniteGradientGuard()],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))

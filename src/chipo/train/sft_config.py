@@ -28,3 +28,9 @@ class SFTConfig(TrainerConfig):
     warmup_ratio: float = _field(0.03, "Fraction of steps of linear warm-up, in [0, 1).")
     completion_only_loss: bool = _field(True, "Loss on completion tokens only (labels -100 on the prompt); false "
                                               "also trains on the prompt tokens.")
+    packing: bool = _field(True, "Padding-free batches: prompt + completion sequences side by side in rows no wider "
+                                 "than the longest, position_ids restarting per sequence, attention confined to "
+                                 "each (transformers' sdpa/eager/flex masks; flash-attention varlen in one row), "
+                                 "no label at a sequence's first token. Same loss and gradients up to round-off; "
+                                 "checked once on the first batch, falling back to padded rows with a warning. "
+                                 "false: padded rows.")

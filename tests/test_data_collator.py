@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from chipo.data import PreferenceCollator
 
@@ -96,3 +98,32 @@ def test_prepared_rows_collate_back_to_the_text():
         assert tokenizer.decode(response) == text + tokenizer.eos_token
         prompt = batch["input_ids"][i][(batch["attention_mask"][i] == 1) & ~batch["response_mask"][i]].tolist()
         assert tokenizer.decode(prompt) == rows[i % 2]["prompt"]
+
+
+@given(st.lists(st.tuples(st.lists(st.integers(1, 99), max_size=6), st.lists(st.integers(1, 99), max_size=6)),
+                min_size=1, max_size=8),
+       st.sampled_from([None, 1, 4]))
+def test_right_pad_places_each_row_from_column_zero(rows, multiple):
+    """Row i holds prompt_i + response_i from column 0, then PAD; attention 1 exactly on those tokens, the response
+    mask on the response part; width = the longest row rounded up to ``multiple`` (checked row by row against
+    that definition, so the vectorised scatter cannot shift tokens between rows)."""
+    from chipo.data.collator import right_pad
+
+    assume(any(p or r for p, r in rows))
+    prompts, responses = [p for p, _ in rows], [r for _, r in rows]
+    input_ids, attention_mask, response_mask = right_pad(prompts, responses, PAD, multiple)
+    longest = max(len(p) + len(r) for p, r in rows)
+    assert input_ids.shape[1] == (-(-longest // multiple) * multiple if multiple else longest)
+    for i, (p, r) in enumerate(rows):
+        end = len(p) + len(r)
+        assert input_ids[i].tolist() == p + r + [PAD] * (input_ids.shape[1] - end)
+        assert attention_mask[i].tolist() == [1] * end + [0] * (input_ids.shape[1] - end)
+        assert response_mask[i].tolist() == [False] * len(p) + [True] * len(r) + [False] * (input_ids.shape[1] - end)
+    assert input_ids.dtype == attention_mask.dtype == torch.long and response_mask.dtype == torch.bool
+
+
+def test_right_pad_rejects_mismatched_lists():
+    from chipo.data.collator import right_pad
+
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        right_pad([[1], [2]], [[3]], PAD)

@@ -243,3 +243,14 @@ def test_reference_precompute_packed_equals_padded(tiny_dir, monkeypatch):
     assert layouts == [False] * batches + [True] * batches
     for a, b in zip(packed, padded):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_packing_check_treats_matching_nans_as_agreement(recwarn):
+    """A NaN in the LM head makes every log-prob NaN in both layouts: that is agreement (the trainers' non-finite
+    checks then stop the run), not a 'different log-probs' fallback."""
+    model, tokenizer = tiny_model_and_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    batch = response_batch(*_rows(4), tokenizer.pad_token_id)
+    assert sequences.packing_matches(model, batch, "logits")
+    assert not [w for w in recwarn if "different log-probs" in str(w.message)]

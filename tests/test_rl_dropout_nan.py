@@ -50,8 +50,8 @@ def test_loss_logps_are_eval_mode_logps(files, tmp_path, monkeypatch, checkpoint
     calls = []
     original = rl.batch_sequence_logps
 
-    def recording(model, batch, impl, chunk_tokens=1024, max_buckets=1):
-        out = original(model, batch, impl, chunk_tokens)
+    def recording(model, batch, impl, chunk_tokens=1024, max_buckets=1, packed=False):
+        out = original(model, batch, impl, chunk_tokens, packed=packed)
         mode = [m.training for m in model.modules()]
         with torch.no_grad():
             model.eval()

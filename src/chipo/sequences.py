@@ -8,6 +8,7 @@ RL and online trainers, the lab and the recipes on token-id lists (``sequence_lo
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -176,11 +177,33 @@ def packing_matches(model: nn.Module, batch: dict[str, Tensor], impl: str = "fus
         return False
     finally:
         model.train(was_training)
-    if not torch.allclose(packed, plain, rtol=1e-3, atol=1e-3 * max(1.0, plain.abs().max().item())):
+    # NaN in the same rows of both layouts (e.g. non-finite weights) is agreement: the trainer's own non-finite
+    # check then stops the run, instead of a misleading "different log-probs" fallback here.
+    scale = max(1.0, plain.nan_to_num(0.0, 0.0, 0.0).abs().max().item())
+    if not torch.allclose(packed, plain, rtol=1e-3, atol=1e-3 * scale, equal_nan=True):
         warnings.warn("packed sequences give different log-probs for this model (its attention does not follow "
                       "position_ids); using padded rows", stacklevel=2)
         return False
     return True
+
+
+_PACKING_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Model object -> {(impl, attention implementation): packing_matches result}; weak keys, so models still free."""
+
+
+def packing_supported(model: nn.Module, batch: dict[str, Tensor], impl: str = "fused") -> bool:
+    """``packing_matches`` for the (unwrapped) ``model`` on ``batch``, run once per model object and remembered.
+
+    Whether packing reproduces the padded layout is a property of the architecture and its attention
+    implementation, not of the weights, so one check per (model object, ``impl``, attention implementation)
+    serves every later batch, training step and evaluation. The memo holds the model weakly (no leak).
+    """
+    base = _unwrap(model)
+    attention = str(getattr(getattr(base, "config", None), "_attn_implementation", "") or "")
+    known = _PACKING_SUPPORT.setdefault(base, {})
+    if (impl, attention) not in known:
+        known[(impl, attention)] = packing_matches(base, batch, impl)
+    return known[(impl, attention)]
 
 
 def choose_logprobs_impl(model: nn.Module, batch: dict[str, Tensor], requested: str = "auto") -> str:
@@ -217,12 +240,15 @@ def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[S
 
 def sequence_logps(model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_token_id: int, *, batch_size: int = 512, impl: str = "logits", chunk_tokens: int = 1024,
-                   grad: bool = False) -> Tensor:
+                   grad: bool = False, packed: bool = True) -> Tensor:
     """log pi(response | prompt) [N] (fp32, on the model's device) summed over the given response token ids.
 
-    Rows are scored ``batch_size`` at a time, each batch trimmed to its longest row. With ``grad=False`` (the
-    default) no graph is kept; the caller decides the model's mode (evaluation code puts it in eval mode so
-    dropout is off: log-probs of a policy are those of the deterministic network).
+    Rows are scored ``batch_size`` at a time. ``packed`` (default): each batch runs as padding-free packed rows
+    (``pack_batch``) when the model supports them -- ``packing_supported`` checks that once per model object on
+    the first batch, else padded rows are used, with one warning; the numbers equal the padded layout's up to
+    float round-off. ``packed=False``: right-padded rows, each batch trimmed to its longest row. With
+    ``grad=False`` (the default) no graph is kept; the caller decides the model's mode (evaluation code puts it
+    in eval mode so dropout is off: log-probs of a policy are those of the deterministic network).
     """
     device = next(model.parameters()).device
     out = []
@@ -231,5 +257,6 @@ def sequence_logps(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
             batch = response_batch(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size],
                                    pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out.append(batch_sequence_logps(model, batch, impl, chunk_tokens).float())
+            pack = packed and packing_supported(model, batch, impl)
+            out.append(batch_sequence_logps(model, batch, impl, chunk_tokens, packed=pack).float())
     return torch.cat(out) if out else torch.zeros(0, device=device)

@@ -40,7 +40,7 @@ from chipo.losses import preference_loss
 from chipo.losses.online import nash_md_loss, preference_probability, sample_labels, xpo_bonus
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.rewards import load_scorer, score_checked
-from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, response_batch
+from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, packing_supported, response_batch
 from chipo.train import loop
 from chipo.train.common import check_output_dir
 from chipo.train.loop import optimizer_and_scheduler, prompt_order
@@ -135,7 +135,10 @@ class OnlineTrainer:
     def _logps(self, model, prompt_ids, response_ids) -> torch.Tensor:
         batch = {k: v.to(self.accelerator.device) for k, v in response_batch(prompt_ids, response_ids,
                                                                              self.pad).items()}
-        return batch_sequence_logps(model, batch, self.impl, self.config.logprob_chunk).float()
+        # Packed rows when ``packing`` is on and this model reproduces the padded layout (checked on its first
+        # batch, remembered per model object): one forward either way, so DDP-safe.
+        packed = self.config.packing and packing_supported(self.accelerator.unwrap_model(model), batch, self.impl)
+        return batch_sequence_logps(model, batch, self.impl, self.config.logprob_chunk, packed=packed).float()
 
     # --- one step
     def train_step(self, step: int) -> dict[str, float]:

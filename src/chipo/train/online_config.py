@@ -79,6 +79,12 @@ class OnlineConfig(TrainingArguments, PreferenceLossFields):
     seed: int = _field(0, "Random seed: prompt order, sampling and labels are functions of (seed, step, prompt).")
     logprobs_impl: str = _field("auto", "'fused', 'logits' or 'auto' (see chipo train).")
     logprob_chunk: int = _field(1024, "Tokens per chunk in the fused log-prob path.")
+    packing: bool = _field(True, "Padding-free log-prob passes (policy and reference): the sampled sequences side "
+                                 "by side in rows no wider than the longest, position_ids restarting per "
+                                 "sequence, attention confined to each (as chipo train's packing). Checked once "
+                                 "against padded rows (falls back with a warning if the model ignores "
+                                 "position_ids); same results up to round-off; one forward, so DDP works too. "
+                                 "false: padded rows.")
     # --- logging, checkpoints
     logging_steps: float = _field(1, "Log metrics (metrics.jsonl, stdout) every N steps.")
     save_steps: float = _field(50, "Checkpoint (accelerate state: policy, optimizer, RNG; step, labels) every N steps "

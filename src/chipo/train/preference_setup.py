@@ -70,7 +70,7 @@ def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collato
             chosen, rejected, hit = cached_reference_logps(
                 ref, dataset, collator, config.ref_cache_dir, settings, batch_size=config.per_device_eval_batch_size,
                 impl=impl, chunk_tokens=config.logprob_chunk, disable_adapter=is_peft(model) and not config.ref_model,
-                desc=f"reference log-probs ({name})", progress=not config.disable_tqdm)
+                desc=f"reference log-probs ({name})", progress=not config.disable_tqdm, packing=config.packing)
         logger.info("reference log-probs for %s: %s", name, "cache hit" if hit else "computed and cached")
         dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
         out[name] = dataset.add_column("ref_rejected_logps", rejected.tolist())

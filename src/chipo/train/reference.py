@@ -4,7 +4,10 @@ pi_ref is frozen, so log pi_ref(y|x) for every training pair is a fixed number. 
 removes the reference forward from every step (2N FLOPs per token of the 8N of a DPO step)
 and the reference model from memory. The cache key hashes (a) the reference weights, (b) the tokenized pairs and
 (c) the settings that change the numbers (log-prob implementation is exact either way, so it is not part of it),
-so a sweep over losses, beta, epochs and seeds computes them once, and any change recomputes them.
+so a sweep over losses, beta, epochs and seeds computes them once, and any change recomputes them. The batch
+layout (padded, length buckets or padding-free packed rows, ``compute_reference_logps``) is not part of the key
+either: it only moves tokens, so the values agree to float round-off (tested to 1e-5) and entries written with
+one layout stay valid for the others.
 
 A cache entry is trusted only after it verifies (dtype, shape, row count, checksum, key); anything else is a miss
 and is recomputed, so a damaged cache costs time, never wrong numbers or a crash. The default cache root is
@@ -28,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from chipo.sequences import batch_sequence_logps
+from chipo.sequences import batch_sequence_logps, packing_supported
 
 _TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 _FORMAT = "chipo-ref-logps-v2"  # bump when the entry layout changes: older entries then miss
@@ -64,8 +67,14 @@ def cache_key(model_fp: str, data_fp: str, settings: dict) -> str:
 @torch.no_grad()
 def compute_reference_logps(model: nn.Module, dataset, collator, batch_size: int = 8, impl: str = "fused",
                             chunk_tokens: int = 1024, disable_adapter: bool = False,
-                            desc: str = "reference log-probs", progress: bool = True) -> tuple[Tensor, Tensor]:
-    """(chosen [N], rejected [N]) summed response log-probs of ``model`` for every row, in dataset order."""
+                            desc: str = "reference log-probs", progress: bool = True, packing: bool = True
+                            ) -> tuple[Tensor, Tensor]:
+    """(chosen [N], rejected [N]) summed response log-probs of ``model`` for every row, in dataset order.
+
+    ``packing``: batches run as padding-free packed rows when the model reproduces the padded layout
+    (``chipo.sequences.packing_supported``, checked on the first batch); otherwise (or ``packing=False``) as up
+    to 4 length buckets of right-padded rows. Either way the values agree to float round-off.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -78,7 +87,8 @@ def compute_reference_logps(model: nn.Module, dataset, collator, batch_size: int
             rows = dataset.select_columns(columns)[start:start + batch_size]
             features = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = {k: v.to(device) for k, v in collator(features).items()}
-            logps = batch_sequence_logps(model, batch, impl, chunk_tokens, max_buckets=4).float().cpu()
+            packed = packing and packing_supported(model, batch, impl)
+            logps = batch_sequence_logps(model, batch, impl, chunk_tokens, max_buckets=4, packed=packed).float().cpu()
             c, r = logps.chunk(2)
             chosen.append(c)
             rejected.append(r)

@@ -55,7 +55,7 @@ from chipo.divergences import CHI2, KL, get_divergence
 from chipo.generation import encode_prompts, generate
 from chipo.losses.rloo import exact_objective, rl_penalty, rloo_advantages, rloo_loss
 from chipo.rewards import score_checked
-from chipo.sequences import batch_sequence_logps, response_batch, sequence_logps
+from chipo.sequences import batch_sequence_logps, packing_supported, response_batch, sequence_logps
 from chipo.train.loop import optimizer_and_scheduler, prompt_order
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
@@ -172,6 +172,13 @@ class RLTrainer:
         top = self.accelerator.gather(top).view(-1, len(maxima)).max(0).values
         return total.tolist(), top.tolist()
 
+    def packed(self, batch: dict[str, Tensor]) -> bool:
+        """Whether the log-prob passes run packed: ``packing`` on and both the policy and pi_ref reproduce the
+        padded layout (``chipo.sequences.packing_supported``: checked on the first batch, remembered per model).
+        One forward either way, so the choice is DDP-safe; the two models may differ (``ref_model``)."""
+        return bool(self.config.packing and packing_supported(self.policy, batch, self.impl)
+                    and packing_supported(self.ref, batch, self.impl))
+
     # --- one step
     def train_step(self, step: int) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
@@ -190,11 +197,16 @@ class RLTrainer:
             p_ids = [prompt_ids[j // cfg.k] for j in rows]
             r_ids = [response_ids[j] for j in rows]
             batch = {key: v.to(acc.device) for key, v in response_batch(p_ids, r_ids, self.pad).items()}
+            # Before dropout_off: the once-per-model check toggles eval/train, which would unset the
+            # gradient-checkpointing flags that dropout_off keeps on.
+            packed = self.packed(batch)
             with acc.accumulate(self.model):
                 dropout_off(self.model)  # log pi of the deterministic network (module docstring)
                 with torch.no_grad():
-                    ref_logps = batch_sequence_logps(self.ref, batch, self.impl, cfg.logprob_chunk).view(-1, cfg.k)
-                logps = batch_sequence_logps(self.model, batch, self.impl, cfg.logprob_chunk).view(-1, cfg.k)
+                    ref_logps = batch_sequence_logps(self.ref, batch, self.impl, cfg.logprob_chunk,
+                                                     packed=packed).view(-1, cfg.k)
+                logps = batch_sequence_logps(self.model, batch, self.impl, cfg.logprob_chunk,
+                                             packed=packed).view(-1, cfg.k)
                 losses, metrics = rloo_loss(logps, ref_logps, rewards[start:start + micro], beta=cfg.beta,
                                             divergence=self.divergence, estimator=cfg.estimator,
                                             exp_clamp=cfg.exp_clamp)
@@ -239,8 +251,9 @@ class RLTrainer:
             rows = [ids for ids in p_ids for _ in range(count)]
             policy = self.policy
             dropout_off(policy)
-            log_ratio = (sequence_logps(policy, rows, response_ids, self.pad, impl=self.impl)
-                         - sequence_logps(self.ref, rows, response_ids, self.pad, impl=self.impl)).double()
+            log_ratio = (sequence_logps(policy, rows, response_ids, self.pad, impl=self.impl, packed=cfg.packing)
+                         - sequence_logps(self.ref, rows, response_ids, self.pad, impl=self.impl,
+                                          packed=cfg.packing)).double()
             n = len(response_ids)
             sums = [float(self._score(self.reward, texts, responses).sum()),
                     float(self._score(self.gold, texts, responses).sum()) if self.gold is not None else 0.0,

@@ -71,6 +71,12 @@ class RLConfig(TrainingArguments):
                                       "divisible by num_processes x gradient_accumulation_steps.")
     logprobs_impl: str = _field("auto", "'fused', 'logits' or 'auto' (see chipo train).")
     logprob_chunk: int = _field(1024, "Tokens per chunk in the fused log-prob path.")
+    packing: bool = _field(True, "Padding-free log-prob passes (policy, reference, evaluation): the sampled "
+                                 "sequences side by side in rows no wider than the longest, position_ids "
+                                 "restarting per sequence, attention confined to each (as chipo train's packing). "
+                                 "Checked once against padded rows (falls back with a warning if the model "
+                                 "ignores position_ids); same results up to round-off; one forward, so DDP works "
+                                 "too. false: padded rows.")
     # --- evaluation (every eval_steps steps and at step 0 when eval_steps is set)
     eval_prompts: str | None = _field(None, "Held-out prompt data (same forms as `prompts`); default: `prompts`.")
     eval_split: str = _field("train", "Split of `eval_prompts`.")

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from chipo.data import PreferenceCollator
 from chipo.logprobs import packed_sequence_logprobs
-from chipo.sequences import _single_row_attention, batch_sequence_logps, pack_batch, pack_rows, packing_matches
+from chipo.sequences import batch_sequence_logps, pack_batch, pack_rows, packing_matches, single_row_attention
 from chipo.toy import tiny_model_and_tokenizer
 
 
@@ -100,9 +100,9 @@ def test_packed_rows_do_not_attend_across_sequences():
 
 def test_flash_attention_packs_one_row():
     model, _ = tiny_model_and_tokenizer()
-    assert not _single_row_attention(model)
+    assert not single_row_attention(model)
     model.config._attn_implementation = "flash_attention_2"
-    assert _single_row_attention(model)
+    assert single_row_attention(model)
 
 
 class _IgnoresPositions(torch.nn.Module):
@@ -126,3 +126,29 @@ def test_packing_matches_detects_unsupported_models():
     assert packing_matches(model, batch)
     with pytest.warns(UserWarning, match="different log-probs"):
         assert not packing_matches(_IgnoresPositions(model), batch)
+
+
+class _AttendsAcrossSequences(_IgnoresPositions):
+    """Keeps position_ids but attends causally over the whole packed row (an all-ones mask): the subtle failure,
+    positions right, attention leaking into the previous sequences of the row."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+
+def test_packing_matches_detects_attention_leaking_across_sequences_even_on_a_random_model():
+    """Four sequences of equal length: packed into rows no wider than the longest, each would sit alone in its row
+    and a leak could not show, so the check packs its rows into one. On a random tiny model the leak then moves
+    sequence log-probs by ~1e-3 relative, which the per-sequence fp32 tolerance still refuses; the faithful
+    model passes."""
+    model, tokenizer = tiny_model_and_tokenizer()
+    g = torch.Generator().manual_seed(3)
+    features = [{"prompt_input_ids": torch.randint(5, 300, (3,), generator=g).tolist(),
+                 "chosen_input_ids": torch.randint(5, 300, (6,), generator=g).tolist(),
+                 "rejected_input_ids": torch.randint(5, 300, (6,), generator=g).tolist(), "row": i} for i in range(4)]
+    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(features)
+    assert packing_matches(model, batch)
+    with pytest.warns(UserWarning, match="different log-probs"):
+        assert not packing_matches(_AttendsAcrossSequences(model), batch)

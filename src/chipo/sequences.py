@@ -45,7 +45,7 @@ def length_buckets(lengths: list[int], max_buckets: int, overhead: float = 0.05)
     return best
 
 
-def _single_row_attention(model: nn.Module) -> bool:
+def single_row_attention(model: nn.Module) -> bool:
     # Transformers' flash-attention path finds packed sequences from position_ids only when the batch is ONE row
     # (``_is_packed_sequence``: batch_size == 1); with several rows it would attend across sequences. The mask-based
     # implementations (sdpa, eager, flex_attention) confine attention per sequence in any number of rows.
@@ -97,7 +97,7 @@ def pack_batch(batch: dict[str, Tensor], max_tokens: int | None = None, single_r
 
 def _packed_logps(model: nn.Module, batch: dict[str, Tensor], impl: str, chunk_tokens: int,
                   max_tokens: int | None) -> Tensor:
-    packed = pack_batch(batch, max_tokens, single_row=_single_row_attention(model))
+    packed = pack_batch(batch, max_tokens, single_row=single_row_attention(model))
     ids, mask = packed["input_ids"], packed["response_mask"]
     # attention_mask=None and no cache: transformers then derives the per-sequence (block-diagonal causal) mask
     # from the restarting position_ids; RoPE sees each sequence's own positions, as in the padded layout.
@@ -166,21 +166,32 @@ def packing_matches(model: nn.Module, batch: dict[str, Tensor], impl: str = "fus
     does not take them fails this; the check runs once, under no_grad, in eval mode (dropout off).
     """
     small = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "response_mask")}
+    # All rows in ONE packed row: with rows no wider than the longest sequence, sequences of similar lengths would
+    # each get a row of their own and a model that attends across sequences would pass unnoticed.
+    one_row = int(small["attention_mask"].sum())
+    parameter = next(model.parameters(), None)
+    device_type = parameter.device.type if parameter is not None else "cpu"
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # Both layouts in the weights' own precision (no autocast): in fp32 they agree to float round-off.
+        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
             plain = batch_sequence_logps(model, small, impl)
-            packed = batch_sequence_logps(model, small, impl, packed=True)
+            packed = batch_sequence_logps(model, small, impl, packed=True, pack_tokens=one_row)
     except (TypeError, ValueError, RuntimeError) as e:
         warnings.warn(f"packed sequences unavailable for this model ({e}); using padded rows", stacklevel=2)
         return False
     finally:
         model.train(was_training)
+    # Per sequence: |packed - padded| <= tol x (1 + |log p|). fp32 round-off over a sequence is ~1e-7 relative
+    # per token (measured: 1.5e-4 on sums of -100 to -1000), while attending across sequences moves a trained
+    # model's log-probs by tens of percent and even a random tiny model's by ~1e-3 (tests/test_packing.py); half or
+    # bf16 weights round each logit to ~3 digits, hence the looser bound there.
+    full_precision = parameter is None or parameter.dtype in (torch.float32, torch.float64)
+    tol = 1e-4 if full_precision else 1e-2
     # NaN in the same rows of both layouts (e.g. non-finite weights) is agreement: the trainer's own non-finite
     # check then stops the run, instead of a misleading "different log-probs" fallback here.
-    scale = max(1.0, plain.nan_to_num(0.0, 0.0, 0.0).abs().max().item())
-    if not torch.allclose(packed, plain, rtol=1e-3, atol=1e-3 * scale, equal_nan=True):
+    if not torch.allclose(packed, plain, rtol=tol, atol=tol, equal_nan=True):
         warnings.warn("packed sequences give different log-probs for this model (its attention does not follow "
                       "position_ids); using padded rows", stacklevel=2)
         return False

@@ -43,7 +43,7 @@ from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
 from chipo.io import atomic_write_text
 from chipo.models import load_sequence_classifier, load_tokenizer
-from chipo.sequences import _single_row_attention, pack_batch
+from chipo.sequences import pack_batch, single_row_attention
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
@@ -183,7 +183,7 @@ class RewardTrainer(PairwiseTrainer):
         if not self.packing:
             return padded_rewards(model, inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        single_row = _single_row_attention(unwrapped)
+        single_row = single_row_attention(unwrapped)
         if not self._packing_checked:
             self._packing_checked = True
             self.packing = reward_packing_matches(unwrapped, inputs, single_row=single_row)

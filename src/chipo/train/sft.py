@@ -31,7 +31,7 @@ from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
 from chipo.io import atomic_write_text
 from chipo.logprobs import logprobs_from_logits
 from chipo.models import load_causal_lm, load_tokenizer
-from chipo.sequences import _single_row_attention
+from chipo.sequences import single_row_attention
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import NonFiniteGradientGuard
 from chipo.train.rundir import MetricsLog
@@ -167,7 +167,7 @@ def run_sft(config: SFTConfig) -> Path:
         train = train.add_column("length", [len(p) + len(c) for p, c in
                                             zip(train["prompt_input_ids"], train["completion_input_ids"])])
     collator = SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss,
-                           packing=config.packing, single_row=_single_row_attention(model))
+                           packing=config.packing, single_row=single_row_attention(model))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         data_collator=collator,

@@ -11,6 +11,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -71,26 +72,36 @@ def pack_batch(batch: dict[str, Tensor], max_tokens: int | None = None, single_r
     fill = [sum(lengths[i] for i in row) for row in rows]
     width = max(fill)
     device = batch["input_ids"].device
-    src_row, src_col, dst_row, dst_col = [], [], [], []
-    for r, row in enumerate(rows):
-        offset = 0
-        for i in row:
-            cols = torch.arange(lengths[i])
-            src_row.append(torch.full_like(cols, i))
-            src_col.append(cols)
-            dst_row.append(torch.full_like(cols, r))
-            dst_col.append(cols + offset)
-            offset += lengths[i]
-    src = (torch.cat(src_row).to(device), torch.cat(src_col).to(device))
-    dst = (torch.cat(dst_row).to(device), torch.cat(dst_col).to(device))
+    # Token-level index arrays in one go (numpy), not a tensor per sequence: sequences in placement order, each
+    # sequence's tokens at its row's running offset.
+    order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=len(lengths))
+    seq_lengths = np.asarray(lengths, dtype=np.int64)[order]
+    seq_row = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
+    seq_start = np.cumsum(seq_lengths) - seq_lengths  # where each sequence starts in the flat token list
+    row_start = np.cumsum(np.asarray(fill)) - np.asarray(fill)  # where each row starts in the flat token list
+    token_col = np.arange(int(seq_lengths.sum())) - np.repeat(seq_start, seq_lengths)  # position in its sequence
+    offset = np.repeat(seq_start - row_start[seq_row], seq_lengths)  # sequence's offset within its row
+    # Flat (linear) indices, index_select / index_copy: 0.7 ms for 64 sequences where 2-D index_put and tensor[idx]
+    # took 35 ms on CPU (per training step, in the data path of every packed forward).
+    padded_width = batch["input_ids"].shape[1]
+    src_sequence = np.repeat(order, seq_lengths)
+    src = torch.from_numpy(src_sequence * padded_width + token_col).to(device)
+    dst = torch.from_numpy(np.repeat(seq_row, seq_lengths) * width + token_col + offset).to(device)
     shape = (len(rows), width)
+
+    def scatter(base: Tensor, values: Tensor) -> Tensor:
+        return base.reshape(-1).index_copy(0, dst, values).view(shape)
+
     # Padding first: positions restart at each row's fill, counting 0, 1, ... to the row's end.
     position_ids = (torch.arange(width, device=device)[None] - torch.tensor(fill, device=device)[:, None]).clamp(0)
-    position_ids = position_ids.index_put(dst, src[1])
+    position_ids = scatter(position_ids, torch.from_numpy(token_col).to(device))
     # Any token id will do on the padding: it is a sequence of its own whose outputs nothing reads.
-    input_ids = torch.zeros(shape, dtype=torch.long, device=device).index_put(dst, batch["input_ids"][src])
-    response_mask = torch.zeros(shape, dtype=torch.bool, device=device).index_put(dst, batch["response_mask"][src])
-    sequence = torch.full(shape, -1, dtype=torch.long, device=device).index_put(dst, src[0])
+    input_ids = scatter(torch.zeros(shape, dtype=torch.long, device=device),
+                        batch["input_ids"].reshape(-1).index_select(0, src))
+    response_mask = scatter(torch.zeros(shape, dtype=torch.bool, device=device),
+                            batch["response_mask"].reshape(-1).index_select(0, src))
+    sequence = scatter(torch.full(shape, -1, dtype=torch.long, device=device),
+                       torch.from_numpy(src_sequence).to(device))
     return {"input_ids": input_ids, "position_ids": position_ids, "response_mask": response_mask,
             "sequence": sequence}
 

@@ -103,14 +103,18 @@ def run_guarded(fn, *args, output_dir=None, argv: list[str] | None = None) -> in
     it once known)."""
     from chipo.config import ConfigError
     from chipo.data import DataError
-    from chipo.train.pairwise import NonFiniteError
 
     try:
         fn(*args)
     except (ConfigError, DataError) as e:
         print(f"chipo: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except RuntimeError as e:
+        # NonFiniteError (a RuntimeError) lives with the trainers (torch, transformers): looked up only once
+        # something raised, so commands that never train (chipo judge with an LLM) do not import them.
+        pairwise = sys.modules.get("chipo.train.pairwise")  # imported by whatever raised a NonFiniteError
+        if pairwise is None or not isinstance(e, pairwise.NonFiniteError):
+            raise
         print(f"chipo: error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

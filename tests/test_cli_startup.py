@@ -33,18 +33,28 @@ def loaded_after(code: str) -> tuple[set[str], str]:
 
 
 def test_packages_and_light_commands_import_no_heavy_module():
-    """``import chipo.cli.main``, ``chipo.data`` (its errors and formats), ``chipo.train`` (the package) and
-    ``chipo judge --help`` need none of torch, transformers, datasets, the lab or the preference trainer."""
-    code = ("import contextlib, io\nimport chipo.cli.main, chipo.data, chipo.train\n"
+    """``import chipo.cli.main``, ``chipo.data`` (its errors and formats), ``chipo.train`` and ``chipo.bandit`` (the
+    packages), ``chipo judge --help`` and ``chipo bandit --help`` need none of torch, transformers, datasets,
+    scipy, matplotlib, the lab or the preference trainer."""
+    code = ("import contextlib, io\nimport chipo.cli.main, chipo.data, chipo.train, chipo.bandit\n"
             "from chipo.data import DataError, detect_format\n"
             "buf = io.StringIO()\n"
-            "with contextlib.redirect_stdout(buf):\n"
-            "    try:\n        chipo.cli.main.main(['judge', '--help'])\n"
-            "    except SystemExit as e:\n        assert e.code == 0\n"
+            "for cmd in ('judge', 'bandit'):\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            "        try:\n            chipo.cli.main.main([cmd, '--help'])\n"
+            "        except SystemExit as e:\n            assert e.code == 0\n"
             "print(buf.getvalue())")
     heavy, text = loaded_after(code)
     assert heavy == set()
-    assert "--judge {openai,reward-model}" in text  # the help was printed in full
+    assert "--judge {openai,reward-model}" in text and "kl_trap_n" in text  # both helps were printed in full
+
+
+def test_bandit_choices_are_the_experiments():
+    """``chipo.bandit.command`` spells the experiment names out (to stay light); they must be the experiments'."""
+    from chipo.bandit.command import CHOICES, EXPERIMENTS
+    from chipo.bandit.experiments import EXPERIMENTS as RUN
+
+    assert EXPERIMENTS == RUN and CHOICES == (*RUN, "bench", "all")
 
 
 @pytest.mark.slow
@@ -63,8 +73,11 @@ def test_trainer_help_needs_only_training_arguments():
 
 def test_lazy_names_are_the_modules_objects():
     """The lazily re-exported names are the defining modules' objects; unknown names still raise."""
+    import chipo.bandit
     import chipo.data
     import chipo.train
+    from chipo.bandit.estimators import fit_rewards
+    from chipo.bandit.optimum import regularized_optimum
     from chipo.data.collator import PreferenceCollator
     from chipo.data.loading import load_preference_dataset
     from chipo.train.pairwise import NonFiniteError
@@ -74,11 +87,16 @@ def test_lazy_names_are_the_modules_objects():
     assert chipo.train.NonFiniteError is NonFiniteError
     assert chipo.data.PreferenceCollator is PreferenceCollator
     assert chipo.data.load_preference_dataset is load_preference_dataset
-    assert set(chipo.data.__all__) <= set(dir(chipo.data)) and set(chipo.train.__all__) <= set(dir(chipo.train))
+    assert chipo.bandit.fit_rewards is fit_rewards and chipo.bandit.regularized_optimum is regularized_optimum
+    for package in (chipo.data, chipo.train, chipo.bandit):
+        assert set(package.__all__) <= set(dir(package))
+        assert all(getattr(package, name) is not None for name in package.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         chipo.data.nope  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         chipo.train.nope  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        chipo.bandit.nope  # noqa: B018
 
 
 def test_run_guarded_exit_codes_without_importing_the_trainer_up_front(capsys):

@@ -5,20 +5,46 @@ Modules: ``instances`` (random and named hard instances), ``optimum`` (exact f-r
 KL / chi2 to pi_ref, concentrability, the chi-squared change-of-measure bound), ``experiments``, ``online`` (online
 DPO / XPO / chi-squared XPO) and ``cli`` (``chipo bandit``).
 Reference: Huang et al. 2024, arXiv 2407.13399 (chiPO), Proposition A.1 (KL-regularisation is not enough).
+
+The names below are imported on first use (PEP 562 ``__getattr__``), so that ``chipo bandit --help`` (which
+reads ``chipo.bandit.command``) does not import torch and scipy.
 """
 
-from chipo.bandit.estimators import (
-    ESTIMATORS,
-    PreferenceData,
-    estimator_policy,
-    fit_direct_policy,
-    fit_reward,
-    fit_rewards,
-    sample_preferences,
-)
-from chipo.bandit.instances import Instance, kl_trap_instance, named_instance, random_instance
-from chipo.bandit.optimum import regularized_optimum
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chipo.bandit.estimators import (
+        ESTIMATORS,
+        PreferenceData,
+        estimator_policy,
+        fit_direct_policy,
+        fit_reward,
+        fit_rewards,
+        sample_preferences,
+    )
+    from chipo.bandit.instances import Instance, kl_trap_instance, named_instance, random_instance
+    from chipo.bandit.optimum import regularized_optimum
+
+_LAZY = {**dict.fromkeys(["ESTIMATORS", "PreferenceData", "estimator_policy", "fit_direct_policy", "fit_reward",
+                          "fit_rewards", "sample_preferences"], "estimators"),
+         **dict.fromkeys(["Instance", "kl_trap_instance", "named_instance", "random_instance"], "instances"),
+         "regularized_optimum": "optimum"}
 
 __all__ = ["ESTIMATORS", "Instance", "PreferenceData", "estimator_policy", "fit_direct_policy", "fit_reward",
            "fit_rewards", "kl_trap_instance", "named_instance", "random_instance", "regularized_optimum",
            "sample_preferences"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

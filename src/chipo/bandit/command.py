@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chipo.bandit.experiments import EXPERIMENTS, Settings, run_all, run_experiment
 from chipo.config import ConfigError, _field
 
+# chipo.bandit.experiments.EXPERIMENTS, spelled out so that reading the config (chipo bandit --help) does not
+# import the experiments (torch, scipy, matplotlib); tests/test_cli_startup.py checks that the two agree.
+EXPERIMENTS = ("regret", "bound", "overopt", "online")
 CHOICES = (*EXPERIMENTS, "bench", "all")
 
 
@@ -36,6 +38,8 @@ class BanditConfig:
 
 def run_bandit(config: BanditConfig) -> Path:
     """Run the experiment; returns the path of its report."""
+    from chipo.bandit.experiments import Settings, run_all, run_experiment
+
     out = Path(config.out)
     seeds = config.seeds if config.seeds is not None else (2 if config.quick else 5)
     settings = Settings(seeds=seeds, tune_seeds=1 if config.quick else 3, quick=config.quick,

@@ -45,7 +45,6 @@ def _epilog() -> str:
 
 
 def main(argv: list[str]) -> int:
-    import chipo.lab  # noqa: F401 -- registers the lab\'s scorers (world, world:DIR) for reward/judge specs
     from chipo.judges import JUDGE_CONFIGS, JudgeError
 
     parser = build_parser("chipo judge", "Pairwise win rate of responses a over b with an LLM or reward-model "
@@ -92,6 +91,10 @@ def run_judge(args) -> dict:
     if args.details:
         check_writable_file(args.details, "--details")
     prompts, a, b, inputs = read_inputs(args)
+    if args.judge == "reward-model":
+        # registers the lab's scorers (world, world:DIR) for `model`; only here, so that an OpenAI judge (and
+        # --help) runs without the lab and torch
+        import chipo.lab  # noqa: F401
     judge = build_judge(args.judge, config)
     try:
         result = judge.judge(prompts, a, b)

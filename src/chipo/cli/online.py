@@ -25,17 +25,23 @@ labels/ties, response_length and grad_norm.
 """
 
 
+def run(config: OnlineConfig):
+    """``chipo.train.online.run_online`` with the lab's scorers (world, world:DIR) registered for ``judge``;
+    imported here, not at the top, so that ``chipo online --help`` does not load the lab (and the data pipeline)."""
+    import chipo.lab  # noqa: F401 -- registers the lab's scorers
+    from chipo.train.online import run_online
+
+    return run_online(config)
+
+
 def main(argv: list[str]) -> int:
-    import chipo.lab  # noqa: F401 -- registers the lab\'s scorers (world, world:DIR) for reward/judge specs
     from chipo.judges import JudgeError
 
-    if any(a.split("=", 1)[0] == "judge" and a.split("=", 1)[-1].split(":")[0] == "world" for a in argv):
-        import chipo.lab  # noqa: F401 -- registers the lab's 'world' scorer
     try:
         return config_command(argv, prog="chipo online", example=EXAMPLE, config_cls=OnlineConfig,
                               description="Online preference optimization (online DPO / chiPO, XPO, Nash-MD) "
                                           "against a reward model, a scorer or an LLM judge.",
-                              runner="chipo.train.online:run_online", saved="policy")
+                              runner="chipo.cli.online:run", saved="policy")
     except JudgeError as e:
         print(f"chipo: error: {e}", file=sys.stderr)
         return 2

@@ -26,9 +26,16 @@ and eval_* (eval_gold with `gold`) every eval_steps steps. report_to=tensorboard
 GROUPS = {"online RL (chipo)": RLConfig}
 
 
-def main(argv: list[str]) -> int:
-    import chipo.lab  # noqa: F401 -- registers the lab\'s scorers (world, world:DIR) for reward/judge specs
+def run(config: RLConfig):
+    """``chipo.train.rl.run_rl`` with the lab's scorers (world, world:DIR) registered for ``reward`` and ``gold``;
+    imported here, not at the top, so that ``chipo rl --help`` does not load the lab (and the data pipeline)."""
+    import chipo.lab  # noqa: F401 -- registers the lab's scorers
+    from chipo.train.rl import run_rl
 
+    return run_rl(config)
+
+
+def main(argv: list[str]) -> int:
     return config_command(argv, prog="chipo rl", example=EXAMPLE, config_cls=RLConfig,
                           description="Online RL (RLOO) against a reward, regularised by KL, chi2 or chi2 + KL.",
-                          runner="chipo.train.rl:run_rl", saved="policy", groups=GROUPS)
+                          runner="chipo.cli.rl:run", saved="policy", groups=GROUPS)

@@ -9,13 +9,26 @@ Typical use (what the trainer does)::
 Every problem with the data raises ``DataError`` naming the source, row (and line for JSON lines) and field,
 before anything trains. Modules: ``loading`` (sources), ``formats`` (layouts and validation), ``tokenize``
 (rendering, tokenization, truncation policy), ``collator`` (batches), ``errors``, ``origin`` (row -> file/line).
+
+The collator (torch), loader and tokenizer (datasets, pyarrow) are imported on first use of their names (PEP 562
+``__getattr__``), so ``chipo.data.errors`` and ``chipo.data.formats`` stay cheap for code that needs only them.
 """
 
-from .collator import PreferenceCollator
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import DataError
 from .formats import CONVERSATIONAL, FORMATS, IMPLICIT_PROMPT, STANDARD, detect_format, split_implicit_prompt
-from .loading import load_preference_dataset
-from .tokenize import PrepStats, lengths, prepare_preference_dataset
+
+if TYPE_CHECKING:
+    from .collator import PreferenceCollator
+    from .loading import load_preference_dataset
+    from .tokenize import PrepStats, lengths, prepare_preference_dataset
+
+_LAZY = {"PreferenceCollator": "collator", "load_preference_dataset": "loading", "PrepStats": "tokenize",
+         "lengths": "tokenize", "prepare_preference_dataset": "tokenize"}
 
 __all__ = [
     "CONVERSATIONAL",
@@ -31,3 +44,15 @@ __all__ = [
     "prepare_preference_dataset",
     "split_implicit_prompt",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

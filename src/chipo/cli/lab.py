@@ -33,8 +33,7 @@ def demo(argv: list[str]) -> int:
     """``chipo demo [--quick] [--full] [key=value ...]``."""
     return config_command(argv, prog="chipo demo", config_cls=DemoConfig, runner="chipo.lab.commands:run_demo_command",
                           description=DemoConfig.__doc__.split("\n")[0], saved="report",
-                          example="example:\n  chipo demo            # 3 seeds, 32 epochs: 3.6 min on 2 idle cores "
-                                  "(9.4 at load average ~4)\n"
+                          example="example:\n  chipo demo            # 3 seeds, 32 epochs: 2.8 min on 2 idle cores\n"
                                   "  chipo demo --quick    # 1 seed, 4 epochs: 40 s idle (78 s at load 2-3)\n"
                                   "  chipo demo --full     # plus RLHF, best-of-n and pessimism\n"
                                   "  chipo demo --ablations  # plus each loss with RPO's SFT term / a reward bound\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -170,43 +170,54 @@ def batch_sequence_logps(model: nn.Module, batch: dict[str, Tensor], impl: str =
     return sequence_logprobs(per_token, mask)
 
 
-def packing_matches(model: nn.Module, batch: dict[str, Tensor], impl: str = "fused", rows: int = 4) -> bool:
-    """Whether the packed layout reproduces the padded one on the first ``rows`` rows of ``batch``.
+def layouts_agree(model: nn.Module, padded: Callable[[], Tensor], packed: Callable[[], Tensor], differ: str,
+                  errors: tuple[type[Exception], ...] = (TypeError, ValueError, RuntimeError)) -> bool:
+    """Whether ``packed()`` reproduces ``padded()`` (per-sequence values [N] of the same sequences, e.g. log-probs,
+    rewards, losses) for ``model``: the one check behind every trainer's packing (log-probs, SFT, reward models).
 
-    An architecture that ignores ``position_ids`` when masking (it would attend across packed sequences) or that
-    does not take them fails this; the check runs once, under no_grad, in eval mode (dropout off).
+    Both run once, under no_grad, in eval mode (dropout off) and in the weights' own precision (autocast off): in
+    fp32 they agree to float round-off. A failure warns once (``differ`` says what differs, e.g. "different
+    log-probs") and returns False, as does one of ``errors`` raised by a model that cannot take packed rows.
     """
-    small = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "response_mask")}
-    # All rows in ONE packed row: with rows no wider than the longest sequence, sequences of similar lengths would
-    # each get a row of their own and a model that attends across sequences would pass unnoticed.
-    one_row = int(small["attention_mask"].sum())
     parameter = next(model.parameters(), None)
     device_type = parameter.device.type if parameter is not None else "cpu"
     was_training = model.training
     model.eval()
     try:
-        # Both layouts in the weights' own precision (no autocast): in fp32 they agree to float round-off.
         with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
-            plain = batch_sequence_logps(model, small, impl)
-            packed = batch_sequence_logps(model, small, impl, packed=True, pack_tokens=one_row)
-    except (TypeError, ValueError, RuntimeError) as e:
-        warnings.warn(f"packed sequences unavailable for this model ({e}); using padded rows", stacklevel=2)
+            plain, together = padded(), packed()
+    except errors as e:
+        warnings.warn(f"packed sequences unavailable for this model ({e}); using padded rows", stacklevel=3)
         return False
     finally:
         model.train(was_training)
-    # Per sequence: |packed - padded| <= tol x (1 + |log p|). fp32 round-off over a sequence is ~1e-7 relative
-    # per token (measured: 1.5e-4 on sums of -100 to -1000), while attending across sequences moves a trained
-    # model's log-probs by tens of percent and even a random tiny model's by ~1e-3 (tests/test_packing.py); half or
-    # bf16 weights round each logit to ~3 digits, hence the looser bound there.
+    # Per sequence: |packed - padded| <= tol x (1 + |value|). fp32 round-off over a sequence is ~1e-7 relative
+    # per token (measured: 1.5e-4 on log-prob sums of -100 to -1000), while attending across sequences moves a
+    # trained model's log-probs by tens of percent and even a random tiny model's by ~1e-3 (tests/test_packing.py);
+    # half or bf16 weights round each logit to ~3 digits, hence the looser bound there.
     full_precision = parameter is None or parameter.dtype in (torch.float32, torch.float64)
     tol = 1e-4 if full_precision else 1e-2
     # NaN in the same rows of both layouts (e.g. non-finite weights) is agreement: the trainer's own non-finite
-    # check then stops the run, instead of a misleading "different log-probs" fallback here.
-    if not torch.allclose(packed, plain, rtol=tol, atol=tol, equal_nan=True):
-        warnings.warn("packed sequences give different log-probs for this model (its attention does not follow "
-                      "position_ids); using padded rows", stacklevel=2)
+    # check then stops the run, instead of a misleading fallback here.
+    if not torch.allclose(together, plain, rtol=tol, atol=tol, equal_nan=True):
+        warnings.warn(f"packed sequences give {differ} for this model (its attention does not follow "
+                      "position_ids); using padded rows", stacklevel=3)
         return False
     return True
+
+
+def packing_matches(model: nn.Module, batch: dict[str, Tensor], impl: str = "fused", rows: int = 4) -> bool:
+    """Whether the packed layout reproduces the padded one on the first ``rows`` rows of ``batch``
+    (``layouts_agree``). An architecture that ignores ``position_ids`` when masking (it would attend across packed
+    sequences) or that does not take them fails this.
+    """
+    small = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "response_mask")}
+    # All rows in ONE packed row: with rows no wider than the longest sequence, sequences of similar lengths would
+    # each get a row of their own and a model that attends across sequences would pass unnoticed.
+    one_row = int(small["attention_mask"].sum())
+    return layouts_agree(model, lambda: batch_sequence_logps(model, small, impl),
+                         lambda: batch_sequence_logps(model, small, impl, packed=True, pack_tokens=one_row),
+                         "different log-probs")
 
 
 _PACKING_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -43,7 +43,7 @@ from chipo.config import ConfigError, dump_yaml
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
 from chipo.io import atomic_write_text
 from chipo.models import load_sequence_classifier, load_tokenizer
-from chipo.sequences import pack_batch, single_row_attention
+from chipo.sequences import layouts_agree, pack_batch, single_row_attention
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
@@ -133,32 +133,20 @@ def _pad_token_id(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "pad_token_id", None)
 
 
-def reward_packing_matches(model: nn.Module, batch: dict[str, Tensor], rows: int = 4,
-                           single_row: bool = False) -> bool:
+def reward_packing_matches(model: nn.Module, batch: dict[str, Tensor], rows: int = 4) -> bool:
     """Whether ``packed_rewards`` reproduces ``padded_rewards`` on the first ``rows`` rows of ``batch`` (unwrapped
-    ``model``; once, under no_grad, in eval mode). Warns once and returns False if not, or if no score head."""
+    ``model``; ``chipo.sequences.layouts_agree``). Warns once and returns False if not, or if no score head. The
+    rows are packed into one row, as in ``chipo.sequences.packing_matches``: alone in its row, a sequence could not
+    show attention leaking across sequences."""
     head = score_head(model)
     if head is None:
         warnings.warn(f"packed rows unavailable for {type(model).__name__} (no 'score' head found); using padded "
                       "rows", stacklevel=2)
         return False
     small = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "response_mask")}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            plain = padded_rewards(model, small)
-            packed = packed_rewards(model, small, head, _pad_token_id(model), single_row)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
-        warnings.warn(f"packed rows unavailable for this reward model ({e}); using padded rows", stacklevel=2)
-        return False
-    finally:
-        model.train(was_training)
-    if not torch.allclose(packed, plain, rtol=1e-3, atol=1e-3 * max(1.0, plain.abs().max().item())):
-        warnings.warn("packed rows give different rewards for this model (its attention does not follow "
-                      "position_ids); using padded rows", stacklevel=2)
-        return False
-    return True
+    return layouts_agree(model, lambda: padded_rewards(model, small),
+                         lambda: packed_rewards(model, small, head, _pad_token_id(model), single_row=True),
+                         "different rewards", errors=(TypeError, ValueError, RuntimeError, AttributeError))
 
 
 class RewardTrainer(PairwiseTrainer):
@@ -186,7 +174,7 @@ class RewardTrainer(PairwiseTrainer):
         single_row = single_row_attention(unwrapped)
         if not self._packing_checked:
             self._packing_checked = True
-            self.packing = reward_packing_matches(unwrapped, inputs, single_row=single_row)
+            self.packing = reward_packing_matches(unwrapped, inputs)
             if not self.packing:
                 return padded_rewards(model, inputs)
         return packed_rewards(model, inputs, score_head(unwrapped), _pad_token_id(unwrapped), single_row)

@@ -16,7 +16,6 @@ model whose attention ignores position_ids fails, and the run goes on with padde
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
 from chipo.io import atomic_write_text
 from chipo.logprobs import logprobs_from_logits
 from chipo.models import load_causal_lm, load_tokenizer
-from chipo.sequences import single_row_attention
+from chipo.sequences import layouts_agree, single_row_attention
 from chipo.train.common import check_output_dir, resolve_resume, save_final_model
 from chipo.train.pairwise import NonFiniteGradientGuard
 from chipo.train.rundir import MetricsLog
@@ -88,23 +87,13 @@ def sft_packing_matches(model: nn.Module, batch: dict[str, Tensor], rows: int = 
     padded = unpack_sft_batch(packed)
     positions = packed["position_ids"].reshape(-1)
     sequence = (positions == 0).cumsum(0) - 1
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            plain = _labelled_logps(model, padded).sum(-1)
-            per_token = _labelled_logps(model, packed).reshape(-1)
-            together = torch.zeros_like(plain).index_add(0, sequence, per_token)
-    except (TypeError, ValueError, RuntimeError) as e:
-        warnings.warn(f"packed sequences unavailable for this model ({e}); using padded rows", stacklevel=2)
-        return False
-    finally:
-        model.train(was_training)
-    if not torch.allclose(together, plain, rtol=1e-3, atol=1e-3 * max(1.0, plain.abs().max().item())):
-        warnings.warn("packed sequences give a different loss for this model (its attention does not follow "
-                      "position_ids); using padded rows", stacklevel=2)
-        return False
-    return True
+
+    def per_sequence_packed() -> Tensor:  # each packed token's log-prob added to its sequence's sum
+        per_token = _labelled_logps(model, packed).reshape(-1)
+        return per_token.new_zeros(len(padded["input_ids"])).index_add(0, sequence, per_token)
+
+    return layouts_agree(model, lambda: _labelled_logps(model, padded).sum(-1), per_sequence_packed,
+                         "a different loss")
 
 
 class SFTTrainer(Trainer):

@@ -12,8 +12,9 @@ reads ``chipo.bandit.command``) does not import torch and scipy.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from chipo.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from chipo.bandit.estimators import (
@@ -38,13 +39,4 @@ __all__ = ["ESTIMATORS", "Instance", "PreferenceData", "estimator_policy", "fit_
            "sample_preferences"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

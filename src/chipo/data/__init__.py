@@ -16,8 +16,9 @@ The collator (torch), loader and tokenizer (datasets, pyarrow) are imported on f
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from chipo.lazy import lazy_exports
 
 from .errors import DataError
 from .formats import CONVERSATIONAL, FORMATS, IMPLICIT_PROMPT, STANDARD, detect_format, split_implicit_prompt
@@ -46,13 +47,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -6,27 +6,18 @@ The names below are imported on first use (PEP 562 ``__getattr__``): ``import ch
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from chipo.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from chipo.train.config import PreferenceConfig
     from chipo.train.pairwise import NonFiniteError
     from chipo.train.preference import PreferenceTrainer
 
-_LAZY = {"PreferenceConfig": "chipo.train.config", "PreferenceTrainer": "chipo.train.preference",
-         "NonFiniteError": "chipo.train.pairwise"}
+_LAZY = {"PreferenceConfig": "config", "PreferenceTrainer": "preference", "NonFiniteError": "pairwise"}
 
 __all__ = ["PreferenceConfig", "PreferenceTrainer", "NonFiniteError"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -8,12 +8,10 @@ unparseable reply), RATE (429 once, with Retry-After), FLAKY (500 once), DOWN (5
 import json
 import re
 import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from chat_server import ChatServer
 from chipo.cli.judge import main as judge_main
 from chipo.config import ConfigError
 from chipo.judges import JudgeError, OpenAIChatJudge, OpenAIJudgeConfig
@@ -22,45 +20,13 @@ from chipo.judges.chat import outcome_for_a, shown_swapped
 _SHOWN = re.compile(r"### Post\n(.*?)\n\n### Summary A\n(.*?)\n\n### Summary B\n(.*?)\n\n", re.S)
 
 
-class FakeServer:
+class FakeServer(ChatServer):
     """Records every request (body, headers, which summary was shown first) and the peak concurrency."""
 
     def __init__(self, delay: float = 0.0):
-        self.delay = delay
         self.requests: list[dict] = []
         self.seen: dict[str, int] = {}  # post -> requests so far
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    if server.delay:
-                        time.sleep(server.delay)
-                    status, headers, payload = server.respond(self.path, dict(self.headers), body)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for key, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
+        super().__init__(delay)
 
     def respond(self, path, headers, body):
         post, first, second = _SHOWN.search(body["messages"][-1]["content"]).groups()
@@ -82,11 +48,6 @@ class FakeServer:
         reply = "I cannot decide, both are fine." if "MALFORMED" in post else \
             f"Summary {better} keeps the key point.\n**Preferred:** {better}"
         return 200, {}, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -2,17 +2,15 @@
 on a local fake OpenAI server) and every method (online DPO, chiPO, XPO, Nash-MD), the label budget, resume, NaN
 stop, one-line errors, and 2-process DDP (gloo) against 1 process."""
 
-import json
 import os
 import re
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
+from chat_server import ChatServer
 from chipo.cli.main import main
 from chipo.io import read_jsonl, write_jsonl
 
@@ -77,35 +75,21 @@ def test_nash_md_with_reward_model_judge(tiny_dir, data, tmp_path):
     assert 0.0 < rows[0]["rewards/probabilities"] < 1.0  # Bradley-Terry probabilities, not labels
 
 
-class FakeJudge:
+class FakeJudge(ChatServer):
     """An OpenAI-compatible server preferring the longer response (A when equal); counts requests."""
 
     SHOWN = re.compile(r"### Response A\n(.*?)\n\n### Response B\n(.*?)\n\nWhich", re.S)
 
     def __init__(self):
         self.requests = 0
-        server = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                first, second = server.SHOWN.search(body["messages"][-1]["content"]).groups()
-                server.requests += 1
-                verdict = "A" if len(first) >= len(second) else "B"
-                data = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                            "content": f"Longer.\nPreferred: {verdict}"}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    def respond(self, path, headers, body):
+        first, second = self.SHOWN.search(body["messages"][-1]["content"]).groups()
+        with self.lock:
+            self.requests += 1
+        verdict = "A" if len(first) >= len(second) else "B"
+        return 200, {}, {"choices": [{"message": {"role": "assistant", "content": f"Longer.\nPreferred: {verdict}"}}]}
 
 
 @pytest.mark.parametrize("loss", ["chipo", "nash-md"])
@@ -119,7 +103,7 @@ def test_llm_judge_on_local_server(tiny_dir, data, tmp_path, monkeypatch, loss):
         assert run(tiny_dir, data, out, "judge=openai", f"judge_base_url={server.url}", "judge_model=fake",
                    "judge_cache=null", f"loss={loss}") == 0
     finally:
-        server.httpd.shutdown()
+        server.stop()
     rows = metrics(out)
     identical = sum(r.get("labels/ties", 0) for r in rows)  # identical pairs are ties without a request
     assert server.requests + identical == 8 and rows[-1]["labels"] == 8

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from chat_server import ChatServer
 from chipo.cli.main import main
 
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "chipo" / "recipes" / "tldr" / "configs"
@@ -182,38 +181,21 @@ def check_changed_settings_are_refused_not_mixed(recipe: dict, capsys) -> None:
     assert code == 2 and "sampled with other settings (sampling)" in err and "regenerate=true" in err
 
 
-class FakeJudgeServer:
+class FakeJudgeServer(ChatServer):
     """An OpenAI-compatible chat endpoint on 127.0.0.1 that always prefers the first summary shown, except:
     posts marked MALFORMED get an unparseable reply, posts marked DOWN get HTTP 503."""
 
     def __init__(self):
         self.requests = 0
-        server = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"]
-                server.requests += 1
-                status, reply = (503, None) if "DOWN" in text else \
-                    (200, "I cannot tell.") if "MALFORMED" in text else (200, "Both are fine.\nPreferred: A")
-                data = json.dumps({"choices": [{"message": {"content": reply}}]} if reply else {}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, path, headers, body):
+        text = body["messages"][-1]["content"]
+        with self.lock:
+            self.requests += 1
+        status, reply = (503, None) if "DOWN" in text else \
+            (200, "I cannot tell.") if "MALFORMED" in text else (200, "Both are fine.\nPreferred: A")
+        return status, {}, {"choices": [{"message": {"content": reply}}]} if reply else {}
 
 
 def check_llm_judge_failures_are_counted_flagged_and_retried(recipe: dict, capsys) -> None:
@@ -247,7 +229,7 @@ def check_llm_judge_failures_are_counted_flagged_and_retried(recipe: dict, capsy
         assert "malformed replies: 9; failed requests: 9" in text and "sft_epoch0" in text
         assert "* vs" in (recipe["root"] / "report-llm" / "table1.md").read_text()  # flagged cells marked
     finally:
-        server.close()
+        server.stop()
 
     # Two judges' results now exist: the report asks which one instead of guessing.
     assert tldr("report", "--config", RECIPE / "report.yaml", f"out_dir={out}") == 2

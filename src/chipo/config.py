@@ -246,6 +246,9 @@ def config_help(cls: type, groups: dict[str, type] | None = None) -> str:
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in config_fields(cls)}
+    listed = cls.help_keys() if hasattr(cls, "help_keys") else None  # a config may refuse keys: those are not listed
+    if listed is not None:
+        fields = {name: f for name, f in fields.items() if name in listed}
 
     def block(names: list[str]) -> list[str]:
         out = []
@@ -265,7 +268,9 @@ def config_help(cls: type, groups: dict[str, type] | None = None) -> str:
             done.update(names)
     rest = [n for n in fields if n not in done]
     if rest:
-        lines += ["other options (transformers.TrainingArguments; all work as keys here):", *block(rest)]
+        title = ("other options (transformers.TrainingArguments keys this command reads; others are refused):"
+                 if listed is not None else "other options (transformers.TrainingArguments; all work as keys here):")
+        lines += [title, *block(rest)]
     return "\n".join(lines)
 
 

@@ -217,6 +217,8 @@ def run_trainer(config, out: Path, make_trainer: Callable[[], object], tokenizer
     from accelerate import PartialState
 
     state = PartialState()
+    # Every process has checked output_dir (check_output_dir) before the main one creates, locks or clears it.
+    state.wait_for_everyone()
     run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
                           is_main=state.is_main_process, objective_keys=objective_keys)
     try:

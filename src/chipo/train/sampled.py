@@ -330,6 +330,9 @@ def run_sampled(config, accelerator, make_trainer) -> Path:
 
     acc, out = accelerator, Path(config.output_dir)
     check_split(config, acc)
+    # Every process has checked output_dir (check_output_dir) before the main one creates, locks or clears it:
+    # otherwise a slower process could find the directory the main one just wrote and call it "not empty".
+    acc.wait_for_everyone()
     run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
                           is_main=acc.is_main_process, objective_keys=type(config).objective_keys,
                           total_steps=config.last_step())

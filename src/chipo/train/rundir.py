@@ -1,11 +1,16 @@
-"""Run directories that survive kills, reruns and a second run on the same ``output_dir``.
+"""Run directories that survive kills, reruns and a second run on the same ``output_dir``: the one protocol of every
+command that writes a run (``chipo train``, ``sft``, ``reward`` through ``chipo.train.common.run_trainer``;
+``chipo rl``, ``online`` through ``chipo.train.sampled.run_sampled``).
 
 A training run owns ``output_dir`` for its lifetime (an exclusive ``fcntl.flock`` on ``output_dir/.lock``). On
-start it removes what a killed run left half-done (hidden ``.final-*`` folders, ``*.tmp`` files), clears the old
-run when ``overwrite_output_dir`` is set, and, when resuming, picks the newest *complete* checkpoint (a kill -9
-during a save leaves a partial one), refuses one whose objective differs, cuts ``metrics.jsonl`` back to the
-checkpoint's step (the steps after it will be logged again), and says "nothing to do" for a finished run instead
-of training past ``max_steps``. Functions here touch only the run directory; ``open_run`` puts them in order.
+start it removes what a killed run left half-done (hidden ``.final-*`` / ``.checkpoint-*`` folders, ``*.tmp``
+files), clears the old run when ``overwrite_output_dir`` is set, and, when resuming, picks the newest *complete*
+checkpoint (a kill -9 during a save leaves a partial one), refuses one whose objective differs, cuts
+``metrics.jsonl`` back to the checkpoint's step (the steps after it will be logged again), and says "nothing to do"
+for a finished run instead of training past ``max_steps``. Which config keys define "the objective" is per command
+(``objective_keys``). A run that fails before its first step in a directory it found empty removes it again
+(``RunDir.discard_if_unstarted``), so the same command can be rerun. Functions here touch only the run directory;
+``open_run`` puts them in order.
 """
 
 from __future__ import annotations

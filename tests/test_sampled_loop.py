@@ -1,5 +1,5 @@
 """The shared sampled-data loop (``chipo.train.sampled``) under ``chipo rl`` and ``chipo online`` on the tiny Llama:
-gradient accumulation, gradient checkpointing, ``transformers.TrainerCallback`` hooks and early stop, trackers."""
+gradient accumulation, gradient checkpointing, ``transformers.TrainerCallback`` hooks and early stop."""
 
 import pytest
 import torch
@@ -133,16 +133,3 @@ def test_callback_hooks_and_stop_at_step_2(tiny_dir, prompts, tmp_path, command)
     assert read_jsonl(out / "metrics.jsonl")[-1]["step"] == 2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (out / "model.safetensors").is_file()
-
-
-def test_report_to_a_tracker_that_is_not_installed_is_one_line(tiny_dir, prompts, tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        pytest.skip("tensorboard is installed here")
-    for command in ("rl", "online"):
-        out = tmp_path / command
-        assert _run(command, tiny_dir, prompts, out, "report_to=tensorboard") == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("chipo: error: report_to=tensorboard needs the 'tensorboard'")
-        assert not out.exists()

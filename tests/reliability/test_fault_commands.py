@@ -230,6 +230,19 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(tiny_dir, data,
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_report_to_a_tracker_that_is_not_installed_is_one_line(tiny_dir, data, tmp_path, capsys, command):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    out = tmp_path / "tb"
+    assert main(args(command, tiny_dir, data, out, "report_to=tensorboard")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chipo: error: report_to=tensorboard needs the 'tensorboard'"), err
+    assert not out.exists()
+
+
 @pytest.fixture
 def small_disk(tmp_path, tiny_dir):
     """A tmpfs with room for the tiny model once but not for a checkpoint with its optimizer state (root only)."""

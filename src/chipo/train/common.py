@@ -13,6 +13,7 @@ field keeps its place).
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -32,6 +33,12 @@ from chipo.train.rundir import check_output_path
 
 logger = logging.getLogger("chipo")
 
+# report_to name -> the packages that provide it (torch.utils.tensorboard needs `tensorboard`; tensorboardX also works
+# for transformers' callback); checked when the config is built, so a missing one is one line, not a traceback.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                    "swanlab": ("swanlab",), "trackio": ("trackio",), "neptune": ("neptune",),
+                    "codecarbon": ("codecarbon",), "dagshub": ("dagshub",), "flyte": ("flytekit",)}
 REPORTERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "neptune", "clearml", "dvclive", "trackio",
              "swanlab", "codecarbon", "azure_ml", "dagshub", "flyte")
 
@@ -42,7 +49,7 @@ def _has_accelerator() -> bool:
 
 def check_common_arguments(args: TrainingArguments) -> None:
     """Checks every chipo config shares, before TrainingArguments validates itself: the range of ``seed``, one mixed
-    precision, known loggers (``report_to`` as a comma-separated string too)."""
+    precision, known and installed loggers (``report_to`` as a comma-separated string too)."""
     if not 0 <= args.seed < 2**32:
         raise ConfigError(f"seed must lie in [0, 2**32), got {args.seed}")
     if args.bf16 and args.fp16:
@@ -52,6 +59,11 @@ def check_common_arguments(args: TrainingArguments) -> None:
     unknown = [r for r in (args.report_to or []) if r not in REPORTERS]
     if unknown:
         raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; valid: {', '.join(REPORTERS)}")
+    for name in args.report_to or []:
+        packages = TRACKER_PACKAGES.get(name)
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise ConfigError(f"report_to={name} needs the {packages[0]!r} package, which is not installed "
+                              f"(pip install {packages[0]}), or set report_to=none")
     if args.report_to == ["none"]:
         args.report_to = "none"
 

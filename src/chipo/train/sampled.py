@@ -43,35 +43,30 @@ from transformers import TrainerControl, TrainerState
 from chipo.config import ConfigError
 from chipo.io import staged_into
 from chipo.train import loop
-from chipo.train.common import disk_full, disk_full_error
+from chipo.train.common import TRACKER_PACKAGES, disk_full, disk_full_error
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rundir import checkpoint_note
 
 logger = logging.getLogger("chipo")
 
-# report_to name -> the package accelerate needs for it (torch.utils.tensorboard needs `tensorboard`).
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                    "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
-                    "swanlab": ("swanlab",), "trackio": ("trackio",)}
+# The trackers accelerate logs to (chipo.train.common.TRACKER_PACKAGES says which package each needs).
+ACCELERATE_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 
 
 def trackers(config) -> list[str] | None:
     """``report_to`` as accelerate's ``log_with``: None for none; a one-line ``ConfigError`` for a tracker that
-    accelerate cannot log to here or whose package is not installed."""
+    accelerate cannot log to (whether its package is installed, the config checked already)."""
     wanted = config.report_to
     if wanted in ("none", [], None, ["none"]):
         return None
     wanted = [wanted] if isinstance(wanted, str) else list(wanted)
     if "all" in wanted:
-        return [name for name, pkgs in TRACKER_PACKAGES.items()
-                if any(importlib.util.find_spec(p) for p in pkgs)] or None
+        return [name for name in ACCELERATE_TRACKERS
+                if any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[name])] or None
     for name in wanted:
-        if name not in TRACKER_PACKAGES:
+        if name not in ACCELERATE_TRACKERS:
             raise ConfigError(f"report_to={name}: accelerate cannot log to it; use one of "
-                              f"{', '.join(TRACKER_PACKAGES)}")
-        if not any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[name]):
-            raise ConfigError(f"report_to={name} needs the {TRACKER_PACKAGES[name][0]!r} package, which is not "
-                              f"installed (pip install {TRACKER_PACKAGES[name][0]}), or set report_to=none")
+                              f"{', '.join(ACCELERATE_TRACKERS)}")
     return wanted
 
 

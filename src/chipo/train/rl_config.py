@@ -97,7 +97,8 @@ class RLConfig(TrainingArguments):
     save_steps: float = _field(50, "Checkpoint (accelerate state: policy, optimizer, scheduler, RNG) every N steps "
                                    "and at the last step, as checkpoint-<step>; save_strategy=no disables.")
     save_total_limit: int | None = _field(2, "Keep at most N checkpoints (null: all).")
-    report_to: str | list[str] | None = _field("none", "Trackers: none, tensorboard, wandb, ... (comma-separated).")
+    # None first: HfArgumentParser (TRL's TrlParser) then reads it as str; str | list[str] | None crashes it
+    report_to: None | str | list[str] = _field("none", "Trackers: none, tensorboard, wandb, ... (comma-separated).")
     resume_from_checkpoint: str | None = _field(None, "'latest' (the newest checkpoint-<step> in output_dir; a fresh "
                                                       "start when there is none) or a checkpoint directory.")
 

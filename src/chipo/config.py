@@ -160,6 +160,12 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
     """Instantiate dataclass ``cls`` from a dict, with coercion and one-line errors."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in config_fields(cls)]
+    values = dict(values)
+    for old, new in getattr(cls, "RENAMED_KEYS", {}).items():  # a field's earlier name still sets it
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{old} and {new} are the same key; give one")
+            values[new] = values.pop(old)
     kwargs = {}
     for key, value in values.items():
         if key not in names:

@@ -17,12 +17,12 @@ from accelerate import PartialState
 
 from chipo.config import dump_yaml
 from chipo.io import atomic_write_text
-from chipo.models import load_causal_lm, load_tokenizer
+from chipo.models import load_tokenizer
 from chipo.train import rundir
 from chipo.train.common import check_output_dir, save_final_model
 from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
-from chipo.train.preference_setup import apply_lora, prepare_split
+from chipo.train.preference_setup import apply_lora, load_policy, prepare_split
 
 logger = logging.getLogger("chipo")
 
@@ -39,7 +39,7 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
             datasets["eval"] = prepare_split(config, tokenizer, config.eval_dataset or config.dataset,
                                              config.eval_split)
     out = check_output_dir(config)
-    model = load_causal_lm(config.model)
+    model = load_policy(config)  # model_init_kwargs, trust_remote_code
     if config.lora:
         model = apply_lora(model, config)
 

@@ -91,10 +91,6 @@ def run_judge(args) -> dict:
     if args.details:
         check_writable_file(args.details, "--details")
     prompts, a, b, inputs = read_inputs(args)
-    if args.judge == "reward-model":
-        # registers the lab's scorers (world, world:DIR) for `model`; only here, so that an OpenAI judge (and
-        # --help) runs without the lab and torch
-        import chipo.lab  # noqa: F401
     judge = build_judge(args.judge, config)
     try:
         result = judge.judge(prompts, a, b)

@@ -22,6 +22,7 @@ from chipo.train.config import PreferenceConfig
     (["--beta", "-0.5"], ["beta=-0.5"]),                               # a value may start with "-"
     (["--config", "run.yaml", "beta=0.2", "--config=b.yaml"], ["--config", "run.yaml", "beta=0.2", "--config=b.yaml"]),
     (["-h"], ["-h"]),
+    (["--openai.model", "gpt-x"], ["openai.model=gpt-x"]),            # a nested section's key, checked by it
 ])
 def test_cli_overrides_styles(argv, expected):
     assert cli_overrides(argv, PreferenceConfig) == expected
@@ -66,3 +67,14 @@ def test_every_config_command_reads_dash_dash_values(argv, message, capsys, tmp_
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("chipo: error:") and len(err.splitlines()) == 1
+
+
+def test_tldr_stage_reads_dash_dash_values(capsys):
+    """``chipo tldr cost``: ``--sft_rows 1000 --sft-epochs=2`` gives the same table as ``sft_rows=1000
+    sft_epochs=2``, and differs from the default (the SFT row counts 1,000 rows x 2 epochs)."""
+    assert main(["tldr", "cost", "--sft_rows", "1000", "--sft-epochs=2"]) == 0
+    dashed = capsys.readouterr().out
+    assert main(["tldr", "cost", "sft_rows=1000", "sft_epochs=2"]) == 0
+    assert capsys.readouterr().out == dashed and "1,000 rows x 450 tokens x 2 epoch(s)" in dashed
+    assert main(["tldr", "cost", "--bogus", "1"]) == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err

@@ -4,6 +4,8 @@
 overrides (values parsed as YAML scalars: ``beta=0.05`` is a float, ``lora=true`` a bool, ``r_max=null`` None),
 coerces every value to the field's declared type and runs the dataclass's ``__post_init__`` validation. Any problem
 is a ``ConfigError`` with one clear line (unknown key with the closest valid name, wrong type, invalid value).
+On the command line ``cli_overrides`` also reads ``--key value`` / ``--key=value`` and ``--flag`` / ``--no-flag``
+(the style of ``HfArgumentParser`` and TRL's scripts), so every command takes all three.
 
 Trainer configs are ``transformers.TrainingArguments`` subclasses (as TRL's ``DPOConfig`` is), so every
 TrainingArguments option is a config key. Values are coerced against the dataclass type hints here rather than
@@ -162,8 +164,9 @@ def cli_overrides(argv: list[str], cls: type, passthrough: tuple[str, ...] = ("c
     TRL's), ``-`` or ``_`` in names; for a bool key ``--key`` (true), ``--no-key`` / ``--no_key`` (false) and
     ``--key true|false|yes|no|on|off|1|0``. A bool key followed by any other token is the bare flag, so
     ``--lora --beta 0.1`` sets lora and beta. ``--NAME`` / ``--NAME=...`` for a name in ``passthrough`` (options
-    the command itself declares, e.g. ``--config``), ``-h`` and ``--help`` are returned unchanged. An unknown
-    ``--key`` is a ``ConfigError`` naming the closest valid key.
+    the command itself declares, e.g. ``--config``), ``-h`` and ``--help`` are returned unchanged; a dotted
+    ``--section.key value`` becomes ``section.key=value`` (a command's nested sections check their own keys). An
+    unknown ``--key`` is a ``ConfigError`` naming the closest valid key.
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in config_fields(cls)}
@@ -195,7 +198,7 @@ def cli_overrides(argv: list[str], cls: type, passthrough: tuple[str, ...] = ("c
                 out.append(f"{key}=true")
         elif key.startswith("no_") and key[3:] in bools:
             out.append(f"{key[3:]}=false")
-        elif key in names or key in renamed:
+        elif key in names or key in renamed or "." in key:  # section.key: a nested section's own key
             if following is None:
                 raise ConfigError(f"--{name} needs a value (--{name} VALUE, --{name}=VALUE or {key}=VALUE)")
             out.append(f"{key}={following}")

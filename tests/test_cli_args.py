@@ -78,3 +78,27 @@ def test_tldr_stage_reads_dash_dash_values(capsys):
     assert capsys.readouterr().out == dashed and "1,000 rows x 450 tokens x 2 epoch(s)" in dashed
     assert main(["tldr", "cost", "--bogus", "1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
+
+
+def response_length(prompts, responses):
+    """A scorer for ``chipo judge --judge reward-model --model test_cli_args:response_length``."""
+    return [float(len(r)) for r in responses]
+
+
+def test_judge_reads_dash_dash_judge_keys(tmp_path, capsys):
+    """``chipo judge``'s own options and its judge's keys side by side: ``--model X`` is the reward-model judge's
+    ``model=X``. The longer response wins: a wins 2 of 3 pairs."""
+    import json
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "p", "a": "long answer", "b": "short"}, {"prompt": "q", "a": "x", "b": "yy"},
+            {"prompt": "r", "a": "abcd", "b": "abc"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "res.json"
+    assert main(["judge", "--pairs", str(pairs), "--judge", "reward-model", "--output", str(out),
+                 "--model", "test_cli_args:response_length", "--batch-size=2"]) == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["judge"] == "reward-model:test_cli_args:response_length" and res["win_rate_a"] == pytest.approx(2 / 3)
+    refused = ["judge", "--pairs", str(pairs), "--judge", "openai", "--output", str(out), "--max_concurency", "2"]
+    assert main(refused) == 2
+    assert "did you mean 'max_concurrency'" in capsys.readouterr().err

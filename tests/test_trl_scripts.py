@@ -99,8 +99,9 @@ def test_trl_dpo_script_with_two_imports_swapped(tiny_dir, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").state_dict()
     assert any((trained[k] - base[k]).abs().max() > 0 for k in base)  # it trained
-    state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else None
-    assert state is None or state["global_step"] == 3
+    assert "Training completed" in done.stdout and "Model saved" in done.stdout  # TRL's own messages
+    logged = [line for line in done.stdout.splitlines() if "rewards/margins" in line]
+    assert len(logged) == 3, done.stdout[-2000:]  # logging_steps=1, max_steps=3
 
 
 def test_quantization_config_goes_to_from_pretrained_or_is_refused(tiny_dir, tmp_path):

@@ -2,6 +2,8 @@
 style), with ``--flag`` / ``--no-flag`` for bools; one parser (``chipo.config.cli_overrides``), tested here on its
 own and through the real ``chipo`` entry point."""
 
+import json
+
 import pytest
 import yaml
 
@@ -38,13 +40,16 @@ def test_cli_overrides_errors(argv, message):
 
 
 def test_chipo_train_with_dash_dash_arguments(tiny_dir, tmp_path):
-    """A one-step LoRA run given entirely in ``--key value`` style; run_config.yaml records every value."""
+    """A one-step LoRA run given entirely in ``--key value`` style; run_config.yaml records every value, and the
+    model was loaded with model_init_kwargs (TRL's key; bfloat16 weights are saved as such)."""
     out = tmp_path / "run"
     code = main(["train", "--model", str(tiny_dir / "model"), "--dataset", str(tiny_dir / "train.jsonl"),
                  "--output_dir", str(out), "--ref_cache_dir", str(tmp_path / "cache"), "--lora", "--lora_r", "4",
                  "--beta", "0.2", "--loss=dpo", "--max-steps", "1", "--per_device_train_batch_size", "8",
-                 "--save_strategy", "no", "--disable_tqdm", "--no-packing"])
+                 "--save_strategy", "no", "--disable_tqdm", "--no-packing",
+                 "--model_init_kwargs", '{"dtype": "bfloat16"}'])
     assert code == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # loaded with model_init_kwargs
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert (saved["loss"], saved["beta"], saved["lora"], saved["lora_rank"], saved["max_steps"], saved["packing"]) == \
         ("dpo", 0.2, True, 4, 1, False)
@@ -88,8 +93,6 @@ def response_length(prompts, responses):
 def test_judge_reads_dash_dash_judge_keys(tmp_path, capsys):
     """``chipo judge``'s own options and its judge's keys side by side: ``--model X`` is the reward-model judge's
     ``model=X``. The longer response wins: a wins 2 of 3 pairs."""
-    import json
-
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": "p", "a": "long answer", "b": "short"}, {"prompt": "q", "a": "x", "b": "yy"},
             {"prompt": "r", "a": "abcd", "b": "abc"}]

@@ -80,7 +80,8 @@ class PreferenceConfig(TrainerConfig, PreferenceLossFields):
     # dict | str | None, in that order (TRL's DPOConfig): HfArgumentParser reads it as str, a JSON object.
     model_init_kwargs: dict | str | None = _field(None, "Keyword arguments for AutoModelForCausalLM.from_pretrained "
                                                         "when the model is given by name (dtype, attn_implementation, "
-                                                        "revision, ...), as TRL's DPOConfig.model_init_kwargs.")
+                                                        "revision, ...), as TRL's DPOConfig.model_init_kwargs (a model "
+                                                        "passed already loaded is used as it is).")
     trust_remote_code: bool = _field(False, "Allow models that ship their own Python code (passed to "
                                             "from_pretrained), as in TRL's DPOConfig.")
     # --- reference model

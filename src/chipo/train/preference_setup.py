@@ -132,8 +132,6 @@ def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_datas
 
     if model is None or isinstance(model, str):
         model = load_policy(config, model, quantization_config)
-    elif config.model_init_kwargs:
-        raise ConfigError("model_init_kwargs applies when the model is given by name; this model is already loaded")
     if peft_config is not None:
         from peft import get_peft_model
 

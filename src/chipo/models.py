@@ -19,12 +19,12 @@ def _first_line(error: Exception) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """``AutoTokenizer`` with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load tokenizer {name_or_path!r}: {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:

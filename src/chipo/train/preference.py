@@ -70,7 +70,8 @@ class PreferenceTrainer(PairwiseTrainer):
         if isinstance(args, PreferenceConfig):
             if processing_class is None:  # as TRL: the model's own tokenizer (a loaded model knows its path)
                 name = getattr(getattr(model, "config", None), "_name_or_path", None) if loaded else model
-                processing_class = load_tokenizer(args.tokenizer or name or args.model)
+                processing_class = load_tokenizer(args.tokenizer or name or args.model,
+                                                  trust_remote_code=args.trust_remote_code)
             data_collator = data_collator or PreferenceCollator(pad_token_id=processing_class.pad_token_id)
             run = setup_preference_run(args, model, processing_class, train_dataset, eval_dataset, data_collator,
                                        peft_config=peft_config, ref_model=ref_model,

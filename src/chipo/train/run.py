@@ -31,7 +31,7 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model. ``callbacks``:
     extra ``transformers.TrainerCallback``s (after chipo's metrics log)."""
     config.require_model_and_data()
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
         datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}

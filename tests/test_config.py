@@ -117,3 +117,14 @@ def test_binary_and_bom_files(tmp_path):
     bom = tmp_path / "bom.yaml"
     bom.write_bytes("\ufeffmodel: m\ndataset: d\n".encode())
     assert load_config(PreferenceConfig, bom).model == "m"
+
+
+def test_renamed_lora_keys_still_read():
+    """The LoRA fields left TRL's ModelConfig names free (lora_r, lora_alpha, lora_dropout, lora_target_modules);
+    chipo's parser maps each old name onto its field, and refuses both spellings at once."""
+    config = load_config(PreferenceConfig, None, [*BASE, "lora_r=4", "lora_alpha=8", "lora_dropout=0.1",
+                                                  "lora_target_modules=q_proj,v_proj"])
+    assert (config.lora_rank, config.lora_scaling_alpha, config.lora_dropout_rate, config.lora_modules) == \
+        (4, 8, 0.1, "q_proj,v_proj")
+    with pytest.raises(ConfigError, match="lora_r and lora_rank are the same key; give one"):
+        load_config(PreferenceConfig, None, [*BASE, "lora_r=4", "lora_rank=8"])

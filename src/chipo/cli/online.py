@@ -31,9 +31,7 @@ GROUPS = {"online preference optimization (chipo)": OnlineConfig, "objective (ch
 
 
 def run(config: OnlineConfig):
-    """``chipo.train.online.run_online`` with the lab's scorers (world, world:DIR) registered for ``judge``;
-    imported here, not at the top, so that ``chipo online --help`` does not load the lab (and the data pipeline)."""
-    import chipo.lab  # noqa: F401 -- registers the lab's scorers
+    """``chipo.train.online.run_online``, imported here, not at the top, so that ``chipo online --help`` stays fast."""
     from chipo.train.online import run_online
 
     return run_online(config)

@@ -28,9 +28,7 @@ GROUPS = {"online RL (chipo)": RLConfig, "policy, prompts, sampling, optimisatio
 
 
 def run(config: RLConfig):
-    """``chipo.train.rl_run.run_rl`` with the lab's scorers (world, world:DIR) registered for ``reward`` and ``gold``;
-    imported here, not at the top, so that ``chipo rl --help`` does not load the lab (and the data pipeline)."""
-    import chipo.lab  # noqa: F401 -- registers the lab's scorers
+    """``chipo.train.rl_run.run_rl``, imported here, not at the top, so that ``chipo rl --help`` stays fast."""
     from chipo.train.rl_run import run_rl
 
     return run_rl(config)

@@ -116,7 +116,8 @@ class TrainerConfig(TrainingArguments):
     logging_steps: float = _field(10, "Log metrics every N optimizer steps.")
     logging_first_step: bool = _field(True, "Log the first step too.")
     save_strategy: str = _field("epoch", "When to save checkpoints: epoch, steps or no.")
-    report_to: str | list[str] | None = _field("none", "Loggers: none, tensorboard, wandb, ... (comma-separated).")
+    # None first: HfArgumentParser (TRL's TrlParser) then reads it as str; str | list[str] | None crashes it
+    report_to: None | str | list[str] = _field("none", "Loggers: none, tensorboard, wandb, ... (comma-separated).")
     remove_unused_columns: bool = _field(False, "Keep dataset columns (chipo's collators choose what they need).")
     resume_from_checkpoint: str | None = _field(None, "'latest' or a checkpoint directory to resume from.")
 

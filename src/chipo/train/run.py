@@ -15,12 +15,12 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from chipo.models import load_causal_lm, load_tokenizer
+from chipo.models import load_tokenizer
 from chipo.train import rundir
 from chipo.train.common import check_output_dir, run_trainer
 from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
-from chipo.train.preference_setup import apply_lora, prepare_split
+from chipo.train.preference_setup import apply_lora, load_policy, prepare_split
 
 logger = logging.getLogger("chipo")
 
@@ -29,7 +29,7 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model. ``callbacks``:
     extra ``transformers.TrainerCallback``s (after chipo's metrics log)."""
     config.require_model_and_data()
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
         datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
@@ -37,7 +37,7 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
             datasets["eval"] = prepare_split(config, tokenizer, config.eval_dataset or config.dataset,
                                              config.eval_split)
     out = check_output_dir(config)
-    model = load_causal_lm(config.model)
+    model = load_policy(config)  # model_init_kwargs, trust_remote_code
     if config.lora:
         model = apply_lora(model, config)
 

@@ -42,7 +42,8 @@ LOOP_STATE = "loop_state.json"
 """What ``chipo.train.loop`` writes last into a checkpoint of ``chipo rl`` / ``chipo online``: it marks it complete."""
 OBJECTIVE_KEYS = ("model", "ref_model", "dataset", "split", "max_train_samples", "drop_ties", "loss", "beta", "r_max",
                   "clip_margin", "link", "label_smoothing", "alpha", "length_normalize", "sft_weight", "reward_bound",
-                  "max_length", "max_prompt_length", "lora", "lora_r", "lora_alpha", "lora_target_modules")
+                  "max_length", "max_prompt_length", "lora", "lora_rank", "lora_scaling_alpha",
+                  "lora_modules")
 """run_config.yaml keys that define the optimisation problem (Huang et al. 2024, arXiv 2407.13399: the loss, its
 beta, the data and pi_ref/pi_theta): resuming a checkpoint trained on another objective would mix two runs."""
 LENGTH_KEYS = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps")

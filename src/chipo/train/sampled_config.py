@@ -78,7 +78,8 @@ class SampledConfig(TrainingArguments):
                                    "steps and at the last step, as checkpoint-<step>; 0 or save_strategy=no: never "
                                    "(the final policy is always saved).")
     save_total_limit: int | None = _field(2, "Keep at most N checkpoints (null: all).")
-    report_to: str | list[str] | None = _field("none", "Trackers (accelerate's): none, tensorboard, wandb, ... "
+    # None first: HfArgumentParser (TRL's TrlParser) then reads it as str; str | list[str] | None crashes it
+    report_to: None | str | list[str] = _field("none", "Trackers (accelerate's): none, tensorboard, wandb, ... "
                                                        "(comma-separated).")
     resume_from_checkpoint: str | None = _field(None, "'latest' (the newest complete checkpoint-<step> in output_dir; "
                                                       "a fresh start when there is none) or a checkpoint directory.")

@@ -34,7 +34,8 @@ from chipo.train.rundir import check_output_path
 logger = logging.getLogger("chipo")
 
 # report_to name -> the packages that provide it (torch.utils.tensorboard needs `tensorboard`; tensorboardX also works
-# for transformers' callback); checked when the config is built, so a missing one is one line, not a traceback.
+# for transformers' callback); checked when a run starts (``check_trackers``), so a missing one is one line, not a
+# traceback. (Not when the config is built: a config may be written on a machine other than the one that runs it.)
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
                     "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
                     "swanlab": ("swanlab",), "trackio": ("trackio",), "neptune": ("neptune",),
@@ -49,7 +50,7 @@ def _has_accelerator() -> bool:
 
 def check_common_arguments(args: TrainingArguments) -> None:
     """Checks every chipo config shares, before TrainingArguments validates itself: the range of ``seed``, one mixed
-    precision, known and installed loggers (``report_to`` as a comma-separated string too)."""
+    precision, known loggers (``report_to`` as a comma-separated string too)."""
     if not 0 <= args.seed < 2**32:
         raise ConfigError(f"seed must lie in [0, 2**32), got {args.seed}")
     if args.bf16 and args.fp16:
@@ -59,11 +60,6 @@ def check_common_arguments(args: TrainingArguments) -> None:
     unknown = [r for r in (args.report_to or []) if r not in REPORTERS]
     if unknown:
         raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; valid: {', '.join(REPORTERS)}")
-    for name in args.report_to or []:
-        packages = TRACKER_PACKAGES.get(name)
-        if packages and not any(importlib.util.find_spec(p) for p in packages):
-            raise ConfigError(f"report_to={name} needs the {packages[0]!r} package, which is not installed "
-                              f"(pip install {packages[0]}), or set report_to=none")
     if args.report_to == ["none"]:
         args.report_to = "none"
 
@@ -195,6 +191,16 @@ def save_final_model(trainer, tokenizer, out: Path, merge_lora: bool) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_trackers(config) -> None:
+    """One-line ``ConfigError`` for a ``report_to`` tracker whose package is not installed (before any work)."""
+    report_to = config.report_to
+    for name in [report_to] if isinstance(report_to, str) else report_to or []:
+        packages = TRACKER_PACKAGES.get(name)
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise ConfigError(f"report_to={name} needs the {packages[0]!r} package, which is not installed "
+                              f"(pip install {packages[0]}), or set report_to=none")
 
 
 def disk_full(exc: BaseException, out: Path) -> bool:

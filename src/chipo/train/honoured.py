@@ -48,7 +48,11 @@ label smoother (``label_smoothing_factor``) never runs (``chipo train`` has its 
 
 
 def _plain(value):
-    return value.value if isinstance(value, enum.Enum) else value
+    value = value.value if isinstance(value, enum.Enum) else value
+    # "Off" spelled several ways (HfArgumentParser turns a default of "no" into False, None into ""): all one value.
+    if value in (None, False, "", "no", "none", "false") or (isinstance(value, (list, dict, tuple)) and not value):
+        return None
+    return value
 
 
 def unread_keys(config, honoured: frozenset[str]) -> list[str]:

@@ -44,7 +44,7 @@ from chipo.config import ConfigError
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
 from chipo.models import load_sequence_classifier, load_tokenizer
 from chipo.sequences import layouts_agree, pack_batch, single_row_attention
-from chipo.train.common import check_output_dir, run_trainer
+from chipo.train.common import check_output_dir, check_trackers, run_trainer
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
 from chipo.train.rundir import MetricsLog
@@ -216,6 +216,7 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
 def run_reward_training(config: RewardConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF reward model + tokenizer."""
     config.require_model_and_data()
+    check_trackers(config)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     datasets = {"train": prepare_reward_split(config, tokenizer, config.dataset, config.split,
                                               config.max_train_samples)}

@@ -17,7 +17,7 @@ from accelerate import PartialState
 
 from chipo.models import load_tokenizer
 from chipo.train import rundir
-from chipo.train.common import check_output_dir, run_trainer
+from chipo.train.common import check_output_dir, check_trackers, run_trainer
 from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
 from chipo.train.preference_setup import apply_lora, load_policy, prepare_split
@@ -29,6 +29,7 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model. ``callbacks``:
     extra ``transformers.TrainerCallback``s (after chipo's metrics log)."""
     config.require_model_and_data()
+    check_trackers(config)
     tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():

@@ -43,7 +43,7 @@ from transformers import TrainerControl, TrainerState
 from chipo.config import ConfigError
 from chipo.io import staged_into
 from chipo.train import loop
-from chipo.train.common import TRACKER_PACKAGES, disk_full, disk_full_error
+from chipo.train.common import TRACKER_PACKAGES, check_trackers, disk_full, disk_full_error
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rundir import checkpoint_note
 
@@ -55,7 +55,7 @@ ACCELERATE_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", 
 
 def trackers(config) -> list[str] | None:
     """``report_to`` as accelerate's ``log_with``: None for none; a one-line ``ConfigError`` for a tracker that
-    accelerate cannot log to (whether its package is installed, the config checked already)."""
+    accelerate cannot log to (``make_accelerator`` checks first that its package is installed)."""
     wanted = config.report_to
     if wanted in ("none", [], None, ["none"]):
         return None
@@ -76,6 +76,7 @@ def make_accelerator(config, command: str):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration
 
+    check_trackers(config)
     log_with = trackers(config)
     config.device  # noqa: B018 -- TrainingArguments sets up the (possibly distributed) state it describes
     project = ProjectConfiguration(project_dir=config.output_dir, automatic_checkpoint_naming=False,

@@ -29,7 +29,7 @@ from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
 from chipo.logprobs import logprobs_from_logits
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.sequences import layouts_agree, single_row_attention
-from chipo.train.common import check_output_dir, run_trainer
+from chipo.train.common import check_output_dir, check_trackers, run_trainer
 from chipo.train.pairwise import NonFiniteGradientGuard
 from chipo.train.rundir import MetricsLog
 from chipo.train.sft_config import SFTConfig
@@ -137,6 +137,7 @@ def run_sft(config: SFTConfig) -> Path:
     ``chipo.train.common.run_trainer`` (lock, overwrite, resume, objective check, metrics cut back).
     """
     config.require_model_and_data()
+    check_trackers(config)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():

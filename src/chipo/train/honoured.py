@@ -23,7 +23,7 @@ from chipo.config import ConfigError
 TRAINING_ARGUMENTS = tuple(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 
 # Read by TrainingArguments.__post_init__ / its device set-up, whichever loop runs afterwards.
-SETUP = frozenset({"output_dir", "use_cpu", "local_rank", "ddp_backend", "ddp_timeout", "tf32", "log_on_each_node"})
+SETUP = frozenset({"output_dir", "use_cpu", "local_rank", "ddp_backend", "ddp_timeout", "tf32"})
 
 SAMPLED_HONOURED = SETUP | frozenset({
     # chipo.train.loop.optimizer_and_scheduler: Trainer's optimizer and schedule from these

@@ -1,7 +1,7 @@
 """``OveroptimizationCallback``: the gold-free overoptimization monitor (``chipo.monitor``) inside any
 ``transformers.Trainer`` -- chipo's ``PreferenceTrainer`` (``chipo train monitor=warn``) or TRL's ``DPOTrainer``.
 
-At every evaluation (at every epoch end when the trainer never evaluates) it measures the signals of the current
+At every evaluation it measures the signals of the current
 policy on a small prompt set, logs them under ``monitor/`` through the trainer's own logging (so ``report_to``
 loggers and chipo's ``metrics.jsonl`` get them) and appends them to ``<output_dir>/monitor.jsonl``. When an alarm
 rule fires (``chipo.monitor.alarm``) it records the reason, and by ``mode``:
@@ -70,10 +70,6 @@ class OveroptimizationCallback(TrainerCallback):
         if self.mode != "off" and model is not None:
             self._measure(args, state, control, model, metrics)
 
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if self.mode != "off" and model is not None and str(args.eval_strategy) in ("no", "IntervalStrategy.NO"):
-            self._measure(args, state, control, model)
-
     def on_train_end(self, args, state, control, **kwargs):
         if self.mode != "off" and self.history and state.is_world_process_zero:
             write_json(Path(args.output_dir) / "monitor.json", self.summary(args.output_dir))
@@ -81,7 +77,7 @@ class OveroptimizationCallback(TrainerCallback):
     # --- work
     def _measure(self, args, state, control, model, metrics: dict | None = None) -> None:
         if self.history and self.history[-1]["step"] == state.global_step:
-            return  # evaluated and epoch end at the same step: once
+            return  # one measurement per step (e.g. an evaluation right at the start)
         signals = self.monitor.measure(model)
         reason = check(signals, self.rules)
         self.history.append({"step": state.global_step, "epoch": state.epoch, **signals})
@@ -124,12 +120,12 @@ class OveroptimizationCallback(TrainerCallback):
 class MonitorFields:
     """``chipo train``'s monitor keys (mixed into ``PreferenceConfig``)."""
 
-    monitor: str = _field("warn", "Overoptimization monitor at each evaluation (each epoch without eval): off, log "
-                                  "(log the signals), warn (and one line when an alarm rule fires), stop (and stop "
-                                  "training). Signals: KL and chi-squared to pi_ref on the policy's samples, "
-                                  "off-support rate, held-out displacement and implicit accuracy (monitor/*).")
-    monitor_prompts: int = _field(16, "Prompts the monitor samples (the first of the eval data, else of the "
-                                      "training data).")
+    monitor: str = _field("warn", "Overoptimization monitor at each evaluation (so only with eval_split or "
+                                  "eval_dataset): off, log (log the signals), warn (and one line when an alarm rule "
+                                  "fires), stop (and stop training). Signals (monitor/*): KL and chi-squared to "
+                                  "pi_ref on the policy's samples, off-support rate, held-out displacement and "
+                                  "implicit accuracy, length, entropy, clip rate.")
+    monitor_prompts: int = _field(16, "Held-out prompts the monitor samples (the first of the eval data).")
     monitor_samples: int = _field(8, "Monitor samples per prompt.")
     monitor_max_new_tokens: int = _field(64, "Max new tokens of the monitor's samples.")
     monitor_rules: list[str] | None = _field(None, "Alarm rules 'signal>x' / 'signal<x' (null: the defaults of "
@@ -151,27 +147,26 @@ class MonitorFields:
 def monitor_for(trainer, args, max_pairs: int = 256) -> OveroptimizationCallback | None:
     """The callback for a ``PreferenceTrainer`` built from a ``PreferenceConfig`` (None when ``monitor=off``).
 
-    Prompts: the first ``monitor_prompts`` distinct prompts of the eval split (else of the training data); the eval
-    split's first ``max_pairs`` rows are the held-out pairs (with pi_ref's precomputed log-probs when present).
+    It measures at evaluations, so it needs evaluation data: idle (None) without it. Prompts: the first
+    ``monitor_prompts`` distinct prompts of the eval split; its first ``max_pairs`` rows are the held-out pairs (with
+    pi_ref's precomputed log-probs when present).
     pi_ref: the trainer's frozen copy, the policy with adapters off (LoRA), ``ref_model`` loaded once, or else a copy
     of the initial policy taken now, before training (memory for one more model: ``monitor=off`` avoids it)."""
     import torch
 
     from chipo.monitor import HeldoutPairs
 
-    if args.monitor == "off":
+    held = trainer.eval_dataset if hasattr(trainer.eval_dataset, "select") else None
+    if args.monitor == "off" or held is None:
+        if args.monitor != "off":
+            logger.info("overoptimization monitor: no evaluation data (eval_split / eval_dataset), so it stays idle")
         return None
-    held = trainer.eval_dataset if trainer.eval_dataset is not None and hasattr(trainer.eval_dataset, "select") \
-        else None
-    source = held if held is not None else trainer.train_dataset
-    rows = source.select(range(min(len(source), max_pairs)))
+    rows = held.select(range(min(len(held), max_pairs)))
     prompts = list(dict.fromkeys(tuple(p) for p in rows["prompt_input_ids"]))[:args.monitor_prompts]
-    pairs = None
-    if held is not None:
-        refs = [torch.tensor(rows[c], dtype=torch.float64) for c in ("ref_chosen_logps", "ref_rejected_logps")
-                if c in rows.column_names]
-        pairs = HeldoutPairs(rows["prompt_input_ids"], rows["chosen_input_ids"], rows["rejected_input_ids"],
-                             *(refs if len(refs) == 2 else ()))
+    refs = [torch.tensor(rows[c], dtype=torch.float64) for c in ("ref_chosen_logps", "ref_rejected_logps")
+            if c in rows.column_names]
+    pairs = HeldoutPairs(rows["prompt_input_ids"], rows["chosen_input_ids"], rows["rejected_input_ids"],
+                         *(refs if len(refs) == 2 else ()))
     ref_model = trainer.ref_model
     if ref_model is None and not trainer.ref_adapter_disabled:
         if args.ref_model:

@@ -38,9 +38,9 @@ def test_monitor_key_validation(tiny_dir, tmp_path):
 
 
 def test_chipo_train_logs_signals_and_stops_on_alarm(tiny_dir, tmp_path, caplog):
-    """``monitor=stop`` with a rule that fires at the first evaluation after training starts (KL > 0 once the
-    policy moved): signals in metrics.jsonl and monitor.jsonl, one warning line naming the reason, training stopped at
-    that evaluation, monitor.json naming the step before it (pi_ref, step 0) as the monitor's best."""
+    """``monitor=stop`` with a rule that fires at the first evaluation (KL > 0 once the policy moved): signals in
+    metrics.jsonl and monitor.jsonl, one warning line naming the reason, training stopped at that evaluation,
+    monitor.json naming the initial policy (step 0, before the first evaluation) as the monitor's best."""
     from chipo.train.run import run_training
 
     config = _config(tiny_dir, tmp_path, monitor="stop", monitor_rules=["kl_k3>1e-6"])
@@ -48,10 +48,9 @@ def test_chipo_train_logs_signals_and_stops_on_alarm(tiny_dir, tmp_path, caplog)
         out = run_training(config)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [m for m in metrics if "monitor/off_support" in m]
-    assert [m["step"] for m in logged] == [0, 2]
-    assert logged[0]["monitor/kl_k3"] == pytest.approx(0.0, abs=1e-9) and logged[1]["monitor/kl_k3"] > 1e-6
-    assert [m["monitor/alarm"] for m in logged] == [0.0, 1.0]
-    assert {"monitor/implicit_acc", "monitor/chosen_logratio", "monitor/entropy"} <= set(logged[1])
+    assert [m["step"] for m in logged] == [2]
+    assert logged[0]["monitor/kl_k3"] > 1e-6 and logged[0]["monitor/alarm"] == 1.0
+    assert {"monitor/implicit_acc", "monitor/chosen_logratio", "monitor/entropy"} <= set(logged[0])
     # The trainer's own training-window metrics are untouched by the monitor's log calls.
     train_logs = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in train_logs] == [1, 2] and all("rewards/accuracies" in m for m in train_logs)
@@ -59,21 +58,24 @@ def test_chipo_train_logs_signals_and_stops_on_alarm(tiny_dir, tmp_path, caplog)
     warnings = [r.getMessage() for r in caplog.records if "overoptimization monitor" in r.getMessage()]
     assert len(warnings) == 1 and "kl_k3" in warnings[0] and "step 2" in warnings[0] and "stopping" in warnings[0]
     summary = json.loads((out / "monitor.json").read_text())
-    assert summary["alarm"]["step"] == 2 and summary["best_step"] == 0 and summary["evaluations"] == 2
+    assert summary["alarm"]["step"] == 2 and summary["best_step"] == 0 and summary["evaluations"] == 1
     rows = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
-    assert [r["alarm"] is not None for r in rows] == [False, True]
+    assert [r["alarm"] is not None for r in rows] == [True]
 
 
 def test_monitor_log_mode_is_silent_and_idle_without_eval(tiny_dir, tmp_path, caplog):
-    """``monitor=log``: the alarm is logged as a flag, no warning, training runs to the end. Without evaluation
-    data the monitor stays idle (no reference copy, no measurements)."""
+    """``monitor=log``: the alarm is logged as a flag, no warning, training runs to the end. A rule that never fires
+    (KL estimates are finite): no alarm. Without evaluation data the monitor stays idle (no measurements)."""
     from chipo.train.run import run_training
 
     with caplog.at_level(logging.WARNING, logger="chipo"):
         out = run_training(_config(tiny_dir, tmp_path, monitor="log", monitor_rules=["kl_k3>1e-6"]))
     assert not [r for r in caplog.records if "overoptimization monitor" in r.getMessage()]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["monitor/alarm"] for m in logged if "monitor/alarm" in m] == [0.0, 1.0, 1.0]
+    assert [m["monitor/alarm"] for m in logged if "monitor/alarm" in m] == [1.0, 1.0]
+    quiet = run_training(_config(tiny_dir, tmp_path / "q", monitor="warn", monitor_rules=["kl_k3>1e9"]))
+    assert json.loads((quiet / "monitor.json").read_text())["alarm"] is None
+    assert json.loads((quiet / "monitor.json").read_text())["best_step"] == 4
     idle = run_training(_config(tiny_dir, tmp_path / "b", eval_dataset=None, eval_split=None, eval_strategy="no",
                                 max_steps=1))
     assert not (idle / "monitor.jsonl").exists()
@@ -109,6 +111,6 @@ def test_plain_callback_with_trl_dpo_trainer(tiny_dir, tmp_path):
     trainer.train()
     assert trainer.state.global_step == 2  # stopped at the first evaluation's alarm
     logged = [h for h in trainer.state.log_history if "monitor/kl_k3" in h]
-    assert [h["step"] for h in logged] == [0, 2] and logged[-1]["monitor/alarm"] == 1.0
+    assert [h["step"] for h in logged] == [2] and logged[-1]["monitor/alarm"] == 1.0
     assert (tmp_path / "trl" / "monitor.jsonl").is_file()
     assert callback.summary()["best_step"] == 0

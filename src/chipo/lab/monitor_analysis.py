@@ -33,6 +33,12 @@ SIGNALS: dict[str, bool] = {  # name -> goes up when overoptimizing
 }
 """Candidate alarm signals, all gold-free (the held-out pairs' labels are preference labels, not gold)."""
 
+TRANSFERABLE = ("off_support", "acc_gap", "clip_rate")
+"""The signals a shipped default rule may use: fractions, comparable across models, response lengths and data (the
+off-support rate is calibrated on pi_ref's own samples). KL, log-ratios, margins and entropy are in nats per
+response and scale with its length, so a threshold tuned on this world's 4-letter responses would not transfer.
+Fixed before the test runs were looked at; every signal's own tuned rule is reported beside it."""
+
 KEY = ["loss", "beta", "seed"]
 
 
@@ -71,24 +77,24 @@ def outcome(run: pd.DataFrame, rules: Sequence[AlarmRule]) -> dict:
 
 
 def tune(tuning: dict[tuple, pd.DataFrame], signals: Sequence[str] = tuple(SIGNALS)) -> pd.DataFrame:
-    """For every signal, the threshold with the smallest mean regret on the tuning runs (ties: the later alarm,
-    i.e. the more permissive threshold), best first."""
+    """For every signal, the threshold with the smallest mean regret on the tuning runs, best signal first. Ties
+    (a range of thresholds with the same regret, common with few runs) go to the median of the tied thresholds: the
+    farthest from both an earlier and a later alarm."""
     pooled = pd.concat(tuning.values())
     out = []
     for name in signals:
         if name not in pooled or pooled[name].isna().all():
             continue
         up = SIGNALS[name]
-        best = None
         grid = thresholds(pooled[name].to_numpy(dtype=float))
-        for t in (grid if up else grid[::-1]):  # permissive to strict: ties keep the first (latest alarm)
-            rule = AlarmRule(name, float(t), up)
-            regret = float(np.mean([outcome(r, [rule])["regret"] for r in tuning.values()]))
-            if best is None or regret < best[1] - 1e-12:
-                best = (rule, regret)
-        if best is not None:
-            out.append({"signal": name, "above": up, "threshold": best[0].threshold, "tuning_regret": best[1]})
-    return pd.DataFrame(out).sort_values("tuning_regret").reset_index(drop=True)
+        regrets = np.array([np.mean([outcome(r, [AlarmRule(name, float(t), up)])["regret"] for r in tuning.values()])
+                            for t in grid])
+        if not len(grid):
+            continue
+        tied = grid[regrets <= regrets.min() + 1e-12]
+        out.append({"signal": name, "above": up, "threshold": float(np.quantile(tied, 0.5, method="lower")),
+                    "tuning_regret": float(regrets.min())})
+    return pd.DataFrame(out).sort_values("tuning_regret", kind="stable").reset_index(drop=True)
 
 
 def fixed_step(tuning: dict[tuple, pd.DataFrame]) -> int:
@@ -103,12 +109,14 @@ def at_step(run: pd.DataFrame, step: int) -> float:
     return float(run[run["step"] <= step]["gold"].iloc[-1])
 
 
-def analyse(table: pd.DataFrame, tune_seeds: Sequence[int], tune_beta: float) -> dict:
-    """Everything the section reports (module docstring), as tables."""
+def analyse(table: pd.DataFrame, tune_seeds: Sequence[int], tune_beta: float,
+            candidates: Sequence[str] = TRANSFERABLE) -> dict:
+    """Everything the section reports (module docstring), as tables; the tested rule is the best of
+    ``candidates`` on the tuning runs."""
     by_run = runs(table)
     tuning = {k: r for k, r in by_run.items() if k[1] == tune_beta and k[2] in set(tune_seeds)}
     tuned = tune(tuning)
-    best = tuned.iloc[0]
+    best = tuned[tuned["signal"].isin(list(candidates))].iloc[0]
     rule = AlarmRule(best["signal"], float(best["threshold"]), bool(best["above"]))
     stop_step = fixed_step(tuning)
     per_run = []
@@ -174,14 +182,14 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def when_to_stop_section(table: pd.DataFrame, tune_seeds: Sequence[int] = (0, 1, 2, 3), tune_beta: float = 0.05,
-                         alpha: float = 0.05) -> str:
+                         alpha: float = 0.05, candidates: Sequence[str] = TRANSFERABLE) -> str:
     """The "When to stop" section of the demo report (markdown) from the validation rows (one per run and step).
 
     Numbers come from ``analyse``; each sentence that claims something is printed only when its Holm-corrected
     test passes; otherwise the section says the claim was not shown."""
     if table is None or not len(table):
         return ""
-    res = analyse(table, tune_seeds, tune_beta)
+    res = analyse(table, tune_seeds, tune_beta, candidates)
     rule, per_run, tested = res["rule"], res["per_run"], res["tests"]
     n_runs, seeds = len(per_run), sorted(per_run["seed"].unique())
     lines = ["## When to stop: the overoptimization monitor against gold", "",
@@ -191,8 +199,10 @@ def when_to_stop_section(table: pd.DataFrame, tune_seeds: Sequence[int] = (0, 1,
              f"{n_runs} runs (losses {', '.join(sorted(per_run['loss'].unique()))}, betas "
              f"{', '.join(f'{b:g}' for b in sorted(per_run['beta'].unique()))}, seeds {seeds[0]}-{seeds[-1]}). "
              f"The alarm rule and its threshold were chosen on seeds {', '.join(map(str, tune_seeds))} at beta "
-             f"{tune_beta:g} only (smallest mean regret); every other run is a test run. Regret = gold at the gold "
-             "peak (oracle early stopping) minus gold of the checkpoint kept (the evaluation before the first alarm).",
+             f"{tune_beta:g} only (smallest mean regret among the signals that are fractions, so a threshold can "
+             f"carry over to other models: {', '.join(candidates)}); every other run is a test run. Regret = gold "
+             "at the gold peak (oracle early stopping) minus gold of the checkpoint kept (the evaluation before the "
+             "first alarm).",
              "", f"**Chosen rule: `{rule.signal} {'>' if rule.above else '<'} {rule.threshold:.3g}`.** "
              f"Fixed-step baseline (no monitor; the step with the best mean gold on the tuning runs): step "
              f"{res['fixed_step']}.", "",

@@ -63,8 +63,11 @@ class OveroptimizationCallback(TrainerCallback):
 
     # --- hooks
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.mode != "off" and model is not None and not self.history:
-            self._measure(args, state, control, model)  # pi_ref's own values (or the resumed policy's)
+        if self.mode != "off" and model is not None:
+            # pi_ref's side once, before the policy moves (with LoRA, pi_ref is the policy with adapters off). No
+            # measurement of the initial policy itself: at pi = pi_ref every signal has its reference value (KL,
+            # displacement 0; accuracy 1/2; off-support rate ~ the quantile), and it would cost one more sampling.
+            self.monitor.calibrate(model)
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if self.mode != "off" and model is not None:
@@ -82,7 +85,8 @@ class OveroptimizationCallback(TrainerCallback):
         reason = check(signals, self.rules)
         self.history.append({"step": state.global_step, "epoch": state.epoch, **signals})
         if reason and self.alarm is None:
-            best = self.history[-2]["step"] if len(self.history) > 1 else state.global_step
+            # The evaluation before the alarm; at the first evaluation that is the initial policy (step 0).
+            best = self.history[-2]["step"] if len(self.history) > 1 else 0
             self.alarm = {"step": state.global_step, "reason": reason, "best_step": best}
             if self.mode in ("warn", "stop") and state.is_world_process_zero:
                 logger.warning("overoptimization monitor at step %d: %s; best checkpoint by the monitor: step %d%s",

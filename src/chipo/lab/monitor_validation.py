@@ -233,3 +233,38 @@ def run_validation(out_dir: str | os.PathLike, settings: ValidationSettings | No
             rows = future.result()
             echo(f"  {futures[future]}: {len(rows)} evaluations, {time.perf_counter() - start:.0f} s so far")
     return sink
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m chipo.lab.monitor_validation OUT_DIR [SEEDS]``: run (or finish) the validation, then write
+    ``when_to_stop.md`` (``chipo.lab.monitor_analysis.when_to_stop_section``) and ``per_run.csv`` beside it."""
+    import argparse
+    import resource
+
+    import pandas as pd
+
+    from chipo.lab.monitor_analysis import analyse, when_to_stop_section
+    from chipo.lab.runs import _quiet_libraries, read_results
+
+    parser = argparse.ArgumentParser(prog="python -m chipo.lab.monitor_validation")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seeds", type=int, default=ValidationSettings.seeds)
+    parser.add_argument("--epochs", type=int, default=ValidationSettings.epochs)
+    parser.add_argument("--tune-seeds", type=int, default=4, help="seeds 0..N-1 at --tune-beta tune the rule")
+    parser.add_argument("--tune-beta", type=float, default=0.05)
+    a = parser.parse_args(argv)
+    _quiet_libraries()
+    start = time.perf_counter()
+    sink = run_validation(a.out_dir, ValidationSettings(seeds=a.seeds, epochs=a.epochs))
+    table = pd.DataFrame(read_results(sink))
+    tune_seeds = tuple(range(a.tune_seeds))
+    out = Path(a.out_dir)
+    (out / "when_to_stop.md").write_text(when_to_stop_section(table, tune_seeds, a.tune_beta))
+    analyse(table, tune_seeds, a.tune_beta)["per_run"].to_csv(out / "per_run.csv", index=False)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"done in {time.perf_counter() - start:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} s CPU in "
+          f"workers, load average {os.getloadavg()[0]:.1f}; {out / 'when_to_stop.md'}")
+
+
+if __name__ == "__main__":
+    main()

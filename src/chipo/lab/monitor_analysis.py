@@ -7,7 +7,8 @@ evaluation with the highest gold (the oracle's early stop); a rule's choice is t
 
 The split is fixed before looking at the test runs: rules and thresholds are tuned on the tuning seeds at the
 tuning beta only (both losses), by the smallest mean regret over those runs; the test runs are the other seeds at
-the tuning beta (held-out seeds) and every seed at the other beta (held-out beta). Comparisons are paired by seed
+the tuning beta (held-out seeds) and every seed at the other beta (held-out beta; its tuning seeds share their
+preference data with tuning runs, not their training). Comparisons are paired by seed
 (the unit: each seed has its own preference data), one-sided paired t tests (``chipo.stats.paired_t``) with Holm's
 correction over the family of claims.
 
@@ -121,8 +122,7 @@ def analyse(table: pd.DataFrame, tune_seeds: Sequence[int], tune_beta: float,
     stop_step = fixed_step(tuning)
     per_run = []
     for key, run in by_run.items():
-        split = ("tuning" if key in tuning else "held-out seeds" if key[1] == tune_beta
-                 else "held-out beta, tuning seeds" if key[2] in set(tune_seeds) else "held-out beta and seeds")
+        split = "tuning" if key in tuning else "held-out seeds" if key[1] == tune_beta else "held-out beta"
         gold = run["gold"].to_numpy()
         peak = int(gold.argmax())
         row = {"loss": key[0], "beta": key[1], "seed": key[2], "split": split, "peak_step": int(run["step"][peak]),

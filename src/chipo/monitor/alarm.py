@@ -2,8 +2,8 @@
 
 A rule is a threshold on one signal of ``chipo.monitor.signals`` (above or below). The monitor's choice of checkpoint
 is the last evaluation before the first alarm (the last one when no alarm fires): the policy a user who stops at
-the alarm keeps. ``DEFAULT_RULES`` and their thresholds were chosen on the embedded world's runs (seeds 0-3, beta
-0.05) and tested on held-out seeds and the other beta (``chipo.lab.monitor_validation``, benchmarks/RESULTS.md).
+the alarm keeps. ``DEFAULT_RULES`` was chosen on the embedded world's runs (seeds 0-3, beta 0.05) and tested on held-out
+seeds and the other beta (``chipo.lab.monitor_validation``; numbers in docs/monitor-validation/).
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def chosen_index(history: Sequence[Mapping[str, float]], rules: Sequence[AlarmRu
 
 
 DEFAULT_RULES: tuple[AlarmRule, ...] = (
-    AlarmRule("off_support", 0.2, True, "the policy's samples leave pi_ref's support"),
+    AlarmRule("off_support", 0.086, True, "the policy's samples leave pi_ref's support; gold fell after this in the "
+                                          "lab's runs"),
 )
-"""Provisional until the lab's validation picks the rule (``chipo.lab.monitor_analysis``)."""
+"""Chosen on the embedded world (``chipo.lab.monitor_validation``: DPO and chiPO, 16 epochs, 33 evaluations per run)
+among the fraction-valued signals, on seeds 0-3 at beta 0.05, by the smallest mean regret against oracle early
+stopping (0.086 is the tuned 0.0859 rounded); tested on seeds 4-7 and on beta 0.005 (docs/monitor-validation/).
+It assumes the default calibration (``MonitorSettings.quantile`` 0.02: at pi = pi_ref the rate is about 0.02, with a
+standard error of about 0.012 at 128 samples, so 0.086 sits about 5 standard errors above it)."""

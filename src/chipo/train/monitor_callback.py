@@ -136,6 +136,9 @@ class MonitorFields:
                                                    "chipo.monitor.alarm).")
 
     def check_monitor(self) -> None:
+        # YAML reads `monitor=off` as the boolean false (YAML 1.1 bools), which reaches a str field as "no" / "False".
+        if isinstance(self.monitor, bool) or str(self.monitor).lower() in ("no", "false", "yes", "true", "on"):
+            self.monitor = "off" if str(self.monitor).lower() in ("no", "false") else "warn"
         if self.monitor not in MODES:
             raise ConfigError(f"monitor must be one of {', '.join(MODES)}, got {self.monitor!r}")
         for name in ("monitor_prompts", "monitor_samples", "monitor_max_new_tokens"):

@@ -35,6 +35,12 @@ def test_monitor_key_validation(tiny_dir, tmp_path):
         _config(tiny_dir, tmp_path, monitor_samples=0)
     with pytest.raises(ConfigError, match="SIGNAL>NUMBER"):
         _config(tiny_dir, tmp_path, monitor_rules=["kl?3"])
+    # `monitor=off` on the command line: YAML reads off as false.
+    from chipo.config import load_config
+    from chipo.train.config import PreferenceConfig
+
+    assert load_config(PreferenceConfig, None, ["monitor=off", f"output_dir={tmp_path}"]).monitor == "off"
+    assert load_config(PreferenceConfig, None, ["monitor=stop", f"output_dir={tmp_path}"]).monitor == "stop"
 
 
 def test_chipo_train_logs_signals_and_stops_on_alarm(tiny_dir, tmp_path, caplog):
@@ -114,3 +120,16 @@ def test_plain_callback_with_trl_dpo_trainer(tiny_dir, tmp_path):
     assert [h["step"] for h in logged] == [2] and logged[-1]["monitor/alarm"] == 1.0
     assert (tmp_path / "trl" / "monitor.jsonl").is_file()
     assert callback.summary()["best_step"] == 0
+
+
+def test_monitor_with_lora_uses_the_adapters_off_policy_as_reference(tiny_dir, tmp_path):
+    """LoRA: pi_ref is the policy with its adapters disabled (no copy); adapters start at zero, so right after the
+    first step the measured KL is small but the run completes and the signals are finite."""
+    import math
+
+    from chipo.train.run import run_training
+
+    out = run_training(_config(tiny_dir, tmp_path, lora=True, lora_r=4, monitor="log", max_steps=2))
+    rows = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]
+    assert all(math.isfinite(v) for k, v in rows[0].items() if isinstance(v, float))

@@ -128,7 +128,9 @@ class MonitorFields:
                                   "eval_dataset): off, log (log the signals), warn (and one line when an alarm rule "
                                   "fires), stop (and stop training). Signals (monitor/*): KL and chi-squared to "
                                   "pi_ref on the policy's samples, off-support rate, held-out displacement and "
-                                  "implicit accuracy, length, entropy, clip rate.")
+                                  "implicit accuracy, length, entropy, clip rate. Cost: a pi_ref copy in memory "
+                                  "(reference=precompute) and per evaluation a sampling pass worth ~10 training steps "
+                                  "of a small model (benchmarks/RESULTS.md).")
     monitor_prompts: int = _field(16, "Held-out prompts the monitor samples (the first of the eval data).")
     monitor_samples: int = _field(8, "Monitor samples per prompt.")
     monitor_max_new_tokens: int = _field(64, "Max new tokens of the monitor's samples.")

@@ -133,3 +133,31 @@ def test_monitor_with_lora_uses_the_adapters_off_policy_as_reference(tiny_dir, t
     rows = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]
     assert all(math.isfinite(v) for k, v in rows[0].items() if isinstance(v, float))
+
+
+def test_callback_in_the_rl_loop(tiny_dir, tmp_path):
+    """``chipo rl``'s accelerate loop calls the TrainerCallback hooks: the monitor, passed as a plain callback
+    (``run_rl(config, callbacks=[...])``), calibrates at the start and measures at each RL evaluation (chipo rl
+    evaluates at step 0 and every eval_steps)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chipo.config import load_config
+    from chipo.toy import toy_preference_rows
+    from chipo.train.rl_config import RLConfig
+    from chipo.train.rl_run import run_rl
+
+    prompts = sorted({r["prompt"] for r in toy_preference_rows(8, seed=0)})[:4]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
+    monitor = OveroptimizationMonitor.from_texts(tokenizer, prompts[:2], ref_model=ref,
+                                                 settings=MonitorSettings(num_samples=2, max_new_tokens=4))
+    callback = OveroptimizationCallback(monitor, mode="log", rules=["kl_k3>1e9"])
+    config = load_config(RLConfig, None, [f"policy={tiny_dir / 'model'}", f"prompts={tmp_path / 'prompts.jsonl'}",
+                                          f"output_dir={tmp_path / 'rl'}", "reward=test_rl_trainer:toy_reward", "k=2",
+                                          "prompts_per_step=2", "max_new_tokens=4", "learning_rate=1e-3",
+                                          "max_steps=2", "eval_steps=2", "disable_tqdm=true", "seed=1"])
+    run_rl(config, callbacks=[callback])
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "monitor.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2] and all(r["alarm"] is None for r in rows)
+    assert rows[0]["kl_k3"] == pytest.approx(0.0, abs=1e-9) and rows[1]["kl_k3"] > 0

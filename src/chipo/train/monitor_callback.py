@@ -67,7 +67,7 @@ class OveroptimizationCallback(TrainerCallback):
             # pi_ref's side once, before the policy moves (with LoRA, pi_ref is the policy with adapters off). No
             # measurement of the initial policy itself: at pi = pi_ref every signal has its reference value (KL,
             # displacement 0; accuracy 1/2; off-support rate ~ the quantile), and it would cost one more sampling.
-            self.monitor.calibrate(model)
+            self.monitor.calibrate(getattr(model, "module", model))
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if self.mode != "off" and model is not None:
@@ -81,7 +81,8 @@ class OveroptimizationCallback(TrainerCallback):
     def _measure(self, args, state, control, model, metrics: dict | None = None) -> None:
         if self.history and self.history[-1]["step"] == state.global_step:
             return  # one measurement per step (e.g. an evaluation right at the start)
-        signals = self.monitor.measure(model)
+        # A loop that hands over its DDP-wrapped policy (chipo's sampled loops) -> the module itself, which samples.
+        signals = self.monitor.measure(getattr(model, "module", model))
         reason = check(signals, self.rules)
         self.history.append({"step": state.global_step, "epoch": state.epoch, **signals})
         if reason and self.alarm is None:

@@ -25,9 +25,9 @@ from chipo.monitor import HeldoutPairs, MonitorSettings, OveroptimizationMonitor
 
 
 def default_schedule(steps_per_epoch: int, epochs: int) -> list[int]:
-    """Evaluation steps: 0, then every step/6 of an epoch... concretely every ``steps_per_epoch // 6`` steps for
-    two epochs, every half epoch to epoch 8, every epoch after (the gold peak of the demo's runs lies in the first
-    epochs; what follows only needs to show the fall)."""
+    """Evaluation steps: every ``steps_per_epoch // 6`` steps (from step 0) for two epochs, every half epoch to epoch
+    8, every epoch after (the gold peak of the demo's runs lies in the first epochs; what follows only needs to show
+    the fall)."""
     fine, half = max(1, steps_per_epoch // 6), max(1, steps_per_epoch // 2)
     steps = set(range(0, 2 * steps_per_epoch + 1, fine))
     steps |= set(range(2 * steps_per_epoch, 8 * steps_per_epoch + 1, half))

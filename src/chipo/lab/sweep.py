@@ -302,6 +302,8 @@ class CellRunner:
             seed=seed, resume_from_checkpoint="latest" if resume else None,
             # Sampled pairs can repeat a response (y1 == y2): no preference, no gradient; drop them, counted.
             drop_ties=True,
+            # The lab evaluates every kept epoch against gold itself (chipo.lab.evaluate); no monitor in the loop.
+            monitor="off",
         )
         values.update(variant.option_dict)  # the variant's options win over the sweep-wide r_max
         return build_config(PreferenceConfig, values)

@@ -10,6 +10,7 @@ from chipo.divergences import EXP_CLAMP
 from chipo.losses import loss_names, resolve_options
 from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import TrainerConfig
+from chipo.train.monitor_callback import MonitorFields
 
 REFERENCE_MODES = ("precompute", "model")
 
@@ -63,7 +64,7 @@ class PreferenceLossFields:
 
 
 @dataclass
-class PreferenceConfig(TrainerConfig, PreferenceLossFields):
+class PreferenceConfig(TrainerConfig, PreferenceLossFields, MonitorFields):
     """Preference training of a causal LM (chiPO, DPO and variants) on a preference dataset."""
 
     # Read a JSON string for model_init_kwargs too (``--model_init_kwargs '{"dtype": "bfloat16"}'``), as TRL does.
@@ -118,6 +119,7 @@ class PreferenceConfig(TrainerConfig, PreferenceLossFields):
 
     def __post_init__(self) -> None:
         self.check_loss()
+        self.check_monitor()
         if self.reference not in REFERENCE_MODES:
             raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
         if self.logprobs_impl not in LOGPROB_IMPLS:

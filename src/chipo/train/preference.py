@@ -30,6 +30,7 @@ from chipo.losses import preference_loss
 from chipo.models import load_tokenizer
 from chipo.sequences import batch_sequence_logps, packing_matches
 from chipo.train.config import PreferenceConfig
+from chipo.train.monitor_callback import monitor_for
 from chipo.train.pairwise import NonFiniteError, NonFiniteGradientGuard, PairwiseTrainer
 from chipo.train.preference_setup import setup_preference_run
 
@@ -110,6 +111,8 @@ class PreferenceTrainer(PairwiseTrainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        # The overoptimization monitor (``monitor`` key): gold-free signals at each evaluation, alarm by rule.
+        self.monitor = monitor_for(self, args) if isinstance(args, PreferenceConfig) else None
 
     # --- the loss
     def _logps(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:

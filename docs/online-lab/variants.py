@@ -5,9 +5,10 @@
 
 ``run`` trains and evaluates ``chipo.lab.online`` methods (``online-chipo.<variant>``, ``chi2-xpo.<variant>``, see
 ``chipo.lab.online.VARIANTS``) at the online lab's defaults (seeds 0..SEEDS-1); BUDGET_FACTOR > 1 multiplies the
-label budget and evaluates at 1/3, 2/3 and all of it. ``table`` prints, per (beta, method), every seed's gold reward,
-out-of-language mass and KL at each label count of the given result directories, and whether the out-of-language
-mass stayed within 10 points of pi_ref's in every seed. Prints wall time, CPU time and load for ``run``.
+label budget and evaluates at 1/3, 2/3 and all of it; it prints wall time, CPU time and load. ``table`` prints, per
+(beta, method), every seed's gold reward, out-of-language mass and KL at the label budget (the largest label count
+of the given result directories), and whether the out-of-language mass stayed within 10 points of pi_ref's in
+every seed.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def table(*dirs: str) -> str:
     ref = next(r for r in rows if r["method"] == "pi_ref")
     limit = ref["mass_malformed"] + 0.10
     cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    budget = max(r["labels"] for r in rows)
     for r in rows:
-        if r["method"] != "pi_ref":
+        if r["method"] != "pi_ref" and r["labels"] == budget:
             cells[(r["beta"], r["method"], r["labels"])][r["seed"]] = r
     lines = [f"pi_ref: gold {ref['gold']:.3f}, out-of-language mass {100 * ref['mass_malformed']:.1f}% "
              f"(limit {100 * limit:.1f}%)", "",

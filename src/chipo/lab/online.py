@@ -43,7 +43,8 @@ from chipo.lab.world import World, WorldScorer, world_scorer
 from chipo.rewards import register_scorer
 
 # method name -> chipo online keys. chi-squared XPO = chiPO's pairwise loss + XPO's (KL-form) exploration bonus;
-# see chipo.losses.online for why the bonus stays KL-form.
+# see chipo.losses.online for why the bonus stays KL-form. Both chi-squared methods take chipo online's defaults for
+# loss=chipo, which include the bounded penalty on the policy's own samples (docs/online-lab/variants.md).
 METHODS = {
     "online-dpo": {"loss": "dpo", "exploration": "none"},
     "online-chipo": {"loss": "chipo", "exploration": "none"},

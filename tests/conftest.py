@@ -3,10 +3,19 @@
 import os
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
+
+# Property tests draw the same examples on every run and every machine: a failure is reproducible and the test
+# command cannot fail by chance on a fresh clone. derandomize=True seeds each test from its own name; no example
+# database (nothing carried between runs); no deadline (2 shared cores make timings meaningless). A test's own
+# @settings(max_examples=...) still overrides the count and inherits the rest from this profile.
+settings.register_profile("chipo", derandomize=True, database=None, max_examples=100, deadline=None,
+                          print_blob=True)
+settings.load_profile("chipo")
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def test_closed_forms_on_discrete_distribution():
     assert exact("chi2") == pytest.approx(chi2, abs=1e-14)
     assert exact("chi2mix") == pytest.approx(chi2 + kl, abs=1e-14)
     assert exact("fkl") == pytest.approx((ref * torch.log(ref / pi)).sum().item(), abs=1e-14)
-    # The seed writes KL <= D_chi2 with D_chi2 = 1/2 E_ref[(z-1)^2]; that holds only without the 1/2. This very
+    # "KL <= D_chi2" with D_chi2 = 1/2 E_ref[(z-1)^2] holds only without the 1/2. This very
     # pair is a counterexample (KL = 0.2442 > 0.23). The true bound is KL <= log(1 + 2 D_chi2) <= 2 D_chi2
     # (Jensen: KL = E_pi[log z] <= log E_pi[z] = log(1 + 2 D_chi2)).
     assert kl > chi2

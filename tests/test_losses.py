@@ -60,8 +60,8 @@ def test_chipo_clip_value_and_zero_gradient():
 
 
 def test_chipo_gradient_weight():
-    """d loss / d logp(y+) = -beta (z+ + 1) sigmoid(-margin) (field notes: chiPO reweights DPO's gradient by
-    z + 1), and d loss / d logp(y-) = +beta (z- + 1) sigmoid(-margin)."""
+    """d loss / d logp(y+) = -beta (z+ + 1) sigmoid(-margin) and d loss / d logp(y-) = +beta (z- + 1) sigmoid(-margin):
+    chiPO's link phi = e^L + L has d phi/dL = z + 1, so it reweights DPO's gradient by z + 1."""
     beta, lc, lr = 0.3, 0.7, -0.4
     pc, pr, rc, rr = _ratios([lc], [lr], grad=True)
     loss, _ = preference_loss("chipo", pc, pr, rc, rr, beta=beta, r_max=None)

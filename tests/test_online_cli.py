@@ -110,6 +110,34 @@ def test_llm_judge_on_local_server(tiny_dir, data, tmp_path, monkeypatch, loss):
     assert all(r["labels/missing"] == 0 for r in rows)
 
 
+class SlowJudge(FakeJudge):
+    """Answers only after 5 s: a hanging judge, for ``judge_timeout``."""
+
+    def __init__(self):
+        super().__init__()
+        self.delay = 5.0
+
+
+def test_judge_timeout_bounds_a_hanging_judge(tiny_dir, data, tmp_path, monkeypatch, capsys):
+    """judge_timeout=0.5 with one attempt: each request to a judge that answers after 5 s is cut at 0.5 s; with
+    every request failed the judge stops the run in one line (exit 2), and the run, stopped before its first
+    step, leaves no output_dir behind."""
+    for name in ("CHIPO_JUDGE_BASE_URL", "CHIPO_JUDGE_MODEL", "CHIPO_JUDGE_API_KEY", "OPENAI_API_KEY",
+                 "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    server = SlowJudge()
+    out = tmp_path / "run"
+    try:
+        assert run(tiny_dir, data, out, "judge=openai", f"judge_base_url={server.url}", "judge_model=fake",
+                   "judge_cache=null", "loss=chipo", "max_steps=1", "judge_timeout=0.5",
+                   "judge_max_attempts=1") == 2
+    finally:
+        server.stop()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chipo")]
+    assert len(err) == 1 and "within deadline_s=0.5 s" in err[0], err
+    assert not out.exists()
+
+
 def test_label_budget_stops_the_run(tiny_dir, data, tmp_path):
     out = tmp_path / "run"
     assert run(tiny_dir, data, out, "judge=test_online_cli:length_reward", "max_steps=5", "max_labels=10") == 0

@@ -85,3 +85,17 @@ def test_reward_bad_inputs_one_line_exit_2_no_output(tiny_dir, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_seed_fixes_the_new_score_head(tiny_dir, tmp_path):
+    """The score head is initialised under ``seed``: two runs with one seed are the same run from step 1 (same
+    losses, same weights), another seed starts from another head (a different step-1 loss)."""
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        out = tmp_path / name
+        assert _reward(tiny_dir, out, "max_steps=2", f"seed={seed}") == 0
+        runs[name] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert runs["a"] == runs["b"] and runs["a"][0] != runs["c"][0]
+    wa = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a").state_dict()
+    wb = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

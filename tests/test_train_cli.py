@@ -150,7 +150,7 @@ def test_a_full_or_read_only_disk_is_one_line_exit_2(tiny_dir, tmp_path, monkeyp
     injected where the run writes its first file.)"""
     import errno
 
-    import chipo.train.run as run
+    import chipo.train.common as run  # where the Trainer-based commands write run_config.yaml
 
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

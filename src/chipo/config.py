@@ -4,6 +4,8 @@
 overrides (values parsed as YAML scalars: ``beta=0.05`` is a float, ``lora=true`` a bool, ``r_max=null`` None),
 coerces every value to the field's declared type and runs the dataclass's ``__post_init__`` validation. Any problem
 is a ``ConfigError`` with one clear line (unknown key with the closest valid name, wrong type, invalid value).
+On the command line ``cli_overrides`` also reads ``--key value`` / ``--key=value`` and ``--flag`` / ``--no-flag``
+(the style of ``HfArgumentParser`` and TRL's scripts), so every command takes all three.
 
 Trainer configs are ``transformers.TrainingArguments`` subclasses (as TRL's ``DPOConfig`` is), so every
 TrainingArguments option is a config key. Values are coerced against the dataclass type hints here rather than
@@ -29,6 +31,10 @@ from typing import Any, TypeVar
 import yaml
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KB; refuse to parse anything absurd
+
+TRUE_WORDS = ("true", "yes", "on", "1")  # what a bool key reads as true/false (YAML 1.1's words, and 1/0)
+FALSE_WORDS = ("false", "no", "off", "0")
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line."""
@@ -71,8 +77,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.lower() in TRUE_WORDS
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str, float)):
@@ -151,6 +157,63 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def cli_overrides(argv: list[str], cls: type, passthrough: tuple[str, ...] = ("config",)) -> list[str]:
+    """Command-line tokens in any of the usual styles -> ``key=value`` tokens for ``cls``'s keys.
+
+    Accepted: ``key=value`` (chipo's style), ``--key value`` and ``--key=value`` (argparse's, HfArgumentParser's and
+    TRL's), ``-`` or ``_`` in names; for a bool key ``--key`` (true), ``--no-key`` / ``--no_key`` (false) and
+    ``--key true|false|yes|no|on|off|1|0``. A bool key followed by any other token is the bare flag, so
+    ``--lora --beta 0.1`` sets lora and beta. ``--NAME`` / ``--NAME=...`` for a name in ``passthrough`` (options
+    the command itself declares, e.g. ``--config``), ``-h`` and ``--help`` are returned unchanged; a dotted
+    ``--section.key value`` becomes ``section.key=value`` (a command's nested sections check their own keys). An
+    unknown ``--key`` is a ``ConfigError`` naming the closest valid key.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in config_fields(cls)}
+    renamed = dict(getattr(cls, "RENAMED_KEYS", {}))
+    bools = {n for n in names if hints[n] is bool or set(typing.get_args(hints[n])) == {bool, type(None)}}
+    bools |= {old for old, new in renamed.items() if new in bools}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token, following = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        i += 1
+        if not token.startswith("--") or token == "--":
+            out.append(token)
+            continue
+        name, sep, value = token[2:].partition("=")
+        key = name.replace("-", "_")
+        if name == "help" or key in passthrough:
+            out.append(token)
+            if key in passthrough and not sep and following is not None:  # its value travels with it
+                out.append(following)
+                i += 1
+        elif sep:
+            out.append(f"{key}={value}")
+        elif key in bools:
+            if following is not None and following.lower() in TRUE_WORDS + FALSE_WORDS:
+                out.append(f"{key}={str(following.lower() in TRUE_WORDS).lower()}")  # YAML reads a bare 1 as int
+                i += 1
+            else:
+                out.append(f"{key}=true")
+        elif key.startswith("no_") and key[3:] in bools:
+            out.append(f"{key[3:]}=false")
+        elif key in names or key in renamed or "." in key:  # section.key: a nested section's own key
+            if following is None:
+                raise ConfigError(f"--{name} needs a value (--{name} VALUE, --{name}=VALUE or {key}=VALUE)")
+            out.append(f"{key}={following}")
+            i += 1
+        else:
+            raise ConfigError(unknown_key_message(key, sorted(names | set(renamed))))
+    return out
+
+
+def unknown_key_message(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; the command's --help lists them"
+
+
 def config_fields(cls: type) -> list[dataclasses.Field]:
     """The user-settable fields of a config dataclass (init fields, not private)."""
     return [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
@@ -160,12 +223,16 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
     """Instantiate dataclass ``cls`` from a dict, with coercion and one-line errors."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in config_fields(cls)]
+    values = dict(values)
+    for old, new in getattr(cls, "RENAMED_KEYS", {}).items():  # a field's earlier name still sets it
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{old} and {new} are the same key; give one")
+            values[new] = values.pop(old)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}; the command's --help lists them")
+            raise ConfigError(unknown_key_message(key, names))
         kwargs[key] = _coerce(value, hints[key], key)
     missing = [f.name for f in config_fields(cls) if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -246,6 +313,9 @@ def config_help(cls: type, groups: dict[str, type] | None = None) -> str:
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in config_fields(cls)}
+    listed = cls.help_keys() if hasattr(cls, "help_keys") else None  # a config may refuse keys: those are not listed
+    if listed is not None:
+        fields = {name: f for name, f in fields.items() if name in listed}
 
     def block(names: list[str]) -> list[str]:
         out = []
@@ -265,7 +335,9 @@ def config_help(cls: type, groups: dict[str, type] | None = None) -> str:
             done.update(names)
     rest = [n for n in fields if n not in done]
     if rest:
-        lines += ["other options (transformers.TrainingArguments; all work as keys here):", *block(rest)]
+        title = ("other options (transformers.TrainingArguments keys this command reads; others are refused):"
+                 if listed is not None else "other options (transformers.TrainingArguments; all work as keys here):")
+        lines += [title, *block(rest)]
     return "\n".join(lines)
 
 

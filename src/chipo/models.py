@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 import torch
 
@@ -18,12 +19,12 @@ def _first_line(error: Exception) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """``AutoTokenizer`` with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load tokenizer {name_or_path!r}: {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:
@@ -31,14 +32,16 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                   eval_mode: bool = False):
-    """``AutoModelForCausalLM`` (optionally cast, moved and put in eval mode: dropout off)."""
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype | str | None = None,
+                   device: str | torch.device | None = None, eval_mode: bool = False, **from_pretrained: Any):
+    """``AutoModelForCausalLM`` (optionally cast, moved and put in eval mode: dropout off); ``from_pretrained``:
+    further keyword arguments of ``from_pretrained`` (``quantization_config``, ``attn_implementation``, ...)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **({"dtype": dtype} if dtype else {}))
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **({"dtype": dtype} if dtype else {}),
+                                                     **from_pretrained)
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a quantization backend that is not installed
         raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(e)}") from None
     if device is not None:
         model.to(device)

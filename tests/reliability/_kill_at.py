@@ -1,7 +1,8 @@
 """Run ``chipo`` and SIGKILL the process at a chosen point (fault injection for tests/reliability).
 
 usage: python _kill_at.py step:N chipo-args...
-  step:N     kill -9 as optimizer step N begins (steps < N are logged and their checkpoints saved)
+  step:N     kill -9 as optimizer step N begins (steps < N are logged and their checkpoints saved); chipo train,
+             sft and reward (transformers.Trainer) and chipo rl and online (chipo.train.sampled)
   sigint:N   Ctrl-C (SIGINT) as optimizer step N begins
   precompute kill -9 while the reference log-prob cache entry is being written
   save:N     kill -9 inside the save of checkpoint-N (its weights written; no optimizer state, no trainer_state)
@@ -37,6 +38,19 @@ def install(spec: str) -> None:
             return original(self, *args, **kwargs)
 
         transformers.Trainer.training_step = training_step
+
+        from chipo.train.sampled import SampledTrainer  # chipo rl / chipo online: step is 0-based there
+
+        original_sampled = SampledTrainer.train_step
+
+        def sampled_step(self, step):
+            if step + 1 >= int(n):
+                if kind == "step":
+                    _die()
+                os.kill(os.getpid(), signal.SIGINT)
+            return original_sampled(self, step)
+
+        SampledTrainer.train_step = sampled_step
     elif kind == "save":
         original_save = transformers.Trainer._save_optimizer_and_scheduler
 

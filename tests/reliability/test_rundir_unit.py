@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 
 from chipo.config import ConfigError
 from chipo.train import rundir
-from chipo.train.common import resolve_resume
 
 
 def make_checkpoint(out, step, *, state=True, torn=None):
@@ -40,10 +39,8 @@ def test_latest_complete_checkpoint_skips_partial_ones(tmp_path, caplog):
     make_checkpoint(tmp_path, 12, torn="config.json")
     (tmp_path / "checkpoint-14").write_text("a file, not a checkpoint")
     assert rundir.latest_complete_checkpoint(tmp_path) == good
-    # resume_from_checkpoint=latest (shared by chipo sft / reward) resolves to it too
-    assert resolve_resume("latest", tmp_path) == str(good)
     skipped = [r.getMessage() for r in caplog.records if "partial checkpoint" in r.getMessage()]
-    assert len(skipped) == 10  # five partial checkpoints, seen once by each call
+    assert len(skipped) == 5  # five partial checkpoints
     assert rundir.checkpoint_problem(tmp_path / "checkpoint-4") == "trainer_state.json missing"
     assert rundir.checkpoint_problem(tmp_path / "checkpoint-6") == "incomplete file(s): model.safetensors"
 

@@ -2,8 +2,10 @@
 
 Modules: ``instances`` (random and named hard instances), ``optimum`` (exact f-regularised optimum),
 ``estimators`` (DPO, chiPO, KL-RLHF, chi2-RLHF on sampled Bradley-Terry data), ``measures`` (value, regret,
-KL / chi2 to pi_ref, concentrability, the chi-squared change-of-measure bound), ``experiments``, ``online`` (online
-DPO / XPO / chi-squared XPO) and ``cli`` (``chipo bandit``).
+KL / chi2 to pi_ref, concentrability, the chi-squared change-of-measure bound), ``online`` (online DPO / XPO /
+chi-squared XPO), ``common`` (what every experiment shares: settings, progress, atomic results), the experiments
+(``experiments``, which also dispatches to each, and ``online_experiment``), ``reports`` and ``command`` (the
+config and runner of ``chipo bandit``, whose command line is ``chipo.cli.bandit``).
 Reference: Huang et al. 2024, arXiv 2407.13399 (chiPO), Proposition A.1 (KL-regularisation is not enough).
 
 The names below are imported on first use (PEP 562 ``__getattr__``), so that ``chipo bandit --help`` (which

@@ -38,7 +38,8 @@ class BanditConfig:
 
 def run_bandit(config: BanditConfig) -> Path:
     """Run the experiment; returns the path of its report."""
-    from chipo.bandit.experiments import Settings, run_all, run_experiment
+    from chipo.bandit.common import Settings
+    from chipo.bandit.experiments import run_all, run_experiment
 
     out = Path(config.out)
     seeds = config.seeds if config.seeds is not None else (2 if config.quick else 5)

@@ -15,22 +15,20 @@ log |Pi| replaced by the tabular dimension |X||Y|; constants set to one).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from chipo.bandit import measures as M  # noqa: E402
+from chipo.bandit import online_experiment as O  # noqa: E402
 from chipo.bandit._threads import single_thread  # noqa: E402
+from chipo.bandit.common import Settings, progress, write_experiment  # noqa: E402
 from chipo.bandit.estimators import ESTIMATORS, estimator_policy, fit_rewards, sample_preferences  # noqa: E402
 from chipo.bandit.instances import Instance, kl_trap_instance, random_instance  # noqa: E402
 from chipo.bandit.optimum import OPTIMUM_DIVERGENCES, regularized_optimum  # noqa: E402
@@ -45,27 +43,11 @@ from chipo.bandit.reports import (  # noqa: E402
     report_overopt,
     report_regret,
 )
-from chipo.io import atomic_directory, json_default  # noqa: E402
 from chipo.stats import mean_se  # noqa: E402
 
 METHODS = tuple(ESTIMATORS)
 C_BOUND = 2.0
 """Concentrability budget of the second comparator: the best policy with C^pi = 1 + 2 D_chi2 <= 2."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Sizes of one run. ``quick`` shrinks everything so the whole suite runs in seconds."""
-
-    seeds: int = 5
-    tune_seeds: int = 3
-    quick: bool = False
-    kl_trap_n: tuple[int, ...] | None = None
-    """Sample sizes of the kl_trap regret curve (None: the default grid)."""
-
-    @property
-    def beta_grid(self) -> np.ndarray:
-        return np.logspace(-3, 1, 9 if self.quick else 17)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -84,22 +66,6 @@ def loglog_slope(n: list[int] | np.ndarray, y: list[float] | np.ndarray) -> floa
     if ok.sum() < 2:
         return float("nan")
     return float(np.polyfit(np.log(n[ok]), np.log(y[ok]), 1)[0])
-
-
-def progress(desc: str, total: int | None = None, iterable=None) -> tqdm:
-    """A progress bar on stderr for one experiment (the full suite runs for minutes; stdout stays for results)."""
-    return tqdm(iterable, total=total, desc=f"bandit {desc}", file=sys.stderr, dynamic_ncols=True, leave=True)
-
-
-def write_experiment(out_dir: Path, report: str, results: dict,
-                     plots: dict[str, Callable[[Path], None]]) -> Path:
-    """Write report.md, results.json and each plot (name -> function writing the PNG) atomically into out_dir."""
-    with atomic_directory(out_dir) as tmp:
-        (tmp / "report.md").write_text(report)
-        (tmp / "results.json").write_text(json.dumps(results, indent=1, default=json_default))
-        for name, draw in plots.items():
-            draw(tmp / name)
-    return Path(out_dir)
 
 
 # ------------------------------------------------------------------------------------------ experiment 1: regret
@@ -302,8 +268,6 @@ def _compute(name: str, settings: Settings) -> tuple[dict, str, dict[str, Callab
         res = run_overopt(settings)
         return res, report_overopt(res), {f"overopt_{k}.png": _plot_overopt(res, k) for k in res["families"]}
     if name == "online":
-        from chipo.bandit import online_experiment as O  # imports this module: import it lazily
-
         res = O.run_online_experiment(settings)
         return res, O.report_online(res), {"online.png": O.plot_online(res)}
     if name == "bench":

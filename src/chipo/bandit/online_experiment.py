@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chipo.bandit.experiments import Settings, progress  # noqa: E402
+from chipo.bandit.common import Settings, progress  # noqa: E402
 from chipo.bandit.instances import rare_best_instance  # noqa: E402
 from chipo.bandit.online import ONLINE_METHODS, run_online  # noqa: E402
 from chipo.bandit.optimum import regularized_optimum  # noqa: E402

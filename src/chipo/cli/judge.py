@@ -18,7 +18,7 @@ import json
 import sys
 
 from chipo.cli.main import build_parser, run_guarded
-from chipo.config import ConfigError, config_help, load_config
+from chipo.config import ConfigError, cli_overrides, config_help, load_config
 
 EXAMPLE = """examples:
   # a local vLLM server: vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000
@@ -28,7 +28,7 @@ EXAMPLE = """examples:
   CHIPO_JUDGE_MODEL=gpt-4o chipo judge --pairs pairs.jsonl --judge openai --output winrate.json
   chipo judge --pairs pairs.jsonl --judge reward-model model=runs/rm --output rm_winrate.json
 
-judge keys (YAML file via --config and/or key=value), --judge openai:
+judge keys (YAML file via --config and/or key=value or --key value), --judge openai:
 {openai}
 
 --judge reward-model:
@@ -63,7 +63,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--details", help="per-item JSON lines file (outcome, status, raw answer)")
     parser.add_argument("--config", help="YAML file of judge keys (overridden by key=value)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="judge config overrides")
-    args = parser.parse_args(argv)
+    judge = next((b for a, b in zip(argv, argv[1:]) if a == "--judge"),
+                 next((a.partition("=")[2] for a in argv if a.startswith("--judge=")), None))
+    if judge in JUDGE_CONFIGS:  # judge keys also as --key value / --key=value (chipo.config.cli_overrides)
+        options = tuple(o[2:].replace("-", "_") for a in parser._actions for o in a.option_strings if o[:2] == "--")
+        try:
+            argv = cli_overrides(argv, JUDGE_CONFIGS[judge], passthrough=options)
+        except ConfigError as e:
+            print(f"chipo: error: {e}", file=sys.stderr)
+            return 2
+    args = parser.parse_intermixed_args(argv)
 
     def _judge() -> None:
         summary = run_judge(args)
@@ -91,10 +100,6 @@ def run_judge(args) -> dict:
     if args.details:
         check_writable_file(args.details, "--details")
     prompts, a, b, inputs = read_inputs(args)
-    if args.judge == "reward-model":
-        # registers the lab's scorers (world, world:DIR) for `model`; only here, so that an OpenAI judge (and
-        # --help) runs without the lab and torch
-        import chipo.lab  # noqa: F401
     judge = build_judge(args.judge, config)
     try:
         result = judge.judge(prompts, a, b)

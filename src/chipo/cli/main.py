@@ -133,38 +133,28 @@ def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentP
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _flag_shorthand(argv: list[str], config_cls: type) -> list[str]:
-    """``--quick`` -> ``quick=true`` and ``--no-progress`` -> ``progress=false`` for the config's bool fields."""
-    import dataclasses
-
-    bools = {f.name for f in dataclasses.fields(config_cls) if f.type in (bool, "bool")}
-    out = []
-    for item in argv:
-        name = item[2:].replace("-", "_") if item.startswith("--") and "=" not in item else None
-        if name in bools:
-            out.append(f"{name}=true")
-        elif name and name.startswith("no_") and name[3:] in bools:
-            out.append(f"{name[3:]}=false")
-        else:
-            out.append(item)
-    return out
-
-
 def config_command(argv: list[str], *, prog: str, description: str, example: str, config_cls: type,
                    runner: str, saved: str | None = None, groups: dict[str, type] | None = None) -> int:
     """A ``<prog> --config run.yaml key=value ...`` command: parse, build ``config_cls``, call ``runner``.
 
     ``runner`` is "module:function" (imported only when the command runs, so ``--help`` stays fast); it takes the
     config and returns the output path, reported as "chipo: <saved> saved to <path>" when ``saved`` is given.
-    A bool key can also be given as ``--key`` (true) or ``--no-key`` (false).
+    Keys may also be given as ``--key value`` / ``--key=value``, a bool key as ``--key`` or ``--no-key``
+    (``chipo.config.cli_overrides``).
     """
-    from chipo.config import config_help, load_config
+    from chipo.config import ConfigError, cli_overrides, config_help, load_config
 
-    epilog = example + "\nconfig keys (YAML file and/or key=value; values parsed as YAML scalars):\n"
+    epilog = example + ("\nconfig keys (YAML file and/or key=value, --key value or --key=value; values parsed as "
+                        "YAML scalars; a bool key also as --key / --no-key):\n")
     parser = build_parser(prog, description, epilog + config_help(config_cls, groups))
-    parser.add_argument("--config", help="YAML file of config keys (overridden by key=value arguments)")
+    parser.add_argument("--config", help="YAML file of config keys (key=value and --key value arguments override it)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(_flag_shorthand(argv, config_cls))
+    try:
+        normalized = cli_overrides(argv, config_cls)
+    except ConfigError as e:
+        print(f"chipo: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_intermixed_args(normalized)
 
     loaded: dict = {}
 

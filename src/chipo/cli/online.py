@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from chipo.cli.main import config_command
+from chipo.train.config import PreferenceLossFields
 from chipo.train.online_config import OnlineConfig
+from chipo.train.sampled_config import SampledConfig
 
 EXAMPLE = """examples:
   # online chiPO against a reward model, Bradley-Terry labels, at most 2000 judge calls
@@ -24,11 +26,12 @@ samples (kl: the k3 estimate, kl_k1, chi2), labels (judge calls so far), labels/
 labels/ties, response_length and grad_norm.
 """
 
+GROUPS = {"online preference optimization (chipo)": OnlineConfig, "objective (chipo)": PreferenceLossFields,
+          "policy, prompts, sampling, optimisation, checkpoints (chipo)": SampledConfig}
+
 
 def run(config: OnlineConfig):
-    """``chipo.train.online.run_online`` with the lab's scorers (world, world:DIR) registered for ``judge``;
-    imported here, not at the top, so that ``chipo online --help`` does not load the lab (and the data pipeline)."""
-    import chipo.lab  # noqa: F401 -- registers the lab's scorers
+    """``chipo.train.online.run_online``, imported here, not at the top, so that ``chipo online --help`` stays fast."""
     from chipo.train.online import run_online
 
     return run_online(config)
@@ -41,7 +44,7 @@ def main(argv: list[str]) -> int:
         return config_command(argv, prog="chipo online", example=EXAMPLE, config_cls=OnlineConfig,
                               description="Online preference optimization (online DPO / chiPO, XPO, Nash-MD) "
                                           "against a reward model, a scorer or an LLM judge.",
-                              runner="chipo.cli.online:run", saved="policy")
+                              runner="chipo.cli.online:run", saved="policy", groups=GROUPS)
     except JudgeError as e:
         print(f"chipo: error: {e}", file=sys.stderr)
         return 2

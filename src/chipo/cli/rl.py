@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from chipo.cli.main import config_command
 from chipo.train.rl_config import RLConfig
+from chipo.train.sampled_config import SampledConfig
 
 EXAMPLE = """example:
   chipo rl policy=runs/sft reward=runs/rm prompts=data/prompts.jsonl regularizer=chi2mix beta=0.05 k=4 \\
@@ -23,14 +24,12 @@ kl_k3, chi2 (Monte-Carlo, high variance), log_ratio_max, grad_norm, response_len
 and eval_* (eval_gold with `gold`) every eval_steps steps. report_to=tensorboard,wandb,... logs them there too.
 """
 
-GROUPS = {"online RL (chipo)": RLConfig}
+GROUPS = {"online RL (chipo)": RLConfig, "policy, prompts, sampling, optimisation, checkpoints (chipo)": SampledConfig}
 
 
 def run(config: RLConfig):
-    """``chipo.train.rl.run_rl`` with the lab's scorers (world, world:DIR) registered for ``reward`` and ``gold``;
-    imported here, not at the top, so that ``chipo rl --help`` does not load the lab (and the data pipeline)."""
-    import chipo.lab  # noqa: F401 -- registers the lab's scorers
-    from chipo.train.rl import run_rl
+    """``chipo.train.rl_run.run_rl``, imported here, not at the top, so that ``chipo rl --help`` stays fast."""
+    from chipo.train.rl_run import run_rl
 
     return run_rl(config)
 

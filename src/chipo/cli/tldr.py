@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chipo.cli.main import build_parser, run_guarded
-from chipo.config import config_help, load_config
+from chipo.config import ConfigError, cli_overrides, config_help, load_config
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _config_class(name: str):
 
 
 def _epilog(name: str) -> str:
-    text = f"example:\n  {STAGES[name].example}\n\nconfig keys (YAML file and/or key=value):\n"
+    text = f"example:\n  {STAGES[name].example}\n\nconfig keys (YAML file and/or key=value or --key value):\n"
     text += config_help(_config_class(name))
     if name == "judge":
         from chipo.judges import OpenAIJudgeConfig, RewardModelJudgeConfig
@@ -89,7 +89,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML file of config keys (overridden by key=value arguments); default: "
                                          "the recipe's own, chipo/recipes/tldr/configs/<stage>.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(rest)
+    try:
+        normalized = cli_overrides(rest, _config_class(name))  # also --key value, --key=value, --flag
+    except ConfigError as e:
+        print(f"chipo: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_intermixed_args(normalized)
     if args.config is None and name != "cost":
         args.config = str(packaged_config(name))
     runner = {"sft": _sft, "sweep": _sweep, "generate": _generate, "judge": _judge, "report": _report,

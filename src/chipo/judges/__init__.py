@@ -20,10 +20,11 @@ from chipo.judges.reward_model import RewardModelJudge
 JUDGE_CONFIGS = {"openai": OpenAIJudgeConfig, "reward-model": RewardModelJudgeConfig}
 
 
-def build_judge(kind: str, config) -> Judge:
-    """A judge of ``kind`` (a key of ``JUDGE_CONFIGS``) from its config object."""
+def build_judge(kind: str, config, *, prompt: PairwisePrompt | None = None) -> Judge:
+    """A judge of ``kind`` (a key of ``JUDGE_CONFIGS``) from its config object; ``prompt``: the LLM judge's
+    comparison prompt (default: the TL;DR one)."""
     if kind == "openai":
-        return OpenAIChatJudge(config)
+        return OpenAIChatJudge(config) if prompt is None else OpenAIChatJudge(config, prompt=prompt)
     if kind == "reward-model":
         return RewardModelJudge(config.model, tie_tolerance=config.tie_tolerance, template=config.template,
                                 batch_size=config.batch_size)

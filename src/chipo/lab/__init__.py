@@ -1,15 +1,11 @@
 """The overoptimization lab: gold rewards, preference data by the paper's process, evaluation, sweeps, reports,
 and the embedded world behind ``chipo demo``.
 
-Modules: ``world`` (synthetic language, pi_ref by SFT, gold reward: registered as the ``world`` scorer of
-``chipo.rewards`` on import), ``generate`` (Bradley-Terry preference data by the process of Huang et al. 2024),
+Modules: ``language`` and ``world`` (the synthetic language, pi_ref by SFT, the gold reward; its scorer ``world`` /
+``world:DIR`` is found by ``chipo.rewards.load_scorer`` through the ``chipo.scorers`` entry point, without importing
+the lab first), ``generate`` (Bradley-Terry preference data by the process of Huang et al. 2024, arXiv 2407.13399),
 ``evaluate`` (gold reward, win rates, KL / chi-squared, implicit-reward accuracy), ``sweep`` (losses x beta x
-epochs x seeds, resumable), ``report`` (report.md, plots, tables), ``demo`` (the whole pipeline on the embedded
-world), ``cli`` (``chipo demo`` and ``chipo lab ...``).
+epochs x seeds, resumable), ``report`` and ``tables`` (report.md, plots, tables), ``demo`` (the whole pipeline on the
+embedded world), ``online`` (the online preference-optimization comparison) and ``commands`` (what ``chipo demo``
+and ``chipo lab ...`` run; their command line is ``chipo.cli.lab``).
 """
-
-from chipo.lab.world import world_scorer
-from chipo.rewards import register_scorer
-
-register_scorer("world", world_scorer, "the embedded world's gold reward (world: the default world; world:DIR: the "
-                                       "world saved in DIR)")

@@ -291,8 +291,8 @@ def default_language() -> Language:
 class WorldScorer:
     """The world's gold reward as a ``chipo.rewards.Scorer``, with its enumerable response space (exact evaluation).
 
-    Registered in ``chipo.rewards`` as ``world`` (the default world) and ``world:DIR`` (a world directory holding
-    ``language.json``) when ``chipo.lab`` is imported.
+    ``chipo.rewards.load_scorer`` finds it as ``world`` (the default world) and ``world:DIR`` (a world directory
+    holding ``language.json``) through the ``chipo.scorers`` entry point (``pyproject.toml``).
     """
 
     reward_range = (0.0, 1.0)

@@ -9,7 +9,7 @@ Protocol (fixed before looking at results; stated in the report):
   ``rm_pairs_per_prompt`` fresh pairs per training prompt (more data). RL uses the larger one; both are reported
   with their held-out accuracy, and the report says whether the extra data made the reward model more accurate.
   The gold reward is never changed or tuned.
-* RL: ``chipo.train.rl.run_rl`` (RLOO), once with ``regularizer=kl`` (k1 estimator) and once with ``chi2mix``,
+* RL: ``chipo.train.rl_run.run_rl`` (RLOO), once with ``regularizer=kl`` (k1 estimator) and once with ``chi2mix``,
   identical beta, steps, learning rate, k, prompts and seeds. Every ``eval_every`` steps the trainer logs the
   proxy reward and Monte-Carlo KL (k1, k3) and chi2 on held-out prompts, and our ``eval_callback`` adds the exact
   gold reward (and partition KL / chi2 / malformed mass) over the world's enumerable response space.
@@ -201,8 +201,8 @@ def run_rl_curve(world, rm_path: str, out: Path, regularizer: str, beta: float, 
                  eval_prompts: list[str], gold, ref, tokenizer, seed: int | None = None) -> list[dict]:
     """One ``run_rl`` run; returns its evaluation curve (step 0 = pi_ref)."""
     from chipo.lab.evaluate import Baseline, ExactSpace, exact_metrics
-    from chipo.train.rl import run_rl
     from chipo.train.rl_config import RLConfig
+    from chipo.train.rl_run import run_rl
 
     if out.exists():  # an unfinished run: start it again (runs take about a minute)
         shutil.rmtree(out)

@@ -5,9 +5,10 @@ RL reward (``chipo rl reward=...``), the gold scorer of the lab (``chipo lab ...
 judge (``chipo judge``) and best-of-n / pessimism (``chipo.inference``), so one spec scores identically through
 every entry point. ``load_scorer(spec)`` resolves:
 
-* a registered name, ``NAME`` or ``NAME:ARG`` (``register_scorer``): higher layers add their own scorers here
-  (the lab registers ``world`` and ``world:DIR``, its embedded world's gold reward, when ``chipo.lab`` is imported;
-  the core never imports the lab);
+* a scorer name, ``NAME`` or ``NAME:ARG``: one registered in this process (``register_scorer``), else a
+  ``chipo.scorers`` entry point of an installed package (``importlib.metadata``; chipo's own ``pyproject.toml``
+  declares the lab's ``world`` / ``world:DIR`` and ``world-scaled:SCALE[:DIR]``). The entry point's module is
+  imported only when its scorer is asked for, so nobody has to import the lab first and the core never does;
 * ``module:function``: a Python callable ``function(prompts: list[str], responses: list[str]) -> list[float]``;
 * otherwise a local directory or hub name of an HF reward model (``RewardModelScorer``: one tokenization rule,
   documented in ``chipo.rewards.reward_model``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -51,14 +53,38 @@ _REGISTRY: dict[str, tuple[Callable[[str | None], Scorer], str]] = {}
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+ENTRY_POINT_GROUP = "chipo.scorers"
+"""Packages add scorers under this entry-point group: ``NAME = "module:factory"``, ``factory(arg: str | None)``."""
+
+
 def register_scorer(name: str, factory: Callable[[str | None], Scorer], description: str = "") -> None:
-    """Make ``NAME`` and ``NAME:ARG`` specs resolve to ``factory(None)`` and ``factory("ARG")``."""
+    """Make ``NAME`` and ``NAME:ARG`` specs resolve to ``factory(None)`` and ``factory("ARG")`` in this process
+    (an installed package declares a ``chipo.scorers`` entry point instead: module docstring)."""
     _REGISTRY[name] = (factory, description)
 
 
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def registered_scorers() -> dict[str, str]:
-    """Registered scorer names and their descriptions."""
-    return {name: description for name, (_, description) in sorted(_REGISTRY.items())}
+    """Scorer names and their descriptions: those registered in this process, then the entry points (described
+    by their target, which is not imported here)."""
+    names = {name: f"{ep.value} (entry point)" for name, ep in _entry_points().items()}
+    names.update({name: description for name, (_, description) in _REGISTRY.items()})
+    return dict(sorted(names.items()))
+
+
+def _named_factory(name: str) -> Callable[[str | None], Scorer] | None:
+    if name in _REGISTRY:
+        return _REGISTRY[name][0]
+    ep = _entry_points().get(name)
+    if ep is None:
+        return None
+    try:
+        return ep.load()
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"scorer {name!r} (entry point {ep.value}) cannot be loaded: {e}") from None
 
 
 def load_scorer(spec: str, *, batch_size: int = 64, device=None, max_length: int | None = None,
@@ -70,10 +96,9 @@ def load_scorer(spec: str, *, batch_size: int = 64, device=None, max_length: int
     name, _, arg = spec.partition(":")
     path = Path(spec).expanduser()
     if not path.exists():
-        if name in _REGISTRY:
-            return _REGISTRY[name][0](arg or None)
-        if name == "world":  # the lab's scorer, registered only once chipo.lab is imported
-            raise ConfigError(f"reward {spec!r} is the lab's embedded-world scorer: import chipo.lab to register it")
+        factory = _named_factory(name)
+        if factory is not None:
+            return factory(arg or None)
     if _CALLABLE.match(spec) and not path.exists():
         module_name, fn_name = spec.split(":")
         try:

@@ -1,31 +1,45 @@
-"""What every chipo command built on ``transformers.Trainer`` shares: its config base and run-directory helpers.
+"""What every chipo command built on ``transformers.Trainer`` shares: its config base and its run under the
+run-directory protocol (``run_trainer``, on ``chipo.train.rundir.open_run``).
 
 ``TrainerConfig`` is a ``transformers.TrainingArguments`` subclass (as TRL's ``DPOConfig`` is): every
 TrainingArguments option (``torch_compile``, ``adam_beta2``, ``lr_scheduler_kwargs``, ``push_to_hub``, ``fsdp``,
 ``deepspeed``, ...) is a config key, and the config object *is* the Trainer's ``args``. It adds the data and
-sequence fields that ``chipo train``, ``chipo sft`` and ``chipo reward`` spell and validate identically, and
-changes a few defaults to chipo's (each command's config subclasses it and may redeclare a field to change its
-default or help; a redeclared field keeps its place).
+sequence fields that ``chipo train``, ``chipo sft`` and ``chipo reward`` spell and validate identically, refuses
+the TrainingArguments keys its trainer would ignore (``chipo.train.honoured``), and changes a few defaults to
+chipo's (each command's config subclasses it and may redeclare a field to change its default or help; a redeclared
+field keeps its place).
 """
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import logging
-import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
 
-from chipo.config import ConfigError, _field
-from chipo.io import move_contents
-from chipo.train.rundir import check_output_path, latest_complete_checkpoint
+from chipo.config import ConfigError, _field, dump_yaml
+from chipo.io import atomic_write_text, move_contents
+from chipo.train import rundir
+from chipo.train.honoured import PAIRWISE_HONOURED, help_keys, refuse_unread
+from chipo.train.rundir import check_output_path
 
 logger = logging.getLogger("chipo")
 
+# report_to name -> the packages that provide it (torch.utils.tensorboard needs `tensorboard`; tensorboardX also works
+# for transformers' callback); checked when a run starts (``check_trackers``), so a missing one is one line, not a
+# traceback. (Not when the config is built: a config may be written on a machine other than the one that runs it.)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                    "swanlab": ("swanlab",), "trackio": ("trackio",), "neptune": ("neptune",),
+                    "codecarbon": ("codecarbon",), "dagshub": ("dagshub",), "flyte": ("flytekit",)}
 REPORTERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "neptune", "clearml", "dvclive", "trackio",
              "swanlab", "codecarbon", "azure_ml", "dagshub", "flyte")
 
@@ -68,6 +82,10 @@ def finish_training_arguments(args: TrainingArguments, base: type) -> None:
 class TrainerConfig(TrainingArguments):
     """Fields shared by the Trainer-based commands (see the subclasses for what ``dataset`` holds)."""
 
+    honoured: ClassVar[frozenset[str]] = PAIRWISE_HONOURED
+    """TrainingArguments keys the command's trainer reads; others are refused when set (``chipo.train.honoured``)."""
+    command: ClassVar[str] = "chipo train"
+
     model: str = _field(None, "Model to train: a hub model name or a local HF directory.")
     dataset: str = _field(None, "Training data: hub dataset name, local .json/.jsonl/.parquet/.arrow file, or a "
                                 "directory saved by datasets.")
@@ -94,7 +112,8 @@ class TrainerConfig(TrainingArguments):
     logging_steps: float = _field(10, "Log metrics every N optimizer steps.")
     logging_first_step: bool = _field(True, "Log the first step too.")
     save_strategy: str = _field("epoch", "When to save checkpoints: epoch, steps or no.")
-    report_to: str | list[str] | None = _field("none", "Loggers: none, tensorboard, wandb, ... (comma-separated).")
+    # None first: HfArgumentParser (TRL's TrlParser) then reads it as str; str | list[str] | None crashes it
+    report_to: None | str | list[str] = _field("none", "Loggers: none, tensorboard, wandb, ... (comma-separated).")
     remove_unused_columns: bool = _field(False, "Keep dataset columns (chipo's collators choose what they need).")
     resume_from_checkpoint: str | None = _field(None, "'latest' or a checkpoint directory to resume from.")
 
@@ -105,7 +124,12 @@ class TrainerConfig(TrainingArguments):
         if not self.dataset:
             raise ConfigError("dataset is required (a hub name or a local file/directory)")
 
+    @classmethod
+    def help_keys(cls) -> set[str]:
+        return help_keys(cls)
+
     def __post_init__(self) -> None:
+        refuse_unread(self, type(self).honoured, type(self).command)
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
@@ -140,7 +164,9 @@ def check_output_dir(config) -> Path:
     """Validate ``output_dir`` before any work: a non-empty one needs ``overwrite_output_dir`` or a resume."""
     out = Path(config.output_dir)
     check_output_path(out)  # not a file, not a dangling symbolic link
-    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+    # The lock file of an earlier run is not a run: a directory holding only it counts as empty.
+    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) \
+            and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise ConfigError(f"output_dir {out} is not empty; set overwrite_output_dir=true or resume_from_checkpoint")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest" \
             and not Path(config.resume_from_checkpoint).is_dir():
@@ -167,12 +193,76 @@ def save_final_model(trainer, tokenizer, out: Path, merge_lora: bool) -> None:
             shutil.rmtree(tmp)
 
 
-def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | None:
-    """``resume_from_checkpoint`` for Trainer.train: 'latest' becomes the newest checkpoint in ``output_dir``
-    (None, with a warning, when there is none yet, so the same command starts or resumes a run)."""
-    if resume != "latest":
-        return resume
-    latest = latest_complete_checkpoint(output_dir)  # skips checkpoints a kill cut short
-    if latest is None:
-        logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", output_dir)
-    return None if latest is None else str(latest)
+def check_trackers(config) -> None:
+    """One-line ``ConfigError`` for a ``report_to`` tracker whose package is not installed (before any work)."""
+    report_to = config.report_to
+    for name in [report_to] if isinstance(report_to, str) else report_to or []:
+        packages = TRACKER_PACKAGES.get(name)
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise ConfigError(f"report_to={name} needs the {packages[0]!r} package, which is not installed "
+                              f"(pip install {packages[0]}), or set report_to=none")
+
+
+def disk_full(exc: BaseException, out: Path) -> bool:
+    """Whether ``exc`` (raised while writing into ``out``) means the disk is full: ENOSPC, or a library's wrapped
+    write error (torch's C++ writer, safetensors' "StorageFull") on a disk with (almost) no room left."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text:
+        return True
+    # torch.save's C++ writer reports a short write in its own words ("file write failed", "iostream error",
+    # "unexpected pos"); they mean a full disk only when the disk is (almost) full.
+    if any(words in text for words in ("write failed", "failed writing", "iostream error", "unexpected pos")):
+        try:
+            return shutil.disk_usage(out if out.exists() else out.parent).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_error(out: Path) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device while writing the run (the last complete checkpoint "
+                                 "is kept; free space, then resume with resume_from_checkpoint=latest)", str(out))
+
+
+def run_trainer(config, out: Path, make_trainer: Callable[[], object], tokenizer, *, merge_lora: bool = False,
+                objective_keys=rundir.OBJECTIVE_KEYS, after_train: Callable | None = None) -> Path:
+    """Train a ``transformers.Trainer`` built by ``make_trainer()`` in ``out`` under the run-directory protocol
+    (``chipo.train.rundir.open_run``: lock, overwrite clearing, newest complete checkpoint for 'latest', refusal of
+    a changed objective (``objective_keys``), metrics cut back, a finished run resumed to nothing), then save the
+    final model. A run that stops before its first step in an output_dir it found empty leaves nothing behind;
+    a full disk is one ``OSError`` line (exit 2) instead of a traceback."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    # Every process has checked output_dir (check_output_dir) before the main one creates, locks or clears it.
+    state.wait_for_everyone()
+    run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
+                          is_main=state.is_main_process, objective_keys=objective_keys)
+    try:
+        if run.finished and rundir.final_model_saved(out):
+            logger.info("%s already reached max_steps at %s: nothing to do", out, run.checkpoint)
+            return out
+        if state.is_main_process:
+            atomic_write_text(out / rundir.RUN_CONFIG, dump_yaml(config))
+        trainer = make_trainer()
+        if run.finished:  # killed while saving the final model: rebuild it from the last checkpoint, do not train
+            trainer._load_from_checkpoint(run.checkpoint)
+        else:
+            trainer.train(resume_from_checkpoint=run.checkpoint)
+            if after_train is not None:
+                after_train(trainer)
+        save_final_model(trainer, tokenizer, out, merge_lora=merge_lora)
+        if state.is_main_process:
+            run.mark_finished()
+    except BaseException as e:
+        if state.is_main_process and run.discard_if_unstarted():
+            logger.info("removed %s: the run stopped before its first step", out)
+        # An OSError already names its reason and path (one line from the CLI); others that mean a full disk too.
+        if isinstance(e, Exception) and not isinstance(e, (ConfigError, OSError)) and disk_full(e, out):
+            raise disk_full_error(out) from None
+        raise
+    finally:
+        run.release()
+    return out

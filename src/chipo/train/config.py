@@ -66,12 +66,24 @@ class PreferenceLossFields:
 class PreferenceConfig(TrainerConfig, PreferenceLossFields):
     """Preference training of a causal LM (chiPO, DPO and variants) on a preference dataset."""
 
+    # Read a JSON string for model_init_kwargs too (``--model_init_kwargs '{"dtype": "bfloat16"}'``), as TRL does.
+    _VALID_DICT_FIELDS = [*TrainerConfig._VALID_DICT_FIELDS, "model_init_kwargs"]
+    RENAMED_KEYS = {"lora_r": "lora_rank", "lora_alpha": "lora_scaling_alpha", "lora_dropout": "lora_dropout_rate",
+                    "lora_target_modules": "lora_modules"}
+
     model: str = _field(None, "Policy to train: a hub model name or a local HF directory (also pi_ref by default).")
     dataset: str = _field(None, "Preference data: hub dataset name, local .json/.jsonl/.parquet/.arrow file, or a "
                                 "directory saved by datasets. TRL formats: standard, conversational, implicit prompt.")
     learning_rate: float = _field(5e-7, "Peak learning rate.")
     drop_ties: bool = _field(False, "Drop rows whose chosen and rejected responses are identical (counted in the "
                                     "log); otherwise such rows are an error naming them.")
+    # dict | str | None, in that order (TRL's DPOConfig): HfArgumentParser reads it as str, a JSON object.
+    model_init_kwargs: dict | str | None = _field(None, "Keyword arguments for AutoModelForCausalLM.from_pretrained "
+                                                        "when the model is given by name (dtype, attn_implementation, "
+                                                        "revision, ...), as TRL's DPOConfig.model_init_kwargs (a model "
+                                                        "passed already loaded is used as it is).")
+    trust_remote_code: bool = _field(False, "Allow models that ship their own Python code (passed to "
+                                            "from_pretrained), as in TRL's DPOConfig.")
     # --- reference model
     reference: str = _field("precompute", "How pi_ref's log-probs are obtained: 'precompute' (once, before "
                                           "training, cached on disk and shared by sweeps) or 'model' (a frozen "
@@ -93,11 +105,16 @@ class PreferenceConfig(TrainerConfig, PreferenceLossFields):
                                  "Replaces padding_buckets; on by default: faster than padding_buckets=4 on CPU "
                                  "(benchmarks/RESULTS.md). false: padded rows.")
     # --- LoRA
-    lora: bool = _field(False, "Train LoRA adapters (peft); the reference is the base model with adapters off.")
-    lora_r: int = _field(16, "LoRA rank.")
-    lora_alpha: int = _field(32, "LoRA scaling alpha.")
-    lora_dropout: float = _field(0.0, "LoRA dropout.")
-    lora_target_modules: str = _field("all-linear", "Modules to adapt (peft syntax, comma-separated or all-linear).")
+    # Not lora_r / lora_alpha / lora_dropout / lora_target_modules: TRL's ModelConfig declares those (for its
+    # peft_config), and TrlParser((ScriptArguments, PreferenceConfig, ModelConfig)) refuses a name declared twice.
+    # chipo's parser still reads the old names (RENAMED_KEYS).
+    lora: bool = _field(False, "Train LoRA adapters (peft); the reference is the base model with adapters off. "
+                               "(From a TRL script: ModelConfig's --use_peft gives peft_config instead.)")
+    lora_rank: int = _field(16, "LoRA rank r (also read as lora_r).")
+    lora_scaling_alpha: int = _field(32, "LoRA scaling alpha (also read as lora_alpha).")
+    lora_dropout_rate: float = _field(0.0, "LoRA dropout (also read as lora_dropout).")
+    lora_modules: str = _field("all-linear", "Modules to adapt (peft syntax, comma-separated or all-linear; also "
+                                             "read as lora_target_modules).")
 
     def __post_init__(self) -> None:
         self.check_loss()
@@ -105,7 +122,9 @@ class PreferenceConfig(TrainerConfig, PreferenceLossFields):
             raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
         if self.logprobs_impl not in LOGPROB_IMPLS:
             raise ConfigError(f"logprobs_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprobs_impl!r}")
-        for name in ("logprob_chunk", "lora_r", "padding_buckets"):
+        if isinstance(self.model_init_kwargs, str) and not self.model_init_kwargs.lstrip().startswith("{"):
+            raise ConfigError(f"model_init_kwargs must be a mapping or a JSON object, got {self.model_init_kwargs!r}")
+        for name in ("logprob_chunk", "lora_rank", "padding_buckets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         super().__post_init__()

@@ -1,5 +1,5 @@
-"""What the ``accelerate`` loops of ``chipo rl`` and ``chipo online`` share: the prompt order, checkpoints written
-atomically with ``save_state``, and resume.
+"""Pieces of the ``accelerate`` loop (``chipo.train.sampled``) of ``chipo rl`` and ``chipo online``: the optimizer
+and schedule, the prompt order, checkpoints written atomically with ``save_state``, and their loading.
 
 Both sample from the current policy, so they are not ``transformers.Trainer`` runs; they still get DDP / DeepSpeed
 from ``accelerate launch``. A checkpoint is ``checkpoint-<step>``: every process writes its part of the
@@ -9,7 +9,6 @@ loop needs) and renames it into place, so a kill during a save never leaves a ch
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -19,10 +18,7 @@ import torch
 
 from chipo.config import ConfigError
 from chipo.io import read_json, write_json
-from chipo.train.rundir import LOOP_STATE, loop_checkpoints, truncate_metrics
-
-logger = logging.getLogger("chipo")
-
+from chipo.train.rundir import LOOP_STATE, loop_checkpoints
 
 
 def interval(value: float | None, max_steps: int) -> int:
@@ -87,27 +83,8 @@ def save_checkpoint(accelerator, out: str | os.PathLike, step: int, state: dict,
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: str | os.PathLike, metrics: str | os.PathLike) -> dict:
-    """Restore the accelerate state; returns the saved loop state and cuts ``metrics`` back to its step."""
+def load_checkpoint(accelerator, checkpoint: str | os.PathLike) -> dict:
+    """Restore the accelerate state; returns the saved loop state (the run directory protocol,
+    ``chipo.train.rundir.open_run``, has already cut ``metrics.jsonl`` back to its step)."""
     accelerator.load_state(str(checkpoint))
-    state = read_json(Path(checkpoint) / LOOP_STATE) or {}
-    if accelerator.is_main_process:
-        truncate_metrics(metrics, int(state["step"]))
-    accelerator.wait_for_everyone()
-    return state
-
-
-def resolve_resume(resume: str | None, out: str | os.PathLike, command: str) -> Path | None:
-    """``resume_from_checkpoint``: None, 'latest' (the newest complete checkpoint, None with a warning when there
-    is none yet) or a checkpoint directory of this command (``ConfigError`` otherwise)."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = loop_checkpoints(out)
-        if not found:
-            logger.warning("resume_from_checkpoint=latest but no checkpoint in %s: starting fresh", out)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / LOOP_STATE).is_file():
-        raise ConfigError(f"resume_from_checkpoint {path} is not a chipo {command} checkpoint (no {LOOP_STATE})")
-    return path
+    return read_json(Path(checkpoint) / LOOP_STATE) or {}

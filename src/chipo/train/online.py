@@ -14,40 +14,36 @@ mixture needs both models' next-token logits at every step (a KV cache per model
 response a random stream of its own -- Gumbel-max noise from a counter-based hash of (seed, step, prompt position,
 stream, token position, token id) -- so responses, and hence losses, do not depend on how prompts are split across
 processes or batched. Labels (Bradley-Terry draws) use the same hash. 2 processes reproduce 1 process (tested to
-1e-5): each process's loss is its sum over pairs x (processes / prompts_per_step), and DDP averages the gradients.
+1e-5): the shared loop (``chipo.train.sampled``) backpropagates each micro-batch's mean pair loss, divided by
+the accumulation steps, and DDP averages the processes: the gradient of the mean over the step's pairs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from chipo.config import ConfigError, dump_yaml
+from chipo.config import ConfigError
 from chipo.data import DataError
 from chipo.data.prompts import load_prompts
 from chipo.divergences import CHI2, KL, get_divergence
 from chipo.generation import decode_response, encode_prompts
-from chipo.io import atomic_write_text, staged_into
-from chipo.judges import OpenAIChatJudge, OpenAIJudgeConfig, PairwisePrompt
+from chipo.judges import OpenAIJudgeConfig, PairwisePrompt, build_judge
 from chipo.judges.prompt import TLDR_PROMPT
 from chipo.losses import preference_loss
 from chipo.losses.online import nash_md_loss, policy_penalty, preference_probability, sample_labels, xpo_bonus
 from chipo.models import load_causal_lm, load_tokenizer
-from chipo.rewards import load_scorer, score_checked
+from chipo.rewards import load_scorer
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, packing_supported, response_batch
-from chipo.train import loop
 from chipo.train.common import check_output_dir
-from chipo.train.loop import optimizer_and_scheduler, prompt_order
+from chipo.train.loop import prompt_order
 from chipo.train.online_config import OnlineConfig
 from chipo.train.online_sampling import as_int64, sample, stream_key, uniforms
-from chipo.train.pairwise import NonFiniteError
-from chipo.train.rundir import checkpoint_note
+from chipo.train.sampled import SampledTrainer, check_split, make_accelerator, run_sampled, score_or_fail
 
 logger = logging.getLogger("chipo")
 
@@ -73,11 +69,14 @@ class PreferenceOracle:
     def __init__(self, config: OnlineConfig):
         self.mode, self.judge, self.scorer = config.label, None, None
         if config.judge == "openai":
+            # The judge's own deadline: judge_timeout bounds each request attempt (connect, headers, whole reply)
+            # and each read, so a hanging server costs at most judge_max_attempts x judge_timeout per item.
             judge_config = OpenAIJudgeConfig(base_url=config.judge_base_url, model=config.judge_model,
                                              cache=config.judge_cache, max_concurrency=config.judge_max_concurrency,
-                                             max_attempts=config.judge_max_attempts, seed=config.seed)
+                                             max_attempts=config.judge_max_attempts, seed=config.seed,
+                                             timeout_s=config.judge_timeout, deadline_s=config.judge_timeout)
             prompt = GENERAL_PROMPT if config.judge_prompt == "general" else TLDR_PROMPT
-            self.judge = OpenAIChatJudge(judge_config, prompt=prompt)
+            self.judge = build_judge("openai", judge_config, prompt=prompt)
             self.name = self.judge.name
         else:
             self.scorer = load_scorer(config.judge)
@@ -92,37 +91,62 @@ class PreferenceOracle:
         if self.judge is not None:
             result = self.judge.judge(prompts, a, b)
             return torch.tensor([math.nan if o is None else o for o in result.outcomes], dtype=torch.float64)
-        try:
-            scores = score_checked(self.scorer, prompts + prompts, a + b)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"judge {self.name} failed: {e}") from None
-        scores = torch.from_numpy(scores)
+        scores = torch.from_numpy(score_or_fail(self.scorer, prompts + prompts, a + b, "judge"))
         return preference_probability(scores[:len(a)], scores[len(a):], self.mode)
 
 
 # ------------------------------------------------------------------------------------------------- the trainer
 
 
+@dataclass
+class Pairs:
+    """One step's labelled pairs on this process: prompts, the two responses (token ids, finished) and labels."""
 
-class OnlineTrainer:
-    """The online loop (module docstring) on an ``accelerate.Accelerator``: DDP through ``accelerate launch``.
+    prompt_ids: list
+    a: list
+    b: list
+    prob: torch.Tensor
+    label: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+PER_PAIR = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "clipped", "loss/preference", "loss/score", "rewards/probabilities")
+"""Metrics of the preference term: averaged over the labelled pairs only (ties and missing verdicts excluded)."""
+
+
+class OnlineTrainer(SampledTrainer):
+    """The online loop (module docstring) on the shared sampled-data loop (``chipo.train.sampled``).
 
     Prompt order, sampling and labels are functions of (seed, step, prompt position) only, and checkpoints hold the
     accelerate state (policy, optimizer, RNG) plus the step and the labels spent, so a resumed run retraces the
     uninterrupted one.
     """
 
+    name = "chipo online"
+    kind = "online"
+
     def __init__(self, config: OnlineConfig, accelerator, policy, ref, tokenizer, oracle: PreferenceOracle,
-                 prompt_ids: list[list[int]], prompt_texts: list[str], out: Path):
-        self.config, self.accelerator, self.tokenizer, self.oracle = config, accelerator, tokenizer, oracle
-        self.prompt_ids, self.prompt_texts, self.out = prompt_ids, prompt_texts, Path(out)
-        self.ref = ref.to(accelerator.device).eval().requires_grad_(False)
-        optimizer, self.scheduler = optimizer_and_scheduler(config, policy, config.max_steps)
-        self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
+                 prompt_ids: list[list[int]], prompt_texts: list[str], out: Path, *, impl: str = "logits",
+                 callbacks=()):
+        super().__init__(config, accelerator, policy, ref, tokenizer, out, callbacks=callbacks)
+        self.oracle, self.prompt_ids, self.prompt_texts = oracle, prompt_ids, prompt_texts
         self.divergence = get_divergence(config.regularizer or "kl")
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.impl, self.step, self.labels = "logits", 0, 0
+        self.impl, self.labels = impl, 0
+
+    def total_steps(self) -> int:
+        return self.config.last_step()
+
+    def checkpoint_state(self) -> dict:
+        return {"labels": self.labels}
+
+    def restore_state(self, state: dict) -> None:
+        self.labels = int(state["labels"])
+
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['loss']:.3f}", "kl": f"{record['kl']:.3f}", "labels": self.labels}
 
     # --- data order and randomness: functions of (seed, step, position) only
     def batch_indices(self, step: int) -> list[int]:
@@ -140,15 +164,15 @@ class OnlineTrainer:
         packed = self.config.packing and packing_supported(self.accelerator.unwrap_model(model), batch, self.impl)
         return batch_sequence_logps(model, batch, self.impl, self.config.logprob_chunk, packed=packed).float()
 
-    # --- one step
-    def train_step(self, step: int) -> dict[str, float]:
+    # --- one step: sample two responses per prompt and label them, then the loss per micro-batch
+    def rollout(self, step: int) -> Pairs:
         cfg, acc = self.config, self.accelerator
         index = self.batch_indices(step)
         local = list(self._local_positions())
         p_ids = [self.prompt_ids[index[j]] for j in local]
         texts = [self.prompt_texts[index[j]] for j in local]
         keys = [[stream_key(cfg.seed, step, j, s) for j in local] for s in range(3)]
-        policy = acc.unwrap_model(self.policy)
+        policy = self.policy
         opts = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad)
         if cfg.nash_md or cfg.exploration == "xpo":
@@ -160,15 +184,25 @@ class OnlineTrainer:
             a, b = both[:len(p_ids)], both[len(p_ids):]
         decode = lambda rows: [decode_response(self.tokenizer, ids, done) for ids, done in rows]  # noqa: E731
         prob = self.oracle.probabilities(texts, decode(a), decode(b)).to(acc.device)
-        missing = torch.isnan(prob)
+        if self.oracle.samples_labels and not cfg.nash_md:
+            u = uniforms(torch.tensor([as_int64(k) for k in keys[2]], device=acc.device), 0, 1)[:, 0]
+            label = sample_labels(prob, u)
+        else:
+            label = prob
+        return Pairs(p_ids, a, b, prob, label)
 
-        self.policy.train()
-        n = len(local)
+    def micro_loss(self, pairs: Pairs, part: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, device = self.config, self.accelerator.device
+        p_ids, a, b = pairs.prompt_ids[part], pairs.a[part], pairs.b[part]
+        prob, label = pairs.prob[part], pairs.label[part]
+        missing = torch.isnan(prob)
+        self.model.train()
+        n = len(p_ids)
         rows = [ids for ids, _ in a] + ([] if cfg.nash_md else [ids for ids, _ in b])
-        logps = self._logps(self.policy, p_ids * (len(rows) // n), rows)
+        logps = self._logps(self.model, p_ids * (len(rows) // n), rows)
         with torch.no_grad():
             ref_logps = self._logps(self.ref, p_ids * (len(rows) // n), rows)
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.float32, device=acc.device)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.float32, device=device)
         policy_samples = slice(0, n) if cfg.nash_md or cfg.exploration == "xpo" else slice(0, 2 * n)
         columns: dict[str, torch.Tensor] = {}
         if cfg.nash_md:
@@ -178,11 +212,6 @@ class OnlineTrainer:
             columns.update({k: metrics[k] for k in ("loss/score", "loss/kl", "rewards/probabilities",
                                                     "logps/chosen")})
         else:
-            if self.oracle.samples_labels:
-                u = uniforms(torch.tensor([as_int64(k) for k in keys[2]], device=acc.device), 0, 1)[:, 0]
-                label = sample_labels(prob, u)
-            else:
-                label = prob
             kept = (label == 1.0) | (label == 0.0)
             a_wins = label == 1.0
             lp_a, lp_b, lr_a, lr_b = logps[:n], logps[n:], ref_logps[:n], ref_logps[n:]
@@ -210,101 +239,35 @@ class OnlineTrainer:
         log_ratio = (logps - ref_logps).detach()[policy_samples].double().view(-1, n)
         weight = torch.exp(torch.clamp(-log_ratio, max=cfg.exp_clamp))
         columns.update({
-            "loss": losses.detach(), "kept": kept.float(), "labels/missing": missing.float(),
+            "kept": kept.float(), "labels/missing": missing.float(),
             "kl": (KL.f(log_ratio, cfg.exp_clamp) * weight).mean(0), "kl_k1": log_ratio.mean(0),
             "chi2": (CHI2.f(log_ratio, cfg.exp_clamp) * weight).mean(0),
-            "response_length": torch.tensor([float(len(ids) - done) for ids, done in a], device=acc.device),
+            "response_length": torch.tensor([float(len(ids) - done) for ids, done in a], device=device),
         })
-        # Each process holds n of the step's P pairs; DDP averages over processes: sum * W / P is the global mean.
-        acc.backward(losses.sum() * acc.num_processes / cfg.prompts_per_step)
-        bad = acc.reduce(torch.tensor([float(not torch.isfinite(losses).all())], device=acc.device), "sum")
-        if bad.item():
-            raise NonFiniteError(f"non-finite online loss at step {step + 1}; stopping before the optimizer step, "
-                                 f"{checkpoint_note(self.out)}")
-        grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm or float("inf"))
-        if not torch.isfinite(torch.as_tensor(grad_norm)):
-            raise NonFiniteError(f"non-finite gradient at step {step + 1}; stopping before the optimizer step, "
-                                 f"{checkpoint_note(self.out)}")
-        learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.labels += cfg.prompts_per_step
-        return {**self._reduce(columns, float(grad_norm)), "learning_rate": learning_rate}
+        return losses, columns
 
-    def _reduce(self, columns: dict[str, torch.Tensor], grad_norm: float) -> dict[str, float]:
+    def summarize(self, columns: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means over the step's pairs on all processes: pair metrics over labelled pairs, the rest over all."""
-        names = list(columns)
-        table = self.accelerator.gather(torch.stack([columns[k].double() for k in names], 1))
-        values = dict(zip(names, table.T))
+        self.labels += self.config.prompts_per_step
+        values = dict(columns)
         kept = values.pop("kept").bool()
-        per_pair = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                    "logps/rejected", "clipped", "loss/preference", "loss/score", "rewards/probabilities"}
         record = {}
         for name, column in values.items():
             if name.startswith("labels/"):
                 record[name] = float(column.sum())
-            elif name in per_pair:
+            elif name in PER_PAIR:
                 record[name] = float(column[kept].mean()) if kept.any() else math.nan
             else:
                 record[name] = float(column.mean())
-        record.update({"labels/step": float(len(kept)), "labels": self.labels, "grad_norm": grad_norm})
+        record.update({"labels/step": float(len(kept)), "labels": self.labels})
         return record
 
-    # --- checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """accelerate state + step + labels spent in ``checkpoint-<step>`` (``chipo.train.loop``)."""
-        return loop.save_checkpoint(self.accelerator, self.out, step, {"labels": self.labels},
-                                    self.config.save_total_limit)
 
-    def load_state(self, checkpoint: Path) -> None:
-        state = loop.load_checkpoint(self.accelerator, checkpoint, self.out / "metrics.jsonl")
-        self.step, self.labels = int(state["step"]), int(state["labels"])
-
-    # --- the loop
-    def train(self) -> None:
-        cfg, acc = self.config, self.accelerator
-        probe = response_batch(self.prompt_ids[:2], [[self.tokenizer.eos_token_id]] * 2, self.pad)
-        self.impl = choose_logprobs_impl(acc.unwrap_model(self.policy),
-                                         {k: v.to(acc.device) for k, v in probe.items()}, cfg.logprobs_impl)
-        last = cfg.max_steps
-        if cfg.max_labels is not None:
-            last = min(last, cfg.max_labels // cfg.prompts_per_step)
-            if last < cfg.max_steps:
-                logger.info("label budget max_labels=%d allows %d steps", cfg.max_labels, last)
-        bar = tqdm(range(self.step, last), initial=self.step, total=last, desc="chipo online", unit="step",
-                   disable=bool(cfg.disable_tqdm) or not acc.is_main_process)
-        for step in bar:
-            record = self.train_step(step)
-            self.step = step + 1
-            record = {"step": self.step, **record}
-            if acc.is_main_process and (self.step % cfg.every("logging") == 0 or self.step == last):
-                line = json.dumps(record)
-                with (self.out / "metrics.jsonl").open("a") as f:
-                    f.write(line + "\n")
-                tqdm.write(line, file=sys.stdout)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}", labels=self.labels)
-            if cfg.every("save") and (self.step % cfg.every("save") == 0 or self.step == last):
-                self.save_checkpoint(self.step)
-
-    def save_final(self) -> None:
-        """The final HF policy + tokenizer in ``output_dir`` (staged in a hidden directory, then moved in)."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            with staged_into(self.out) as tmp:
-                self.accelerator.unwrap_model(self.policy).save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-        self.accelerator.wait_for_everyone()
-
-
-def run_online(config: OnlineConfig) -> Path:
-    """Run ``chipo online``: validate everything, then train; returns the output directory with the final policy."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.accelerate_precision())
-    if config.prompts_per_step % accelerator.num_processes:
-        raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the number of "
-                          f"processes ({accelerator.num_processes})")
+def run_online(config: OnlineConfig, callbacks=()) -> Path:
+    """Run ``chipo online``: validate everything, then train; returns the output directory with the final policy.
+    ``callbacks``: ``transformers.TrainerCallback``s (``chipo.train.sampled``)."""
+    accelerator = make_accelerator(config, "chipo online")
+    check_split(config, accelerator)
     tokenizer = load_tokenizer(config.tokenizer or config.policy)
     rows = load_prompts(config.prompts, config.prompts_split, config.max_prompts).prompts
     try:
@@ -317,19 +280,18 @@ def run_online(config: OnlineConfig) -> Path:
             oracle.probabilities(prompt_texts[:1], ["test"], ["test two"])
         except Exception as e:  # noqa: BLE001 -- any failure of user code becomes one config error line
             raise ConfigError(f"judge {oracle.name} failed on a test pair: {e}") from None
-    out = check_output_dir(config)
-    resume = loop.resolve_resume(config.resume_from_checkpoint, out, "online")
+    check_output_dir(config)
     torch.manual_seed(config.seed)
     policy = load_causal_lm(config.policy)
     ref = load_causal_lm(config.ref_model or config.policy)  # pi_ref: the initial policy, also on resume
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "run_config.yaml", dump_yaml(config))
-    accelerator.wait_for_everyone()
-    trainer = OnlineTrainer(config, accelerator, policy, ref, tokenizer, oracle, prompt_ids, prompt_texts, out)
-    if resume is not None:
-        trainer.load_state(resume)
-        logger.info("resumed from %s at step %d (%d labels spent)", resume, trainer.step, trainer.labels)
-    trainer.train()
-    trainer.save_final()
-    return out
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    probe = {k: v.to(accelerator.device) for k, v in response_batch(prompt_ids[:2], [[tokenizer.eos_token_id]] * 2,
+                                                                    pad).items()}
+    impl = choose_logprobs_impl(policy.to(accelerator.device), probe, config.logprobs_impl)
+    if config.last_step() < config.max_steps:
+        logger.info("label budget max_labels=%d allows %d steps", config.max_labels, config.last_step())
+
+    # Nothing above touched the disk: from here on the run is valid and may write its directory.
+    return run_sampled(config, accelerator, lambda out: OnlineTrainer(
+        config, accelerator, policy, ref, tokenizer, oracle, prompt_ids, prompt_texts, out, impl=impl,
+        callbacks=callbacks))

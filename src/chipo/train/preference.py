@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from chipo.config import ConfigError
 from chipo.data import PreferenceCollator
 from chipo.losses import preference_loss
 from chipo.models import load_tokenizer
@@ -41,12 +42,13 @@ class PreferenceTrainer(PairwiseTrainer):
     """``transformers.Trainer`` whose loss is a chipo preference loss.
 
     With ``args`` a ``PreferenceConfig`` everything below defaults from it (module docstring). Args beyond
-    Trainer's: ``peft_config``, ``loss_name``, ``beta``, ``loss_options`` (see ``chipo.losses``), ``ref_model``
-    (a frozen reference evaluated each step; None when the batches carry precomputed ``ref_*_logps`` or when
-    ``ref_adapter_disabled``), ``ref_adapter_disabled`` (LoRA: reference = policy with adapters off),
-    ``logprobs_impl``, ``logprob_chunk``, ``padding_buckets`` (length buckets per batch, single process only;
-    see ``chipo.sequences.batch_sequence_logps``) and ``packing`` (padding-free packed rows, checked once against
-    the padded layout; replaces the buckets).
+    Trainer's: ``peft_config`` and ``quantization_config`` (as in TRL's DPOTrainer: the latter is passed to
+    ``from_pretrained`` when ``model`` is a name), ``loss_name``, ``beta``, ``loss_options`` (see
+    ``chipo.losses``), ``ref_model`` (a frozen reference evaluated each step; None when the batches carry
+    precomputed ``ref_*_logps`` or when ``ref_adapter_disabled``), ``ref_adapter_disabled`` (LoRA: reference =
+    policy with adapters off), ``logprobs_impl``, ``logprob_chunk``, ``padding_buckets`` (length buckets per
+    batch, single process only; see ``chipo.sequences.batch_sequence_logps``) and ``packing`` (padding-free packed
+    rows, checked once against the padded layout; replaces the buckets).
     """
 
     # Means over pairs (TRL's names where TRL has them) and maxima (the distribution shift from pi_ref).
@@ -59,14 +61,21 @@ class PreferenceTrainer(PairwiseTrainer):
                  eval_dataset=None, processing_class=None, peft_config=None, *, loss_name: str | None = None,
                  beta: float | None = None, loss_options: dict | None = None, ref_model: nn.Module | None = None,
                  ref_adapter_disabled: bool = False, logprobs_impl: str | None = None, logprob_chunk: int | None = None,
-                 padding_buckets: int | None = None, packing: bool | None = None, **kwargs: Any):
+                 padding_buckets: int | None = None, packing: bool | None = None, quantization_config=None,
+                 **kwargs: Any):
+        loaded = model is not None and not isinstance(model, str)
+        if quantization_config is not None and loaded:  # as TRL's DPOTrainer: quantization happens at loading
+            raise ConfigError("quantization_config applies when the model is given by name (it is passed to "
+                              "from_pretrained); this model is already loaded: quantize it yourself or pass its name")
         if isinstance(args, PreferenceConfig):
-            if processing_class is None:
-                processing_class = load_tokenizer(args.tokenizer or (model if isinstance(model, str) else None)
-                                                  or args.model)
+            if processing_class is None:  # as TRL: the model's own tokenizer (a loaded model knows its path)
+                name = getattr(getattr(model, "config", None), "_name_or_path", None) if loaded else model
+                processing_class = load_tokenizer(args.tokenizer or name or args.model,
+                                                  trust_remote_code=args.trust_remote_code)
             data_collator = data_collator or PreferenceCollator(pad_token_id=processing_class.pad_token_id)
             run = setup_preference_run(args, model, processing_class, train_dataset, eval_dataset, data_collator,
-                                       peft_config=peft_config, ref_model=ref_model)
+                                       peft_config=peft_config, ref_model=ref_model,
+                                       quantization_config=quantization_config)
             model, train_dataset, eval_dataset = run["model"], run["train_dataset"], run["eval_dataset"]
             ref_model = run["ref_model"]
             ref_adapter_disabled = ref_adapter_disabled or run["ref_adapter_disabled"]
@@ -77,6 +86,9 @@ class PreferenceTrainer(PairwiseTrainer):
             logprob_chunk = logprob_chunk or args.logprob_chunk
             padding_buckets = padding_buckets or args.padding_buckets
             packing = args.packing if packing is None else packing
+        elif quantization_config is not None or isinstance(model, str):
+            raise ConfigError("PreferenceTrainer loads a model by name (with quantization_config) only with "
+                              "args=PreferenceConfig(...)")
         if loss_name is None or beta is None:
             raise ValueError("PreferenceTrainer needs loss_name and beta (or args=PreferenceConfig(...))")
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,

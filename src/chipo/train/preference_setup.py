@@ -8,8 +8,10 @@ import logging
 import os
 
 import datasets as hf_datasets
+import torch
 from accelerate import PartialState
 
+from chipo.config import ConfigError
 from chipo.data import load_preference_dataset, prepare_preference_dataset
 from chipo.models import load_causal_lm
 from chipo.sequences import choose_logprobs_impl
@@ -17,6 +19,24 @@ from chipo.train.config import PreferenceConfig
 from chipo.train.reference import cached_reference_logps
 
 logger = logging.getLogger("chipo")
+
+
+def load_policy(config: PreferenceConfig, name: str | None = None, quantization_config=None):
+    """The causal LM ``name`` (default ``config.model``) loaded as TRL's DPOTrainer loads a model given by name:
+    ``from_pretrained`` with ``config.model_init_kwargs``, ``trust_remote_code`` and ``quantization_config``."""
+    kwargs = dict(config.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ConfigError("quantization_config is set both as a trainer argument and in model_init_kwargs; "
+                              "set it in one place")
+        kwargs["quantization_config"] = quantization_config
+    kwargs.setdefault("trust_remote_code", config.trust_remote_code)
+    dtype = kwargs.pop("dtype", None)
+    if isinstance(dtype, str) and dtype != "auto":  # "bfloat16" etc., as TRL's create_model_from_path accepts
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"model_init_kwargs: dtype must be 'auto' or a torch dtype name, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    return load_causal_lm(name or config.model, dtype=dtype, **kwargs)
 
 
 def prepare_rows(config: PreferenceConfig, tokenizer, dataset, source: str):
@@ -47,9 +67,9 @@ def apply_lora(model, config: PreferenceConfig):
 
     from peft import LoraConfig, get_peft_model
 
-    targets = config.lora_target_modules
+    targets = config.lora_modules
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_scaling_alpha, lora_dropout=config.lora_dropout_rate,
                       target_modules=target_modules, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -59,7 +79,7 @@ def apply_lora(model, config: PreferenceConfig):
 def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collator, impl: str) -> dict:
     """Attach ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the disk cache when possible."""
     state = PartialState()
-    ref = load_causal_lm(config.ref_model) if config.ref_model else model
+    ref = load_policy(config, config.ref_model) if config.ref_model else model
     ref.to(state.device)
     settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "impl": impl,
                 "dtype": str(next(ref.parameters()).dtype)}
@@ -99,19 +119,19 @@ def pick_logprobs_impl(config: PreferenceConfig, model, probe: dict) -> str:
 
 
 def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_dataset, eval_dataset, collator,
-                         peft_config=None, ref_model=None) -> dict:
+                         peft_config=None, ref_model=None, quantization_config=None) -> dict:
     """Everything ``PreferenceTrainer`` needs beyond Trainer's arguments, from the config (module docstring).
 
-    ``model`` may be a name/path (loaded here), ``train_dataset`` / ``eval_dataset`` raw rows in any TRL format
-    (prepared here), None (read from ``config.dataset`` / ``config.eval_split``) or already prepared. Returns the
-    model, datasets and the trainer's loss/reference settings.
+    ``model`` may be a name/path (loaded here by ``load_policy``), ``train_dataset`` / ``eval_dataset`` raw rows in
+    any TRL format (prepared here), None (read from ``config.dataset`` / ``config.eval_split``) or already
+    prepared. Returns the model, datasets and the trainer's loss/reference settings.
     """
     import copy
 
     from chipo.data import lengths
 
     if model is None or isinstance(model, str):
-        model = load_causal_lm(model or config.model)
+        model = load_policy(config, model, quantization_config)
     if peft_config is not None:
         from peft import get_peft_model
 
@@ -137,7 +157,7 @@ def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_datas
         splits = add_reference_logps(config, model, splits, collator, impl)
     elif config.reference == "model" and ref_model is None:
         if config.ref_model:
-            ref_model = load_causal_lm(config.ref_model)
+            ref_model = load_policy(config, config.ref_model)
         elif not is_peft(model):
             ref_model = copy.deepcopy(model)
     if config.group_by_length and "length" not in splits["train"].column_names:

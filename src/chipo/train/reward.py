@@ -38,13 +38,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import set_seed
 
-from chipo.config import ConfigError, dump_yaml
+from chipo.config import ConfigError
 from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
-from chipo.io import atomic_write_text
 from chipo.models import load_sequence_classifier, load_tokenizer
 from chipo.sequences import layouts_agree, pack_batch, single_row_attention
-from chipo.train.common import check_output_dir, resolve_resume, save_final_model
+from chipo.train.common import check_output_dir, check_trackers, run_trainer
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
 from chipo.train.rundir import MetricsLog
@@ -216,6 +216,7 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
 def run_reward_training(config: RewardConfig) -> Path:
     """Train per ``config``; returns the output directory holding the final HF reward model + tokenizer."""
     config.require_model_and_data()
+    check_trackers(config)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     datasets = {"train": prepare_reward_split(config, tokenizer, config.dataset, config.split,
                                               config.max_train_samples)}
@@ -223,21 +224,18 @@ def run_reward_training(config: RewardConfig) -> Path:
         datasets["eval"] = prepare_reward_split(config, tokenizer, config.eval_dataset or config.dataset,
                                                 config.eval_split)
     out = check_output_dir(config)
+    # The score head is new (randomly initialised): under the seed, so that two runs with one seed are the same run.
+    set_seed(config.seed)
     # HF pools the score at the rightmost non-pad token: it must know the pad id (saved with the model).
     model = load_sequence_classifier(config.model, "model", num_labels=1, pad_token_id=tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         model.config.use_cache = False
 
     # Everything above validated the run without touching the disk.
-    atomic_write_text(out / "run_config.yaml", dump_yaml(config))
-    trainer = RewardTrainer(
+    return run_trainer(config, out, lambda: RewardTrainer(
         model=model, args=config, data_collator=RewardCollator(tokenizer.pad_token_id),
         train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
         callbacks=[MetricsLog(out / "metrics.jsonl")],
-        center_rewards_coefficient=config.center_rewards_coefficient, packing=config.packing,
-    )
-    trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
-    if datasets.get("eval") is not None:
-        trainer.evaluate()
-    save_final_model(trainer, tokenizer, out, merge_lora=False)
-    return out
+        center_rewards_coefficient=config.center_rewards_coefficient, packing=config.packing),
+        tokenizer, objective_keys=RewardConfig.objective_keys,
+        after_train=(lambda trainer: trainer.evaluate()) if datasets.get("eval") is not None else None)

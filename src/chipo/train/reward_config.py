@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from chipo.config import ConfigError, _field
 from chipo.train.common import TrainerConfig
@@ -11,6 +12,12 @@ from chipo.train.common import TrainerConfig
 @dataclass
 class RewardConfig(TrainerConfig):
     """Bradley-Terry reward-model training on preference data (the same formats as ``chipo train``)."""
+
+    command: ClassVar[str] = "chipo reward"
+    objective_keys: ClassVar[tuple[str, ...]] = (
+        "model", "dataset", "split", "max_train_samples", "drop_ties", "max_length", "max_prompt_length",
+        "margin_column", "center_rewards_coefficient")
+    """run_config keys that define the objective: resuming a checkpoint trained on another is refused."""
 
     model: str = _field(None, "Base model: a hub name or local HF directory (a causal LM gets a fresh 1-output "
                               "score head via AutoModelForSequenceClassification).")

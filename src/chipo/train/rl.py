@@ -8,7 +8,8 @@ baseline (Kool et al. 2019; Ahmadian et al. 2024) keeps the gradient estimate un
 estimators (k1, k3) are pure functions in ``chipo.losses.rloo`` (derivations there; ``tests/test_rl_estimator.py``
 checks E[grad loss] = -grad J exactly on a tabular policy).
 
-One optimizer step (``RLTrainer.train_step``):
+One optimizer step (``chipo.train.sampled.SampledTrainer.train_step`` with this module's ``rollout`` and
+``micro_loss``):
 
 1. The step's ``prompts_per_step`` = P prompts (a seeded permutation per pass over the data, a function of
    (seed, step) only) are split evenly over the N processes; each process samples k responses for its P / N
@@ -20,9 +21,9 @@ One optimizer step (``RLTrainer.train_step``):
    losses. accelerate divides it by G and DDP averages the N processes' gradients, so the gradient is
    (1/N)(1/G) sum_{micro-batches} (1/m) sum_i grad loss_i = (1/P) sum_{all P prompts} grad loss_i: exactly the
    one-process full-batch gradient of the mean RLOO loss (up to float round-off of the all-reduce).
-3. Metrics are summed over prompts on every process and reduced (``accelerator.reduce``; maxima gathered), then
-   logged by the main process. A non-finite loss or gradient norm stops the run *before* the optimizer step,
-   naming the step (``NonFiniteError``); the last good checkpoint stays.
+3. Per-prompt metrics of every process are gathered and averaged over the step's prompts (``log_ratio_max``:
+   the maximum), then logged by the main process. A non-finite loss or gradient norm stops the run *before*
+   the optimizer step, naming the step (``NonFiniteError``); the last good checkpoint stays.
 
 Dropout is off in the forward that builds the loss (the policy runs in eval mode; gradients flow all the same).
 The estimator is for the deterministic network pi_theta: log pi(y|x) is the quantity whose gradient the score
@@ -39,32 +40,26 @@ decoder layers do, would then drop out: chipo warns when the policy's config has
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from chipo.config import ConfigError
 from chipo.data import DataError
 from chipo.divergences import CHI2, KL, get_divergence
 from chipo.generation import encode_prompts, generate
 from chipo.losses.rloo import exact_objective, rl_penalty, rloo_advantages, rloo_loss
-from chipo.rewards import score_checked
 from chipo.sequences import batch_sequence_logps, packing_supported, response_batch, sequence_logps
-from chipo.train.loop import optimizer_and_scheduler, prompt_order
-from chipo.train.pairwise import NonFiniteError
+from chipo.train.loop import prompt_order
 from chipo.train.rl_config import ESTIMATORS, REGULARIZERS, RLConfig
-from chipo.train.rundir import checkpoint_note
+from chipo.train.sampled import SampledTrainer, score_or_fail
 
 logger = logging.getLogger("chipo")
 
 __all__ = ["ESTIMATORS", "REGULARIZERS", "PromptSet", "RLConfig", "RLTrainer", "dropout_off", "exact_objective",
-           "rl_penalty", "rloo_advantages", "rloo_loss", "run_rl"]
+           "rl_penalty", "rloo_advantages", "rloo_loss"]
 
 MEAN_METRICS = ("loss", "reward", "penalized_reward", "penalty", "kl_k1", "kl_k3", "chi2")
 
@@ -90,41 +85,53 @@ def dropout_off(model) -> None:
             module.training = True
 
 
+@dataclass
+class Rollout:
+    """One step's samples on this process: k responses per prompt (prompt-major) and their rewards [m, k]."""
+
+    prompt_ids: list
+    response_ids: list
+    finished: list
+    rewards: Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
 def derived_seed(*values: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence hashing): distinct tuples, unrelated streams."""
     high, low = np.random.SeedSequence([int(v) for v in values]).generate_state(2)
     return (int(high) << 31 | int(low) >> 1) & (2**63 - 1)
 
 
-class RLTrainer:
-    """RLOO policy-gradient training with a D_f regulariser on an ``accelerate.Accelerator`` (module docstring).
+class RLTrainer(SampledTrainer):
+    """RLOO policy-gradient training with a D_f regulariser on the shared sampled-data loop (module docstring;
+    ``chipo.train.sampled.SampledTrainer`` does the step, accumulation, logging, checkpoints and callbacks).
 
-    ``policy`` is prepared here (DDP or DeepSpeed ZeRO-1/2 as launched; every process keeps full parameters to
-    sample from, so FSDP and ZeRO-3 are refused by ``run_rl``); ``ref`` is frozen on the process's device.
+    ``policy`` is prepared there (DDP or DeepSpeed ZeRO-1/2 as launched; every process keeps full parameters to
+    sample from, so FSDP and ZeRO-3 are refused); ``ref`` is frozen on the process's device.
     ``eval_callback(policy, step) -> dict`` (optional) runs on the main process at every evaluation with the
     unwrapped policy and its numbers are logged with an ``eval_`` prefix: the hook for the lab's exact evaluation.
     """
 
+    name = "chipo rl"
+    kind = "RL"
+
     def __init__(self, config: RLConfig, accelerator, policy, ref, tokenizer, reward, prompts: PromptSet, out, *,
-                 eval_prompts: PromptSet | None = None, gold=None, eval_callback=None, impl: str = "logits"):
-        self.config, self.accelerator, self.tokenizer = config, accelerator, tokenizer
-        self.reward, self.prompts, self.out = reward, prompts, out
+                 eval_prompts: PromptSet | None = None, gold=None, eval_callback=None, impl: str = "logits",
+                 callbacks=()):
+        super().__init__(config, accelerator, policy, ref, tokenizer, out, callbacks=callbacks)
+        self.reward, self.prompts = reward, prompts
         self.eval_prompts, self.gold, self.eval_callback = eval_prompts, gold, eval_callback
         self.divergence = get_divergence(config.regularizer)
         self.impl = impl
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # The scheduler is not passed to accelerator.prepare: an AcceleratedScheduler would step N times per step
-        # under DDP.
-        optimizer, self.scheduler = optimizer_and_scheduler(config, policy, config.max_steps)
-        self.model, self.optimizer = accelerator.prepare(policy, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
-        self.ref = ref.to(accelerator.device).eval().requires_grad_(False)
-        self.step = 0
 
     @property
-    def policy(self):
-        """The unwrapped policy (generation, evaluation, saving)."""
-        return self.accelerator.unwrap_model(self.model)
+    def evaluating(self) -> bool:
+        return self.eval_prompts is not None
+
+    def postfix(self, record: dict) -> dict:
+        return {"reward": f"{record['reward']:.3f}", "kl": f"{record['kl_k3']:.3f}"}
 
     # --- data order and seeds: functions of (seed, step, position) only
     def batch_indices(self, step: int) -> list[int]:
@@ -158,10 +165,7 @@ class RLTrainer:
         return response_ids, texts, finished
 
     def _score(self, scorer, texts: list[str], responses: list[str]) -> Tensor:
-        try:
-            return torch.from_numpy(score_checked(scorer, texts, responses))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"reward failed: {e}") from None
+        return torch.from_numpy(score_or_fail(scorer, texts, responses, "reward"))
 
     def _reduce(self, sums: list[Tensor | float], maxima: list[Tensor | float]) -> tuple[list[float], list[float]]:
         """Sums and maxima over processes (one all-reduce and one gather), as Python floats."""
@@ -179,60 +183,45 @@ class RLTrainer:
         return bool(self.config.packing and packing_supported(self.policy, batch, self.impl)
                     and packing_supported(self.ref, batch, self.impl))
 
-    # --- one step
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg, acc = self.config, self.accelerator
+    # --- one step: sample and score (module docstring, step 1), then the loss per micro-batch (step 2)
+    def rollout(self, step: int) -> Rollout:
+        cfg = self.config
         idx = self.batch_indices(step)
         positions = self.local_positions(len(idx), even=True)
         prompt_ids = [self.prompts.ids[idx[p]] for p in positions]
         texts = [self.prompts.texts[idx[p]] for p in positions for _ in range(cfg.k)]
         response_ids, responses, finished = self.sample(prompt_ids, positions, cfg.k,
                                                         lambda p: derived_seed(cfg.seed, 0, step, p))
-        rewards = self._score(self.reward, texts, responses).view(len(positions), cfg.k).to(acc.device)
-        sums = torch.zeros(len(MEAN_METRICS), dtype=torch.float64, device=acc.device)
-        log_ratio_max = torch.tensor(-math.inf, dtype=torch.float64, device=acc.device)
-        micro = len(positions) // cfg.gradient_accumulation_steps
-        for start in range(0, len(positions), micro):
-            rows = range(start * cfg.k, (start + micro) * cfg.k)
-            p_ids = [prompt_ids[j // cfg.k] for j in rows]
-            r_ids = [response_ids[j] for j in rows]
-            batch = {key: v.to(acc.device) for key, v in response_batch(p_ids, r_ids, self.pad).items()}
-            # Before dropout_off: the once-per-model check toggles eval/train, which would unset the
-            # gradient-checkpointing flags that dropout_off keeps on.
-            packed = self.packed(batch)
-            with acc.accumulate(self.model):
-                dropout_off(self.model)  # log pi of the deterministic network (module docstring)
-                with torch.no_grad():
-                    ref_logps = batch_sequence_logps(self.ref, batch, self.impl, cfg.logprob_chunk,
-                                                     packed=packed).view(-1, cfg.k)
-                logps = batch_sequence_logps(self.model, batch, self.impl, cfg.logprob_chunk,
-                                             packed=packed).view(-1, cfg.k)
-                losses, metrics = rloo_loss(logps, ref_logps, rewards[start:start + micro], beta=cfg.beta,
-                                            divergence=self.divergence, estimator=cfg.estimator,
-                                            exp_clamp=cfg.exp_clamp)
-                acc.backward(losses.mean())  # accelerate divides by G; DDP averages: the (1/P) sum of step 2
-            metrics["loss"] = losses.detach()
-            sums += torch.stack([metrics[name].double().sum() for name in MEAN_METRICS])
-            log_ratio_max = torch.maximum(log_ratio_max, metrics["log_ratio_max"].double().max())
-        lengths = [len(ids) - int(done) for ids, done in zip(response_ids, finished)]
-        totals, (top,) = self._reduce([*sums, float(sum(lengths)), float(sum(finished)), float(len(lengths))],
-                                      [log_ratio_max])
-        if not math.isfinite(totals[0]):
-            raise NonFiniteError(f"non-finite RL loss at step {step + 1}; stopping before the optimizer step; "
-                                 f"{checkpoint_note(self.out)}")
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-            raise NonFiniteError(f"non-finite gradient at step {step + 1}; stopping before the optimizer step; "
-                                 f"{checkpoint_note(self.out)}")
-        learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        n_prompts, n_seq = len(idx), totals[-1]
-        record = {name: totals[i] / n_prompts for i, name in enumerate(MEAN_METRICS)}
-        record.update(log_ratio_max=top, grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                      response_length=totals[-3] / n_seq, finished=totals[-2] / n_seq, learning_rate=learning_rate)
+        rewards = self._score(self.reward, texts, responses).view(len(positions), cfg.k).to(self.accelerator.device)
+        return Rollout(prompt_ids, response_ids, finished, rewards)
+
+    def micro_loss(self, rollout: Rollout, part: slice) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, k, device = self.config, self.config.k, self.accelerator.device
+        rows = range(part.start * k, part.stop * k)
+        p_ids = [rollout.prompt_ids[j // k] for j in rows]
+        r_ids = [rollout.response_ids[j] for j in rows]
+        batch = {key: v.to(device) for key, v in response_batch(p_ids, r_ids, self.pad).items()}
+        # Before dropout_off: the once-per-model check toggles eval/train, which would unset the
+        # gradient-checkpointing flags that dropout_off keeps on.
+        packed = self.packed(batch)
+        dropout_off(self.model)  # log pi of the deterministic network (module docstring)
+        with torch.no_grad():
+            ref_logps = batch_sequence_logps(self.ref, batch, self.impl, cfg.logprob_chunk,
+                                             packed=packed).view(-1, k)
+        logps = batch_sequence_logps(self.model, batch, self.impl, cfg.logprob_chunk, packed=packed).view(-1, k)
+        losses, metrics = rloo_loss(logps, ref_logps, rollout.rewards[part], beta=cfg.beta,
+                                    divergence=self.divergence, estimator=cfg.estimator, exp_clamp=cfg.exp_clamp)
+        # Per-prompt means over its k samples: their mean over prompts is the mean over all sequences.
+        lengths = torch.tensor([len(ids) - int(done) for ids, done in zip(r_ids, (rollout.finished[j] for j in rows))],
+                               dtype=torch.float64, device=device).view(-1, k)
+        done = torch.tensor([float(rollout.finished[j]) for j in rows], dtype=torch.float64, device=device)
+        columns = {name: metrics[name] for name in (*MEAN_METRICS[1:], "log_ratio_max")}
+        columns.update(response_length=lengths.mean(1), finished=done.view(-1, k).mean(1))
+        return losses, columns
+
+    def summarize(self, columns: dict[str, Tensor]) -> dict[str, float]:
+        record = {name: float(column.mean()) for name, column in columns.items() if name != "log_ratio_max"}
+        record["log_ratio_max"] = float(columns["log_ratio_max"].max())
         return record
 
     # --- evaluation
@@ -266,42 +255,3 @@ class RLTrainer:
         if self.eval_callback is not None and self.accelerator.is_main_process:
             out.update({f"eval_{key}": value for key, value in self.eval_callback(self.policy, step).items()})
         return out
-
-    # --- the loop
-    def train(self, checkpoint=None) -> None:
-        """Run steps ``self.step + 1 .. max_steps``; ``checkpoint(trainer)`` saves a checkpoint when called."""
-        cfg, acc = self.config, self.accelerator
-        log_every, eval_every, save_every = cfg.every("logging"), cfg.every("eval"), cfg.every("save")
-        evaluating = bool(eval_every) and self.eval_prompts is not None
-        if self.step == 0 and evaluating:
-            self._log({"step": 0, **self.evaluate(0)})
-        bar = tqdm(range(self.step, cfg.max_steps), initial=self.step, total=cfg.max_steps, desc="chipo rl",
-                   unit="step", disable=cfg.disable_tqdm or not acc.is_main_process)
-        for step in bar:
-            record = {"step": step + 1, **self.train_step(step)}
-            self.step = step + 1
-            if evaluating and self.step % eval_every == 0:
-                record.update(self.evaluate(self.step))
-            if self.step % log_every == 0 or "eval_reward" in record:
-                self._log(record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl_k3']:.3f}")
-            # also at the last step, so that a later run can extend max_steps and resume from it
-            if checkpoint is not None and save_every and (self.step % save_every == 0 or self.step == cfg.max_steps):
-                checkpoint(self)
-
-    def _log(self, record: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        line = json.dumps(record)
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(line + "\n")
-        tqdm.write(line, file=sys.stdout)
-        if self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-
-def run_rl(config: RLConfig, eval_callback=None):
-    """Run ``chipo rl`` (``chipo.train.rl_run.run_rl``): validate everything, then train; returns ``output_dir``."""
-    from chipo.train.rl_run import run_rl as run
-
-    return run(config, eval_callback=eval_callback)

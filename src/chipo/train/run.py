@@ -2,9 +2,9 @@
 
 Everything that can fail on bad input (config, tokenizer, data, output directory) is checked before the output
 directory is written, so a rejected run leaves nothing behind. The run directory is then owned by this run
-(``chipo.train.rundir``: a lock, a killed run's leftovers cleaned, a complete checkpoint picked for resume, the metrics
-log cut back to it). The final model is saved into a temporary directory inside ``output_dir`` and renamed into
-place.
+(``chipo.train.common.run_trainer`` on ``chipo.train.rundir``: a lock, a killed run's leftovers cleaned, a complete
+checkpoint picked for resume, the metrics log cut back to it), as in ``chipo sft`` and ``chipo reward``. The final
+model is saved into a temporary directory inside ``output_dir`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from chipo.config import dump_yaml
-from chipo.io import atomic_write_text
-from chipo.models import load_causal_lm, load_tokenizer
+from chipo.models import load_tokenizer
 from chipo.train import rundir
-from chipo.train.common import check_output_dir, save_final_model
+from chipo.train.common import check_output_dir, check_trackers, run_trainer
 from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
-from chipo.train.preference_setup import apply_lora, prepare_split
+from chipo.train.preference_setup import apply_lora, load_policy, prepare_split
 
 logger = logging.getLogger("chipo")
 
@@ -31,7 +29,8 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
     """Train per ``config``; returns the output directory holding the final HF-format model. ``callbacks``:
     extra ``transformers.TrainerCallback``s (after chipo's metrics log)."""
     config.require_model_and_data()
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    check_trackers(config)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
         datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
@@ -39,28 +38,12 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
             datasets["eval"] = prepare_split(config, tokenizer, config.eval_dataset or config.dataset,
                                              config.eval_split)
     out = check_output_dir(config)
-    model = load_causal_lm(config.model)
+    model = load_policy(config)  # model_init_kwargs, trust_remote_code
     if config.lora:
         model = apply_lora(model, config)
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
-    run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
-                          is_main=state.is_main_process)
-    if run.finished and rundir.final_model_saved(out):
-        logger.info("%s already reached max_steps at %s: nothing to do", out, run.checkpoint)
-        run.release()
-        return out
-    if state.is_main_process:
-        atomic_write_text(out / "run_config.yaml", dump_yaml(config))
-    trainer = PreferenceTrainer(model=model, args=config, train_dataset=datasets["train"],
-                                eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-                                callbacks=[rundir.MetricsLog(out / "metrics.jsonl"), *callbacks])
-    if run.finished:  # killed while saving the final model: rebuild it from the last checkpoint, do not train
-        trainer._load_from_checkpoint(run.checkpoint)
-    else:
-        trainer.train(resume_from_checkpoint=run.checkpoint)
-    save_final_model(trainer, tokenizer, out, merge_lora=config.lora)
-    if state.is_main_process:
-        run.mark_finished()
-    run.release()
-    return out
+    return run_trainer(config, out, lambda: PreferenceTrainer(
+        model=model, args=config, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
+        processing_class=tokenizer, callbacks=[rundir.MetricsLog(out / "metrics.jsonl"), *callbacks]),
+        tokenizer, merge_lora=config.lora)

@@ -1,11 +1,16 @@
-"""Run directories that survive kills, reruns and a second run on the same ``output_dir``.
+"""Run directories that survive kills, reruns and a second run on the same ``output_dir``: the one protocol of every
+command that writes a run (``chipo train``, ``sft``, ``reward`` through ``chipo.train.common.run_trainer``;
+``chipo rl``, ``online`` through ``chipo.train.sampled.run_sampled``).
 
 A training run owns ``output_dir`` for its lifetime (an exclusive ``fcntl.flock`` on ``output_dir/.lock``). On
-start it removes what a killed run left half-done (hidden ``.final-*`` folders, ``*.tmp`` files), clears the old
-run when ``overwrite_output_dir`` is set, and, when resuming, picks the newest *complete* checkpoint (a kill -9
-during a save leaves a partial one), refuses one whose objective differs, cuts ``metrics.jsonl`` back to the
-checkpoint's step (the steps after it will be logged again), and says "nothing to do" for a finished run instead
-of training past ``max_steps``. Functions here touch only the run directory; ``open_run`` puts them in order.
+start it removes what a killed run left half-done (hidden ``.final-*`` / ``.checkpoint-*`` folders, ``*.tmp``
+files), clears the old run when ``overwrite_output_dir`` is set, and, when resuming, picks the newest *complete*
+checkpoint (a kill -9 during a save leaves a partial one), refuses one whose objective differs, cuts
+``metrics.jsonl`` back to the checkpoint's step (the steps after it will be logged again), and says "nothing to do"
+for a finished run instead of training past ``max_steps``. Which config keys define "the objective" is per command
+(``objective_keys``). A run that fails before its first step in a directory it found empty removes it again
+(``RunDir.discard_if_unstarted``), so the same command can be rerun. Functions here touch only the run directory;
+``open_run`` puts them in order.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.yaml"
 DONE = ".run-complete.json"
+LOOP_STATE = "loop_state.json"
+"""What ``chipo.train.loop`` writes last into a checkpoint of ``chipo rl`` / ``chipo online``: it marks it complete."""
 OBJECTIVE_KEYS = ("model", "ref_model", "dataset", "split", "max_train_samples", "drop_ties", "loss", "beta", "r_max",
                   "clip_margin", "link", "label_smoothing", "alpha", "length_normalize", "sft_weight", "reward_bound",
-                  "max_length", "max_prompt_length", "lora", "lora_r", "lora_alpha", "lora_target_modules")
+                  "max_length", "max_prompt_length", "lora", "lora_rank", "lora_scaling_alpha",
+                  "lora_modules")
 """run_config.yaml keys that define the optimisation problem (Huang et al. 2024, arXiv 2407.13399: the loss, its
 beta, the data and pi_ref/pi_theta): resuming a checkpoint trained on another objective would mix two runs."""
 LENGTH_KEYS = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps")
@@ -80,6 +88,12 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` is not a complete Trainer checkpoint, or None. Trainer writes ``trainer_state.json`` last, so
     a checkpoint without it (or with a torn one, or with any torn weight/optimizer/json file) was cut by a kill."""
     path = Path(path)
+    if (path / LOOP_STATE).is_file():  # chipo.train.loop renames a checkpoint into place once it is whole
+        try:
+            int(json.loads((path / LOOP_STATE).read_text())["step"])
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{LOOP_STATE} unreadable"
     state = path / "trainer_state.json"
     if not state.is_file():
         return "trainer_state.json missing"
@@ -108,6 +122,12 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def trainer_state(checkpoint: str | os.PathLike) -> dict:
+    """``global_step`` and ``max_steps`` of a checkpoint (Trainer's trainer_state.json, or the accelerate loops'
+    loop_state.json)."""
+    loop_state = Path(checkpoint) / LOOP_STATE
+    if loop_state.is_file():
+        state = json.loads(loop_state.read_text())
+        return {"global_step": int(state["step"]), "max_steps": int(state.get("max_steps", 0))}
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
 
 
@@ -124,9 +144,11 @@ def check_output_path(out: str | os.PathLike) -> None:
 
 
 def clean_stale(out: str | os.PathLike) -> list[str]:
-    """Remove what a killed run left half-written: hidden ``.final-*`` folders (final model being saved) and
-    ``*.tmp`` files/folders (atomic writes). Call only while holding the run lock. Returns the removed names."""
-    return _remove(e for e in Path(out).iterdir() if e.name.startswith(".final-") or e.name.endswith(".tmp"))
+    """Remove what a killed run left half-written: hidden ``.final-*`` folders (final model being saved),
+    ``.checkpoint-*`` folders (an accelerate-loop checkpoint being saved) and ``*.tmp`` files/folders (atomic
+    writes). Call only while holding the run lock. Returns the removed names."""
+    return _remove(e for e in Path(out).iterdir()
+                   if e.name.startswith((".final-", ".checkpoint-")) or e.name.endswith(".tmp"))
 
 
 def clear_run(out: str | os.PathLike) -> list[str]:
@@ -223,19 +245,22 @@ def _saved_config(checkpoint: Path) -> dict | None:
     return None
 
 
-def objective_difference(saved: dict, current: dict) -> str | None:
-    """The first ``OBJECTIVE_KEYS`` key whose value differs between two run configs (keys in both), as a line."""
-    for key in OBJECTIVE_KEYS:
+def objective_difference(saved: dict, current: dict, keys=OBJECTIVE_KEYS) -> str | None:
+    """The first of ``keys`` whose value differs between two run configs (keys in both), as a line."""
+    for key in keys:
         if key in saved and key in current and saved[key] != current[key]:
             return f"{key} was {saved[key]!r} in the checkpoint's run, now {current[key]!r}"
     return None
 
 
-def is_finished(checkpoint: Path, saved: dict | None, current: dict) -> bool:
-    """True when ``checkpoint`` already reached the end of this run: its step is at least max_steps, either the
-    current config's or, when the step-count keys are unchanged, the one recorded in the checkpoint."""
+def is_finished(checkpoint: Path, saved: dict | None, current: dict, total_steps: int | None = None) -> bool:
+    """True when ``checkpoint`` already reached the end of this run: its step is at least ``total_steps`` when the
+    caller knows it (the accelerate loops), else at least max_steps, either the current config's or, when the
+    step-count keys are unchanged, the one recorded in the checkpoint."""
     state = trainer_state(checkpoint)
     step = state.get("global_step", 0)
+    if total_steps is not None:
+        return step >= total_steps
     if current.get("max_steps", -1) > 0 and step >= current["max_steps"]:
         return True
     same_length = saved is not None and all(saved.get(k) == current.get(k) for k in LENGTH_KEYS)
@@ -250,6 +275,8 @@ class RunDir:
     out: Path
     checkpoint: str | None = None
     finished: bool = False
+    fresh: bool = False
+    created: bool = False
     _lock: object = field(default=None, repr=False)
 
     def release(self) -> None:
@@ -259,6 +286,33 @@ class RunDir:
 
     def mark_finished(self) -> None:
         (self.out / DONE).write_text(json.dumps({"finished": True}) + "\n")
+
+    def started(self) -> bool:
+        """Whether this run left anything worth keeping: a checkpoint or a logged training step."""
+        if any(CHECKPOINT.match(p.name) for p in self.out.iterdir()):
+            return True
+        metrics = self.out / METRICS
+        if not metrics.is_file() or metrics.is_symlink():
+            return False
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) >= 1:
+                    return True
+            except (ValueError, AttributeError):
+                continue
+        return False
+
+    def discard_if_unstarted(self) -> bool:
+        """After a failure: a run that started in an empty (or new) output_dir and trained no step leaves nothing
+        behind, so the same command can simply be run again. Main process only. Returns whether it discarded."""
+        if self._lock is None or not self.fresh or not self.out.is_dir() or self.started():
+            self.release()
+            return False
+        self.release()
+        _remove(self.out.iterdir())
+        if self.created:
+            self.out.rmdir()
+        return True
 
 
 def acquire_lock(out: Path):
@@ -275,14 +329,16 @@ def acquire_lock(out: Path):
     return handle
 
 
-def open_run(out: str | os.PathLike, config, *, resume: str | None, overwrite: bool,
-             is_main: bool = True) -> RunDir:
+def open_run(out: str | os.PathLike, config, *, resume: str | None, overwrite: bool, is_main: bool = True,
+             objective_keys=OBJECTIVE_KEYS, total_steps: int | None = None) -> RunDir:
     """Prepare ``out`` for a run with ``config`` (a config dataclass, or its run_config.yaml mapping).
 
     Main process: create the directory, take the lock, clean stale temporaries, clear the old run on ``overwrite``
     (not when resuming). Every process: resolve ``resume`` ('latest' -> newest complete checkpoint; a given path
-    must be complete), refuse an objective change, decide whether the run is already finished. Main process: cut
-    ``metrics.jsonl`` back to the resumed step. Raises ConfigError (one line) for each refusal.
+    must be complete), refuse an objective change (``objective_keys``: the run_config keys that define this
+    command's objective), decide whether the run is already finished (``total_steps``: its last step, when known
+    before training). Main process: cut ``metrics.jsonl`` back to the resumed step. Raises ConfigError (one line)
+    for each refusal.
     """
     out = Path(out)
     check_output_path(out)
@@ -290,6 +346,8 @@ def open_run(out: str | os.PathLike, config, *, resume: str | None, overwrite: b
         config = yaml.safe_load(dump_yaml(config))  # compared as run_config.yaml stores it
     run = RunDir(out)
     if is_main:
+        run.created = not out.exists()
+        run.fresh = run.created or all(p.name == ".lock" for p in out.iterdir())
         out.mkdir(parents=True, exist_ok=True)
         run._lock = acquire_lock(out)
         check_metrics_file(out / METRICS)
@@ -313,13 +371,13 @@ def open_run(out: str | os.PathLike, config, *, resume: str | None, overwrite: b
             raise ConfigError(f"resume_from_checkpoint {checkpoint}: not a complete checkpoint ({problem})")
     if checkpoint is not None:
         saved = _saved_config(checkpoint)
-        difference = objective_difference(saved, config) if saved else None
+        difference = objective_difference(saved, config, objective_keys) if saved else None
         if difference:
             run.release()
             raise ConfigError(f"resume_from_checkpoint {checkpoint}: the objective changed ({difference}); resume "
                               "with the same settings or start a new output_dir")
         run.checkpoint = str(checkpoint)
-        run.finished = is_finished(checkpoint, saved, config)
+        run.finished = is_finished(checkpoint, saved, config, total_steps)
     if is_main:
         if not run.finished:
             (out / DONE).unlink(missing_ok=True)
@@ -334,8 +392,6 @@ def final_model_saved(out: str | os.PathLike) -> bool:
     return (Path(out) / DONE).is_file()
 
 
-LOOP_STATE = "loop_state.json"
-"""What ``chipo.train.loop`` writes last into a checkpoint of ``chipo rl`` / ``chipo online``: it marks it complete."""
 
 
 def loop_checkpoints(out: str | os.PathLike) -> list[Path]:
@@ -348,13 +404,11 @@ def loop_checkpoints(out: str | os.PathLike) -> list[Path]:
 def checkpoint_note(output_dir: str | os.PathLike) -> str:
     """For a run that stops on an error: where its last checkpoint is, or that it has none yet.
 
-    Counts the newest ``checkpoint-<step>`` that is complete for Trainer (``latest_complete_checkpoint``) or was
-    renamed into place by the accelerate loops (``chipo rl`` / ``chipo online`` write under a temporary name).
+    Counts the newest complete ``checkpoint-<step>`` (``latest_complete_checkpoint``: Trainer's, or one the
+    accelerate loops of ``chipo rl`` / ``chipo online`` renamed into place).
     """
     out = Path(output_dir)
     latest = latest_complete_checkpoint(out)
-    if latest is None and out.is_dir():
-        latest = (loop_checkpoints(out) or [None])[-1]
     if latest is None:
         return f"no checkpoint was saved yet in {out}"
     return f"the last good checkpoint is {latest}"

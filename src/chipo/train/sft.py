@@ -24,14 +24,12 @@ from accelerate import PartialState
 from torch import Tensor, nn
 from transformers import Trainer
 
-from chipo.config import dump_yaml
 from chipo.data import load_preference_dataset
 from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
-from chipo.io import atomic_write_text
 from chipo.logprobs import logprobs_from_logits
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.sequences import layouts_agree, single_row_attention
-from chipo.train.common import check_output_dir, resolve_resume, save_final_model
+from chipo.train.common import check_output_dir, check_trackers, run_trainer
 from chipo.train.pairwise import NonFiniteGradientGuard
 from chipo.train.rundir import MetricsLog
 from chipo.train.sft_config import SFTConfig
@@ -135,9 +133,11 @@ def run_sft(config: SFTConfig) -> Path:
     """Fine-tune per ``config``; returns the output directory holding the final HF-format model.
 
     As in ``chipo train``: everything that can fail on bad input is checked before ``output_dir`` is written, and
-    the final model is saved into a temporary directory inside it and renamed into place.
+    the final model is saved into a temporary directory inside it and renamed into place; the run directory follows
+    ``chipo.train.common.run_trainer`` (lock, overwrite, resume, objective check, metrics cut back).
     """
     config.require_model_and_data()
+    check_trackers(config)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
     with state.main_process_first():
@@ -150,18 +150,12 @@ def run_sft(config: SFTConfig) -> Path:
         model.config.use_cache = False
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
-    if state.is_main_process:
-        atomic_write_text(out / "run_config.yaml", dump_yaml(config))
     if config.group_by_length:
         train = train.add_column("length", [len(p) + len(c) for p, c in
                                             zip(train["prompt_input_ids"], train["completion_input_ids"])])
     collator = SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss,
                            packing=config.packing, single_row=single_row_attention(model))
-    trainer = SFTTrainer(
+    return run_trainer(config, out, lambda: SFTTrainer(
         model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-        data_collator=collator,
-        callbacks=[MetricsLog(out / "metrics.jsonl"), NonFiniteGradientGuard()],
-    )
-    trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, out))
-    save_final_model(trainer, tokenizer, out, merge_lora=False)
-    return out
+        data_collator=collator, callbacks=[MetricsLog(out / "metrics.jsonl"), NonFiniteGradientGuard()]),
+        tokenizer, objective_keys=SFTConfig.objective_keys)

@@ -6,14 +6,22 @@ The fields shared with ``chipo train`` and ``chipo reward`` come from ``chipo.tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from chipo.config import _field
 from chipo.train.common import TrainerConfig
+from chipo.train.honoured import SFT_HONOURED
 
 
 @dataclass
 class SFTConfig(TrainerConfig):
     """Supervised fine-tuning of a causal LM on prompt/completion data, loss on completion tokens only."""
+
+    honoured: ClassVar[frozenset[str]] = SFT_HONOURED  # Trainer's own compute_loss: its label smoother runs too
+    command: ClassVar[str] = "chipo sft"
+    objective_keys: ClassVar[tuple[str, ...]] = (
+        "model", "dataset", "split", "max_train_samples", "max_length", "max_prompt_length", "completion_only_loss")
+    """run_config keys that define the objective: resuming a checkpoint trained on another is refused."""
 
     model: str = _field(None, "Model to fine-tune: a hub model name or a local HF directory.")
     dataset: str = _field(None, "SFT data: hub dataset name (e.g. trl-lib/tldr), local .json/.jsonl/.parquet/.arrow "

@@ -37,6 +37,11 @@ constant baseline (E_pi[grad log pi] = 0), so its expected gradient is weight*be
 z >> 1 it lowers log pi(y) with weight*beta (z + log z - 1), for z < 1 it raises it. The baseline is per sample,
 not leave-one-out: with a heavy-tailed f'(z), a leave-one-out baseline would push the prompt's *other* sample up
 by the outlier's full penalty.
+With ``bound`` R only the part of the implicit reward above R acts, relu(beta (f'(z) - f'(1)) - R): zero for every
+sample inside the bounded-reward class that chiPO's clip at 2 R_max stands for, and a push-down on the samples
+beyond it. chipo online's default for loss=chipo is weight 1 with R = r_max: over 10 seeds on the embedded world it
+kept the out-of-language mass within 10 points of pi_ref's in 19 of 20 (beta, seed) cells, against 3 of 10 with the
+paper's clip alone over seeds 0-4 (docs/online-lab), at more gold than the unbounded penalty.
 
 **Nash-MD** (Munos et al. 2023, "Nash Learning from Human Feedback", arXiv 2312.00886). The regularised preference
 game max_pi min_pi' P(pi > pi') - tau KL(pi || pi_ref) + tau KL(pi' || pi_ref) is solved by mirror descent

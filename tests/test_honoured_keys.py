@@ -100,9 +100,10 @@ def test_every_training_arguments_key_is_honoured_or_refused(cls):
     assert set(honoured) <= listed and not (set(refused) & listed)
 
 
-def test_online_refuses_evaluation_keys_it_has_no_evaluation_for():
-    with pytest.raises(ConfigError, match="^eval_steps=5"):
-        OnlineConfig(**REQUIRED[OnlineConfig], eval_steps=5)
+def test_online_evaluates_the_monitor_every_eval_steps():
+    """chipo online's evaluations are the overoptimization monitor's (tests/test_monitor_sampled.py runs them)."""
+    config = OnlineConfig(**REQUIRED[OnlineConfig], eval_steps=5)
+    assert config.every("eval") == 5 and config.monitor == "warn"
 
 
 def test_a_key_left_at_its_default_is_not_refused():

@@ -156,7 +156,8 @@ def test_callback_in_the_rl_loop(tiny_dir, tmp_path):
     config = load_config(RLConfig, None, [f"policy={tiny_dir / 'model'}", f"prompts={tmp_path / 'prompts.jsonl'}",
                                           f"output_dir={tmp_path / 'rl'}", "reward=test_rl_trainer:toy_reward", "k=2",
                                           "prompts_per_step=2", "max_new_tokens=4", "learning_rate=1e-3",
-                                          "max_steps=2", "eval_steps=2", "disable_tqdm=true", "seed=1"])
+                                          "max_steps=2", "eval_steps=2", "disable_tqdm=true", "seed=1",
+                                          "monitor=off"])  # only the plain callback below, not chipo rl's own
     run_rl(config, callbacks=[callback])
     rows = [json.loads(line) for line in (tmp_path / "rl" / "monitor.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2] and all(r["alarm"] is None for r in rows)

@@ -34,10 +34,10 @@ SAMPLED_HONOURED = SETUP | frozenset({
     "gradient_checkpointing_kwargs", "logging_strategy", "logging_steps", "logging_first_step", "disable_tqdm",
     "report_to", "run_name", "save_strategy", "save_steps", "save_total_limit", "seed", "resume_from_checkpoint",
 })
-"""What ``chipo rl`` and ``chipo online`` read (``chipo rl`` adds evaluation: ``RL_HONOURED``)."""
+"""What ``chipo rl`` and ``chipo online`` read (both add evaluation: ``RL_HONOURED``, ``ONLINE_HONOURED``)."""
 
 RL_HONOURED = SAMPLED_HONOURED | {"eval_strategy", "eval_steps"}
-ONLINE_HONOURED = SAMPLED_HONOURED
+ONLINE_HONOURED = SAMPLED_HONOURED | {"eval_strategy", "eval_steps"}  # its evaluations run the monitor
 
 # transformers.Trainer reads nearly every TrainingArguments field. Not these:
 NOT_READ_BY_TRAINER = frozenset({"do_train", "do_eval", "do_predict"})  # "not directly used by Trainer" (its doc)

@@ -123,7 +123,7 @@ class OveroptimizationCallback(TrainerCallback):
 
 @dataclass
 class MonitorFields:
-    """``chipo train``'s monitor keys (mixed into ``PreferenceConfig``)."""
+    """The monitor keys of ``chipo train``, ``chipo rl`` and ``chipo online`` (mixed into their configs)."""
 
     monitor: str = _field("warn", "Overoptimization monitor at each evaluation (so only with eval_split or "
                                   "eval_dataset): off, log (log the signals), warn (and one line when an alarm rule "
@@ -193,3 +193,19 @@ def monitor_for(trainer, args, max_pairs: int = 256) -> OveroptimizationCallback
                                       loss_options=trainer.loss_options)
     return OveroptimizationCallback(monitor, mode=args.monitor, rules=args.monitor_rules or DEFAULT_RULES
                                     ).attach(trainer)
+
+
+def sampled_monitor(config, tokenizer, prompt_ids, ref_model) -> OveroptimizationCallback | None:
+    """The callback for ``chipo rl`` / ``chipo online`` (None when ``monitor=off`` or nothing is evaluated).
+
+    Their loop (``chipo.train.sampled``) calls ``on_evaluate`` every ``eval_steps`` steps; the monitor samples the
+    first ``monitor_prompts`` of ``prompt_ids`` (the evaluation prompts) against ``ref_model`` (pi_ref). There are
+    no held-out pairs, so the pair signals (displacement, implicit accuracy) are absent; the proxy reward is the
+    loop's own ``eval_reward`` (``chipo rl``)."""
+    if config.monitor == "off" or not prompt_ids:
+        return None
+    settings = MonitorSettings(num_samples=config.monitor_samples, max_new_tokens=config.monitor_max_new_tokens,
+                               seed=config.seed)
+    monitor = OveroptimizationMonitor(tokenizer, [list(p) for p in prompt_ids[:config.monitor_prompts]],
+                                      ref_model=ref_model, settings=settings)
+    return OveroptimizationCallback(monitor, mode=config.monitor, rules=config.monitor_rules or DEFAULT_RULES)

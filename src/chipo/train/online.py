@@ -41,6 +41,7 @@ from chipo.rewards import load_scorer
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, packing_supported, response_batch
 from chipo.train.common import check_output_dir
 from chipo.train.loop import prompt_order
+from chipo.train.monitor_callback import sampled_monitor
 from chipo.train.online_config import OnlineConfig
 from chipo.train.online_sampling import as_int64, sample, stream_key, uniforms
 from chipo.train.sampled import SampledTrainer, check_split, make_accelerator, run_sampled, score_or_fail
@@ -135,6 +136,13 @@ class OnlineTrainer(SampledTrainer):
         self.oracle, self.prompt_ids, self.prompt_texts = oracle, prompt_ids, prompt_texts
         self.divergence = get_divergence(config.regularizer or "kl")
         self.impl, self.labels = impl, 0
+        self.monitored = any(getattr(c, "monitor", None) is not None for c in self.callbacks)
+
+    @property
+    def evaluating(self) -> bool:
+        """chipo online's evaluations are the overoptimization monitor's (``monitor``, ``eval_steps``): the
+        callback adds its gold-free signals to the evaluation's metrics."""
+        return self.monitored
 
     def total_steps(self) -> int:
         return self.config.last_step()
@@ -290,6 +298,20 @@ def run_online(config: OnlineConfig, callbacks=()) -> Path:
     impl = choose_logprobs_impl(policy.to(accelerator.device), probe, config.logprobs_impl)
     if config.last_step() < config.max_steps:
         logger.info("label budget max_labels=%d allows %d steps", config.max_labels, config.last_step())
+
+    monitor = None
+    if config.every("eval"):
+        if config.monitor == "off":
+            raise ConfigError("chipo online evaluates only the overoptimization monitor's signals: eval_steps with "
+                              "monitor=off does nothing (drop eval_steps, or set monitor=log|warn|stop)")
+        eval_rows = rows if config.eval_prompts is None else load_prompts(
+            config.eval_prompts, config.eval_split, config.max_eval_prompts).prompts
+        try:
+            eval_ids, _ = encode_prompts(tokenizer, eval_rows[:config.max_eval_prompts], config.max_prompt_length)
+        except ValueError as e:
+            raise DataError(config.eval_prompts or config.prompts, str(e)) from None
+        monitor = sampled_monitor(config, tokenizer, eval_ids, ref)
+    callbacks = [*callbacks, *([monitor] if monitor else [])]
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
     return run_sampled(config, accelerator, lambda out: OnlineTrainer(

@@ -57,13 +57,11 @@ class RLConfig(SampledConfig):
                                             "same samples when generation_batch_size // k divides prompts_per_step "
                                             "/ N.")
     # --- evaluation (every eval_steps steps and at step 0 when eval_steps is set)
-    eval_prompts: str | None = _field(None, "Held-out prompt data (same forms as `prompts`); default: `prompts`.")
-    eval_split: str = _field("train", "Split of `eval_prompts`.")
-    max_eval_prompts: int | None = _field(64, "Use only the first N evaluation prompts.")
     eval_samples: int = _field(2, "Samples per evaluation prompt.")
     gold: str | None = _field(None, "Gold reward for evaluation (lab): same forms as `reward`, e.g. 'world'.")
     eval_steps: float | None = _field(None, "Evaluate on `eval_prompts` every N steps (and at step 0): proxy reward, "
-                                            "KL, chi2 and, with `gold`, the gold reward. null: no evaluation.")
+                                            "KL, chi2, with `gold` the gold reward, and the overoptimization "
+                                            "monitor's signals (`monitor`). null: no evaluation.")
 
     def __post_init__(self) -> None:
         if not self.reward:
@@ -83,6 +81,4 @@ class RLConfig(SampledConfig):
         for name in ("generation_batch_size", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_eval_prompts is not None and self.max_eval_prompts < 1:
-            raise ConfigError(f"max_eval_prompts must be at least 1, got {self.max_eval_prompts}")
         super().__post_init__()

@@ -27,6 +27,7 @@ from chipo.models import load_causal_lm, load_tokenizer
 from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import choose_logprobs_impl, response_batch
 from chipo.train.common import check_output_dir
+from chipo.train.monitor_callback import sampled_monitor
 from chipo.train.rl import PromptSet, RLTrainer
 from chipo.train.rl_config import RLConfig
 from chipo.train.sampled import check_split, make_accelerator, run_sampled
@@ -73,6 +74,8 @@ def run_rl(config: RLConfig, eval_callback=None, callbacks=()) -> Path:
     impl = choose_logprobs_impl(policy.to(acc.device).eval(), probe, config.logprobs_impl)
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
+    monitor = sampled_monitor(config, tokenizer, eval_prompts.ids if eval_prompts else None, ref)
+    callbacks = [*callbacks, *([monitor] if monitor else [])]
     return run_sampled(config, acc, lambda out: RLTrainer(
         config, acc, policy, ref, tokenizer, reward, prompts, out, eval_prompts=eval_prompts, gold=gold,
         eval_callback=eval_callback, impl=impl, callbacks=callbacks))

@@ -268,8 +268,8 @@ class SampledTrainer:
     def _evaluated(self, step: int, record: dict) -> None:
         self.control.should_evaluate = False
         metrics = self.evaluate(step)
+        self._event("on_evaluate", metrics=metrics)  # callbacks may add to metrics (the monitor's signals)
         record.update(metrics)
-        self._event("on_evaluate", metrics=metrics)
         self._log(record)
 
     def _log(self, record: dict) -> None:

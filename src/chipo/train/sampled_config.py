@@ -19,6 +19,7 @@ from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import check_common_arguments, finish_training_arguments
 from chipo.train.honoured import SAMPLED_HONOURED, help_keys, refuse_unread
 from chipo.train.loop import interval
+from chipo.train.monitor_callback import MonitorFields
 
 
 def strategy(value) -> str:
@@ -27,7 +28,7 @@ def strategy(value) -> str:
 
 
 @dataclass
-class SampledConfig(TrainingArguments):
+class SampledConfig(TrainingArguments, MonitorFields):
     """Fields shared by the trainers that sample their own data from the policy (``chipo rl``, ``chipo online``)."""
 
     honoured: ClassVar[frozenset[str]] = SAMPLED_HONOURED
@@ -48,6 +49,10 @@ class SampledConfig(TrainingArguments):
     overwrite_output_dir: bool = _field(False, "Start over in a non-empty output_dir: its previous run (checkpoints, "
                                                "metrics, final model) is removed first. Otherwise a non-empty "
                                                "output_dir is an error unless resuming.")
+    # --- evaluation (every eval_steps steps and at step 0 when eval_steps is set)
+    eval_prompts: str | None = _field(None, "Held-out prompt data (same forms as `prompts`); default: `prompts`.")
+    eval_split: str = _field("train", "Split of `eval_prompts`.")
+    max_eval_prompts: int | None = _field(64, "Use only the first N evaluation prompts.")
     # --- generation
     max_new_tokens: int = _field(64, "Max response tokens sampled per prompt.")
     temperature: float = _field(1.0, "Sampling temperature. The estimators assume samples from pi itself (1.0).")
@@ -116,13 +121,14 @@ class SampledConfig(TrainingArguments):
         if self.prompts_per_step % self.gradient_accumulation_steps:
             raise ConfigError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by "
                               f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
-        for name in ("max_prompts", "max_prompt_length", "save_total_limit"):
+        for name in ("max_prompts", "max_prompt_length", "save_total_limit", "max_eval_prompts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         for name in ("save_strategy", "eval_strategy", "logging_strategy"):
             if strategy(getattr(self, name)) in ("epoch", "best"):
                 raise ConfigError(f"{name} must be 'steps' or 'no' ({type(self).command} counts steps, not epochs)")
+        self.check_monitor()
         check_common_arguments(self)
         if self.eval_steps and strategy(self.eval_strategy) == "no":
             self.eval_strategy = "steps"

@@ -164,7 +164,7 @@ class Sweep:
                     raise ConfigError(f"{self.results_path}: method {m.name!r} was run as {r['loss']} with options "
                                       f"{r.get('options') or {}}, now {m.describe()}; rename the variant")
 
-    def _check_config(self) -> None:
+    def _check_config(self, write: bool = True) -> None:
         meta = self.out / "sweep.json"
         key = self.config.results_key()
         if meta.is_file():
@@ -173,7 +173,8 @@ class Sweep:
                 diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
                 raise ConfigError(f"{self.out} holds a sweep with different settings ({', '.join(diff)}); use "
                                   "another out_dir or delete it")
-        write_json(meta, {"config": dataclasses.asdict(self.config), "results_key": key})
+        if write:
+            write_json(meta, {"config": dataclasses.asdict(self.config), "results_key": key})
 
     def run(self) -> list[dict]:
         """Train and evaluate every unfinished cell; returns all result rows."""
@@ -184,8 +185,7 @@ class Sweep:
         from chipo.lab.evaluate import baseline_metrics
 
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._check_config()
+        self._check_config(write=False)
         rows = read_results(self.results_path)
         self._check_variants(rows)
         todo = [cell for cell in self.cells() if not set(c.eval_epochs) <= epochs_done(rows, *cell)]
@@ -194,7 +194,11 @@ class Sweep:
             return rows
 
         start = time.perf_counter()
+        # pi_ref's baseline first: a setting it rejects (exact metrics with truncated sampling) stops the sweep
+        # before anything is written.
         runner = CellRunner(c, train_fn=self.train_fn, progress=self.progress)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_config()
         if need_ref_row:
             metrics = baseline_metrics(runner.ref, runner.tokenizer, runner.gold, runner.baseline,
                                        settings=c.sampling(), num_samples=c.num_samples, progress=self.progress)

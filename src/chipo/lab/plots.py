@@ -4,6 +4,7 @@
   shifted slightly sideways so error bars (standard error over seeds) do not overlap;
 * ``gold_vs_sqrt_kl.png``: gold reward vs sqrt(KL) along training (Gao et al. 2023, arXiv 2210.10760), a panel
   per beta, error bars in both directions; marker size grows with the epoch and only the last point is labelled;
+  with exact metrics a second row uses the Monte-Carlo KL beside the partition KL;
 * ``divergence_vs_epochs.png``: KL (nats) and chi-squared from pi_ref vs epochs, log scale, with units;
 * ``mechanism_beta<b>.png``: per method, where the probability mass goes over training (the training pairs'
   chosen responses, their rejected responses, every other response of the language, text outside it), the
@@ -86,29 +87,37 @@ def winrate_vs_epochs(runs: pd.DataFrame, keys: dict, out: Path) -> str:
 
 
 def gold_vs_sqrt_kl(runs: pd.DataFrame, keys: dict, out: Path) -> str:
+    """One row of panels per distance: the headline KL and, when that is the partition KL, the Monte-Carlo KL
+    (k3) below it, since the partition KL understates the distance of mass that leaves the language."""
     plt = _plt()
     names, betas = tables.methods(runs), tables.betas(runs)
-    runs = runs.assign(sqrt_kl=np.sqrt(runs[keys["kl"]].astype(float).clip(lower=0)))
-    agg = tables.aggregate(runs, [keys["gold"], "sqrt_kl"])
+    distances = [(keys["kl"], keys["kl_name"])]
+    if keys["exact"] and "kl_k3" in runs and keys["kl"] != "kl_k3":
+        distances.append(("kl_k3", "Monte-Carlo KL (k3 on the policy's samples, unbiased for the sequence KL)"))
     col = colors(names)
-    fig, axes = plt.subplots(1, len(betas), figsize=(max(5.5 * len(betas), 7.5), 4.8), squeeze=False, sharey=True)
-    for ax, beta in zip(axes[0], betas):
-        for i, m in enumerate(names):
-            g = agg[(agg["method"] == m) & (agg["beta"] == beta)].sort_values("epoch")
-            if g.empty:
-                continue
-            ax.errorbar(g["sqrt_kl"], g[keys["gold"]], xerr=np.nan_to_num(g["sqrt_kl_se"]),
-                        yerr=np.nan_to_num(g[f"{keys['gold']}_se"]), color=col[m], lw=1, capsize=2, label=m,
-                        marker="none")
-            sizes = 12 + 60 * np.arange(len(g)) / max(len(g) - 1, 1)
-            ax.scatter(g["sqrt_kl"], g[keys["gold"]], s=sizes, color=col[m], zorder=3)
-            last = g.iloc[-1]
-            ax.annotate(f"ep {int(last['epoch'])}", (last["sqrt_kl"], last[keys["gold"]]), textcoords="offset points",
-                        xytext=(5, -9 - 7 * (i % 3)), fontsize=7, color=col[m])  # staggered: no pile-up
-        ax.set_title(f"beta = {beta:g}")
-        ax.set_xlabel(f"sqrt(KL(pi || pi_ref)) [nats^1/2]\n{keys['kl_name']}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("gold reward" + (" (exact)" if keys["exact"] else " (sampled)"))
+    fig, axes = plt.subplots(len(distances), len(betas), figsize=(max(5.5 * len(betas), 7.5), 4.4 * len(distances)),
+                             squeeze=False, sharey=True)
+    for row, (kl, kl_name) in enumerate(distances):
+        agg = tables.aggregate(runs.assign(sqrt_kl=np.sqrt(runs[kl].astype(float).clip(lower=0))),
+                               [keys["gold"], "sqrt_kl"])
+        for ax, beta in zip(axes[row], betas):
+            for i, m in enumerate(names):
+                g = agg[(agg["method"] == m) & (agg["beta"] == beta)].sort_values("epoch")
+                if g.empty:
+                    continue
+                ax.errorbar(g["sqrt_kl"], g[keys["gold"]], xerr=np.nan_to_num(g["sqrt_kl_se"]),
+                            yerr=np.nan_to_num(g[f"{keys['gold']}_se"]), color=col[m], lw=1, capsize=2, label=m,
+                            marker="none")
+                sizes = 12 + 60 * np.arange(len(g)) / max(len(g) - 1, 1)
+                ax.scatter(g["sqrt_kl"], g[keys["gold"]], s=sizes, color=col[m], zorder=3)
+                last = g.iloc[-1]
+                ax.annotate(f"ep {int(last['epoch'])}", (last["sqrt_kl"], last[keys["gold"]]),
+                            textcoords="offset points", xytext=(5, -9 - 7 * (i % 3)), fontsize=7,
+                            color=col[m])  # staggered: no pile-up
+            ax.set_title(f"beta = {beta:g}")
+            ax.set_xlabel(f"sqrt(KL(pi || pi_ref)) [nats^1/2]\n{kl_name}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("gold reward" + (" (exact)" if keys["exact"] else " (sampled)"))
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Gold reward vs distance from pi_ref along training\n(mean ± s.e. over seeds; marker size grows "
                  "with the epoch, the last is labelled)", fontsize=11)

@@ -56,6 +56,9 @@ def test_sweep_split_counts_each_training_call_once():
 
     rows = [row("dpo", 0, 10.0)] * 3 + [row("chipo", 0, 4.0)] * 2 + [row("dpo", 1, 2.0), row("dpo", 1, 5.0)]
     assert sweep_split(rows) == "training 21 s, sampling 7 s, exact metrics 4 s"
+    # Rows that carry the training call's CPU seconds count those (12 s of CPU in a 21 s wall call).
+    cpu = [{**row("dpo", 0, 21.0), "train_cpu_seconds": 12.0}] * 2
+    assert sweep_split(cpu) == "training 12 s, sampling 2 s, exact metrics 1 s"
 
 
 def test_the_default_demo_shows_an_effect_the_size_of_dpos_measured_fall_with_80_percent_power():

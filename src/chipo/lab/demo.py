@@ -213,7 +213,7 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
                      + (f" (first build took {info['build_seconds']:.0f} s)" if not built_now else ""),
             "preference data": f"{data_seconds:.1f} s",
             "sweep (training + evaluation)": f"{sweep_seconds:.0f} s with {workers} worker process(es)",
-            "sweep, by part (wall seconds summed over runs and workers)": sweep_split(results),
+            "sweep, by part (CPU seconds summed over runs and workers)": sweep_split(results),
         },
         "sweep_config": asdict(config),
         "data": data_stats,
@@ -267,13 +267,18 @@ def claim_plan_for(config) -> list[str]:
 
 
 def sweep_split(rows: list[dict]) -> str:
-    """Where the sweep's time went: training, and the evaluation's sampling, gold scoring, log-probs and exact
-    metrics (``chipo.lab.evaluate.evaluate_policy`` times each), summed over the result rows.
+    """Where the sweep's CPU time went: training, and the evaluation's parts (sampling, gold scoring, log-probs,
+    exact metrics: ``chipo.lab.evaluate.evaluate_policy``; loading checkpoints, mass and clip on the training
+    pairs: ``chipo.lab.sweep.CellRunner``), summed over the result rows. Rows written before CPU times were
+    recorded count their wall seconds.
 
-    Every evaluated epoch of a run is a row carrying that training call's ``train_seconds``: each training call
-    counts once (per run and value), the evaluation parts once per row."""
-    calls = {(r.get("method", r.get("loss")), r.get("beta"), r.get("seed"), r["train_seconds"]) for r in rows
-             if r.get("train_seconds")}
+    Every evaluated epoch of a run is a row carrying that training call's time: each training call counts once
+    (per run and value), the evaluation parts once per row."""
+    def train_time(r):
+        return r.get("train_cpu_seconds") or r.get("train_seconds")
+
+    calls = {(r.get("method", r.get("loss")), r.get("beta"), r.get("seed"), train_time(r)) for r in rows
+             if train_time(r)}
     parts = {"training": sum(call[-1] for call in calls)}
     for r in rows:
         for name, value in (r.get("seconds") or {}).items():

@@ -5,7 +5,8 @@
 * ``gold_vs_sqrt_kl.png``: gold reward vs sqrt(KL) along training (Gao et al. 2023, arXiv 2210.10760), a panel
   per beta, error bars in both directions; marker size grows with the epoch and only the last point is labelled;
   with exact metrics a second row uses the Monte-Carlo KL beside the partition KL;
-* ``divergence_vs_epochs.png``: KL (nats) and chi-squared from pi_ref vs epochs, log scale, with units;
+* ``divergence_vs_epochs.png``: KL (nats; with exact metrics the partition's and the Monte-Carlo one) and
+  chi-squared from pi_ref vs epochs, log scale, with units;
 * ``mechanism_beta<b>.png``: per method, where the probability mass goes over training (the training pairs'
   chosen responses, their rejected responses, every other response of the language, text outside it), the
   fraction of training pairs at the loss's clip, and implicit-reward accuracy on training vs held-out pairs.
@@ -132,13 +133,15 @@ def divergence_vs_epochs(runs: pd.DataFrame, keys: dict, out: Path) -> str:
     names, betas = tables.methods(runs), tables.betas(runs)
     epochs = sorted({int(e) for e in runs["epoch"] if e > 0})
     pos = {e: i for i, e in enumerate(epochs)}
-    agg = tables.aggregate(runs[runs["epoch"] > 0], [keys["kl"], keys["chi2"]])
+    what = [(keys["kl"], f"KL(pi || pi_ref) [nats]\n{keys['kl_name']}")]
+    if keys["exact"] and "kl_k3" in runs and keys["kl"] != "kl_k3":  # beside the partition's lower bound
+        what.append(("kl_k3", "KL(pi || pi_ref) [nats]\nMonte-Carlo k3 on the policy's samples"))
+    chi2_kind = "over the partition of responses (a lower bound)" if keys["exact"] else "Monte-Carlo (heavy-tailed)"
+    what.append((keys["chi2"], f"chi-squared(pi || pi_ref) [dimensionless]\n{chi2_kind}"))
+    agg = tables.aggregate(runs[runs["epoch"] > 0], [name for name, _ in what])
     col = colors(names)
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    what = [(keys["kl"], f"KL(pi || pi_ref) [nats]\n{keys['kl_name']}"),
-            (keys["chi2"], "chi-squared(pi || pi_ref) [dimensionless]\n" +
-             ("over the partition of responses (a lower bound)" if keys["exact"] else "Monte-Carlo (heavy-tailed)"))]
+    fig, axes = plt.subplots(1, len(what), figsize=(5.5 * len(what), 4.2))
     for ax, (name, label) in zip(axes, what):
         for m in names:
             for j, beta in enumerate(betas):

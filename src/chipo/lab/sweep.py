@@ -353,11 +353,11 @@ class CellRunner:
         run_dir = self.out / "runs" / cell_name(method, beta, seed)
         missing = [e for e in c.eval_epochs if e not in done]
         ckpts = checkpoints_by_epoch(run_dir) if run_dir.is_dir() else {}
-        train_seconds = None
+        train_seconds = train_cpu_seconds = None
         config = self.train_config(method, beta, seed, run_dir, resume=bool(ckpts))
         loss_options = config.loss_options()  # exactly the options training used
         if not all(e in ckpts for e in missing):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             self.train_calls += 1
             train_fn = self.train_fn
             if train_fn is None:
@@ -370,7 +370,7 @@ class CellRunner:
                     warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 train_fn(config)
-            train_seconds = time.perf_counter() - start
+            train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             ckpts = checkpoints_by_epoch(run_dir)
         train_log = _train_metrics_by_epoch(run_dir / "metrics.jsonl")
         out = []
@@ -378,16 +378,22 @@ class CellRunner:
             if epoch not in ckpts:
                 raise RuntimeError(f"{run_dir}: no checkpoint for epoch {epoch} after training "
                                    f"(found epochs {sorted(ckpts)})")
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             policy = AutoModelForCausalLM.from_pretrained(ckpts[epoch]).eval()
+            loaded = time.process_time()
             metrics = evaluate_policy(policy, self.ref, self.tokenizer, self.gold, self.baseline,
                                       settings=c.sampling(seed), num_samples=c.num_samples, loss=variant.loss,
                                       beta=beta, loss_options=loss_options, progress=False)
+            evaluated = time.process_time()
             metrics.update(self.mechanism(policy, variant.loss, beta, seed, loss_options))
+            # CPU seconds by part, beside evaluate_policy's own: loading the checkpoint, where the mass goes.
+            metrics["seconds"] = {**metrics.get("seconds", {}), "loading checkpoints": loaded - cpu_start,
+                                  "mass and clip on training pairs": time.process_time() - evaluated}
             step = json.loads((ckpts[epoch] / "trainer_state.json").read_text()).get("global_step")
             row = {"loss": variant.loss, "method": method, "options": variant.option_dict, "beta": beta,
                    "seed": seed, "epoch": epoch, "step": step, **metrics, **train_log.get(epoch, {}),
-                   "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
+                   "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+                   "eval_seconds": time.perf_counter() - start}
             append_row(self.out / "results.jsonl", row)
             out.append(row)
         if not c.keep_checkpoints:

@@ -94,7 +94,7 @@ def gold_vs_sqrt_kl(runs: pd.DataFrame, keys: dict, out: Path) -> str:
     names, betas = tables.methods(runs), tables.betas(runs)
     distances = [(keys["kl"], keys["kl_name"])]
     if keys["exact"] and "kl_k3" in runs and keys["kl"] != "kl_k3":
-        distances.append(("kl_k3", "Monte-Carlo KL (k3 on the policy's samples, unbiased for the sequence KL)"))
+        distances.append(("kl_k3", "Monte-Carlo KL (k3 on the policy's samples: the KL of responses as sampled)"))
     col = colors(names)
     fig, axes = plt.subplots(len(distances), len(betas), figsize=(max(5.5 * len(betas), 7.5), 4.4 * len(distances)),
                              squeeze=False, sharey=True)

@@ -59,8 +59,8 @@ def power_design(n_seeds: int, m: int, alpha: float = ALPHA) -> str:
     one, two = (stats.detectable_effect_sd(n_seeds, level, verdicts.POWER, alt) for alt in ("greater", "two-sided"))
     p_one, p_two = (stats.t_power(verdicts.STATED_EFFECT_SD, n_seeds, level, alt) for alt in ("greater", "two-sided"))
     return (f"Power, from the design alone (paired t across {n_seeds} seeds, noncentral t): Holm's procedure over "
-            f"{m} claims tests the smallest p-value at alpha/m = {level:.2g}, and every claim is sure to be judged "
-            f"at least at that level, so the numbers below are conservative. At it a one-sided claim detects a "
+            f"{m} claims tests the smallest p-value at alpha/m = {level:.2g}, and a claim whose p is at most that "
+            f"always passes, so the powers below are lower bounds (conservative). At it a one-sided claim detects a "
             f"true effect of {one:.2f} standard deviations of the per-seed differences with {verdicts.POWER:.0%} "
             f"power, a two-sided one {two:.2f}; at an effect of {verdicts.STATED_EFFECT_SD:g} sd the power is "
             f"{p_one:.2f} (one-sided) and {p_two:.2f} (two-sided).")
@@ -134,8 +134,8 @@ def claims_section(df: pd.DataFrame, claims: list[verdicts.Claim]) -> list[str]:
            f"methods); Holm's adjustment runs over all {len(claims)} claims of this report; the word is 'holds' "
            "(one-sided claim) or 'significant' (two-sided) only when the adjusted p is at most 5%, else 'not "
            f"shown'. 'Detectable': the smallest true difference the test detects with {verdicts.POWER:.0%} power "
-           f"at Holm's first level alpha/m = {level:.2g} (conservative: a claim is judged at that level or a "
-           "larger one), in standard deviations of the per-seed differences (exact for normal differences) and in "
+           f"at Holm's first level alpha/m = {level:.2g} (conservative: a claim with p at most alpha/m always "
+           "passes), in standard deviations of the per-seed differences (exact for normal differences) and in "
            "the claim's units through the seeds' own s.d. (an estimate"
            + (f": with {n_seeds} seeds it lies {_sd_ratio_range(n_seeds)} of the true s.d. 90% of the time"
               if n_seeds > 2 else "") + f"). 'Power at {effect:g} sd': the probability the claim passes at "
@@ -169,9 +169,10 @@ def claims_section(df: pd.DataFrame, claims: list[verdicts.Claim]) -> list[str]:
 
 MC_KL = "kl_k3"
 """The Monte-Carlo KL of every evaluation (``chipo.divergences.KL.estimate_from_policy`` on the policy's own
-samples): unbiased for the full-sequence KL, where the exact KL over the world's partition is a lower bound that
-lumps all text outside the language into a few cells (it understates distance most where mass leaves the
-language, so a comparison at matched partition KL favours the method that pushes more mass out)."""
+samples): unbiased for the KL between the responses as sampled (cut at max_new_tokens, itself at most the
+sequence KL), where the exact KL over the world's partition is a lower bound that lumps all text outside the
+language into a few cells (it understates distance most where mass leaves the language, so a comparison at
+matched partition KL favours the method that pushes more mass out)."""
 
 
 def _frontier_table(df: pd.DataFrame, keys: dict, beta: float, kl: str, with_mass: bool) -> list[str]:
@@ -204,9 +205,10 @@ def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim])
            f"so every method has a value; distance: sqrt of the {keys['kl_name']}, in nats^1/2. Mean ± s.e. over "
            "seeds."]
     if side_by_side:
-        out[-1] += (" The same with the Monte-Carlo KL (k3 on the policy's own samples, unbiased for the sequence "
-                    "KL) follows each table: the partition KL lumps all text outside the language into a few "
-                    "cells, so it understates the distance of a policy that puts mass there, and a comparison at "
+        out[-1] += (" The same with the Monte-Carlo KL (k3 on the policy's own samples: unbiased for the KL of "
+                    "the responses as sampled, which keeps text outside the language apart) follows each table: "
+                    "the partition KL lumps all text outside the language into a few cells, so it understates "
+                    "the distance of a policy that puts mass there, and a comparison at "
                     "matched partition KL favours the method that pushes more mass out. The tests below use the "
                     "partition KL as fixed before the run; read them beside the Monte-Carlo table and the "
                     "out-of-language column.")

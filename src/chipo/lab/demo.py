@@ -206,7 +206,9 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
         "machine": machine_info(),
         "timing": {
             "wall time (this run)": f"{wall:.0f} s ({wall / 60:.1f} min), CPU time of all its processes "
-                                    f"{cpu_seconds() - cpu_start:.0f} s (user + system, workers included); "
+                                    f"{cpu_seconds() - cpu_start:.0f} s (user + system, workers included, from the "
+                                    "start of the demo's work: the command's start-up, a few seconds, is not "
+                                    "counted); "
                                     "load average at the start "
                                     f"{load_at_start}",
             "world": f"{'built' if built_now else 'loaded from cache'} in {world_seconds:.1f} s"

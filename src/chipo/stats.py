@@ -189,6 +189,31 @@ def holm(pvalues, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     return adjusted, adjusted <= alpha  # NaN compares False
 
 
+def _tails(alternative: str) -> int:
+    _check_alternative(alternative)
+    return 2 if alternative == "two-sided" else 1
+
+
+def _rejection_probability(ncp: float, df: float, crit: float, tails: int) -> float:
+    """P(T > crit) (+ P(T < -crit) two-sided) for T noncentral t with ``df`` and noncentrality ``ncp``."""
+    far = float(sps.nct.cdf(-crit, df, ncp)) if tails == 2 else 0.0
+    if math.isnan(far):  # scipy gives NaN deep in the tail, where P(T < -crit) <= P(T < 0) = Phi(-ncp) ~ 0
+        far = float(special.ndtr(-ncp))
+    return float(sps.nct.sf(crit, df, ncp)) + far
+
+
+def _ncp_for_power(df: float, alpha: float, power: float, tails: int) -> float:
+    """The noncentrality at which the t test (``df``, level ``alpha``) rejects with probability ``power``."""
+    if not (0 < alpha < power < 1):
+        raise ValueError(f"need 0 < alpha < power < 1, got alpha {alpha} and power {power}")
+    crit = float(special.stdtrit(df, 1 - alpha / tails))
+    shortfall = lambda ncp: _rejection_probability(ncp, df, crit, tails) - power  # noqa: E731
+    high = crit + 4.0
+    while shortfall(high) < 0:  # at ncp = 0 the test rejects with probability alpha < power
+        high *= 2
+    return optimize.brentq(shortfall, 0.0, high, xtol=1e-10)
+
+
 def min_detectable_difference(se: float, df: float, alpha: float = 0.05, power: float = 0.8,
                               alternative: str = "two-sided") -> float:
     r"""Smallest true mean (paired) difference the t test at level ``alpha`` detects with probability ``power``.
@@ -206,25 +231,67 @@ def min_detectable_difference(se: float, df: float, alpha: float = 0.05, power: 
     References:
       Cohen, Statistical Power Analysis for the Behavioral Sciences, 2nd ed., 1988, ch. 2.
     """
-    _check_alternative(alternative)
+    tails = _tails(alternative)
     if not (0 < alpha < power < 1):
         raise ValueError(f"need 0 < alpha < power < 1, got alpha {alpha} and power {power}")
     if not (math.isfinite(se) and se > 0 and df > 0):
         return math.nan
-    tails = 2 if alternative == "two-sided" else 1
-    crit = float(special.stdtrit(df, 1 - alpha / tails))
+    return float(_ncp_for_power(df, alpha, power, tails) * se)
 
-    def shortfall(ncp: float) -> float:
-        far = float(sps.nct.cdf(-crit, df, ncp)) if tails == 2 else 0.0
-        if math.isnan(far):  # scipy gives NaN deep in the tail, where P(T < -crit) <= P(T < 0) = Phi(-ncp) ~ 0
-            far = float(special.ndtr(-ncp))
-        return float(sps.nct.sf(crit, df, ncp)) + far - power
 
-    high = crit + 4.0
-    while shortfall(high) < 0:  # at ncp = 0 the test rejects with probability alpha < power
-        high *= 2
-    ncp = optimize.brentq(shortfall, 0.0, high, xtol=1e-10)
-    return float(ncp * se)
+def t_power(effect_sd: float, n: int, alpha: float = 0.05, alternative: str = "greater") -> float:
+    r"""Power of the one-sample (paired) t test with ``n`` seeds at level ``alpha`` when the true mean difference
+    is ``effect_sd`` standard deviations of the per-seed differences (Cohen's d).
+
+    .. math:: \text{power} = P(T > t_{1-\alpha/k,\,n-1}) \;(+\, P(T < -t_{1-\alpha/2,\,n-1}) \text{ if two-sided}),
+       \qquad T \sim t'_{n-1}(\delta = d \sqrt n)
+
+    with k = 2 two-sided, 1 one-sided ("greater"; "less" is its mirror: pass the effect with its sign). Exact
+    for normal per-seed differences: it needs no estimate of sigma, because both the effect and the test are in
+    units of it. NaN for n < 2.
+
+    Examples:
+      >>> round(t_power(0.0, 8, alpha=0.05), 3)  # no effect: the test's own level
+      0.05
+      >>> round(t_power(1.91, 8, alpha=0.05 / 14, alternative="two-sided"), 2)  # Holm's first step, 14 claims
+      0.8
+      >>> round(t_power(3.26, 3, alpha=0.05 / 14, alternative="two-sided"), 2)  # the same rule with 3 seeds
+      0.11
+
+    References:
+      Cohen, Statistical Power Analysis for the Behavioral Sciences, 2nd ed., 1988, ch. 2.
+    """
+    tails = _tails(alternative)
+    if not 0 < alpha < 1:
+        raise ValueError(f"need 0 < alpha < 1, got {alpha}")
+    if n < 2:
+        return math.nan
+    df = float(n - 1)
+    ncp = (-effect_sd if alternative == "less" else effect_sd) * math.sqrt(n)
+    return _rejection_probability(ncp, df, float(special.stdtrit(df, 1 - alpha / tails)), tails)
+
+
+def detectable_effect_sd(n: int, alpha: float = 0.05, power: float = 0.8, alternative: str = "greater") -> float:
+    """The smallest true effect, in standard deviations of the per-seed differences, that the t test with ``n``
+    seeds at level ``alpha`` detects with probability ``power``: the inverse of :func:`t_power` in the effect.
+
+    Examples:
+      >>> round(detectable_effect_sd(8, alpha=0.05 / 14, alternative="two-sided"), 2)
+      1.91
+      >>> round(detectable_effect_sd(3, alpha=0.05 / 14, alternative="two-sided"), 2)
+      12.25
+    """
+    tails = _tails(alternative)
+    if n < 2:
+        return math.nan
+    return float(_ncp_for_power(float(n - 1), alpha, power, tails) / math.sqrt(n))
+
+
+def holm_first_level(alpha: float, m: int) -> float:
+    """The level Holm's procedure applies to the smallest of ``m`` p-values, alpha / m: the level at which a
+    claim is sure to be judged (a claim tested later in the step-down gets alpha / (m - j + 1) >= this only
+    after every smaller p-value passed), so power computed at it is a lower bound (conservative)."""
+    return alpha / max(int(m), 1)
 
 
 @dataclass(frozen=True)

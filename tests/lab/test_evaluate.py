@@ -116,3 +116,42 @@ def test_implicit_reward_accuracy_passes_lengths_so_ipo_works(tiny_world):
     for loss in ("ipo", "dpo", "chipo"):
         out = pair_metrics(model, tokenizer, pairs, loss, 0.1)
         assert out["acc"] == pytest.approx(0.5) and out["clip_frac"] == 0.0
+
+
+def test_exact_metrics_refuse_sampling_that_is_not_the_policy_itself():
+    """The world's responses are L letters + EOS, so a sampler needs L + 1 new tokens (the default world: L = 4,
+    need 5); with 4 a cut sample 'a b c d' reads as well-formed while the exact partition counts pi's real
+    continuation. Temperature, top-p and top-k change the sampled distribution away from pi. Scorers without an
+    exact partition (reward models) are never refused."""
+    from chipo.generation import SamplingSettings
+    from chipo.lab.evaluate import exact_sampling_problem
+    from chipo.lab.world import world_scorer
+
+    gold = world_scorer()
+    assert gold.exact_min_new_tokens == gold.language.spec.response_length + 1 == 5
+    assert exact_sampling_problem(gold, SamplingSettings(max_new_tokens=5)) is None
+    assert "max_new_tokens=4" in exact_sampling_problem(gold, SamplingSettings(max_new_tokens=4))
+    for bad in (dict(temperature=0.7), dict(top_p=0.9), dict(top_k=3)):
+        problem = exact_sampling_problem(gold, SamplingSettings(max_new_tokens=8, **bad))
+        assert problem is not None and "exact=false" in problem and "\n" not in problem
+
+    class NoPartition:
+        def score(self, prompts, responses):
+            return [0.0] * len(prompts)
+
+    assert exact_sampling_problem(NoPartition(), SamplingSettings(max_new_tokens=1, temperature=0.5)) is None
+
+
+def test_a_sweep_with_cut_responses_is_one_line_exit_2_and_writes_nothing(tiny_world, tmp_path, capsys):
+    """The tiny world's responses are 2 letters + EOS: max_new_tokens=2 cuts them. `chipo lab sweep` stops
+    before training with one line naming the setting, exit code 2, and no output directory."""
+    from chipo.cli.lab import main
+
+    out = tmp_path / "sweep"
+    code = main(["sweep", f"ref_model={tiny_world / 'pi_ref'}", f"train_prefs={tiny_world / 'prefs.jsonl'}",
+                 f"eval_prompts={tiny_world / 'prompts_eval.jsonl'}", f"gold=world:{tiny_world}", "losses=dpo",
+                 "betas=0.1", "seeds=0", "epochs=1", "num_samples=2", "max_new_tokens=2", "max_length=16",
+                 f"out_dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "max_new_tokens=2" in err and ">=3" in err
+    assert not out.exists()

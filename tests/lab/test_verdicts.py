@@ -136,3 +136,39 @@ def test_split_half_redecides_on_each_half_of_the_seeds():
     assert verdicts.split_half(df, c) == (True, True)
     one = synthetic(rng, n_seeds=1)
     assert verdicts.split_half(one, verdicts.gap(one, "a", "b", 0.05, KEYS["win"], 8, "win")) is None
+
+
+def test_the_plan_written_before_the_run_lists_the_claims_the_report_tests():
+    """``report.claim_plan`` (from the design alone: methods, options, betas, epochs) names the same claims in
+    the same order as the family the report tests (generic claims, then the paper's), with and without a remedy
+    (which adds an out-of-language-mass claim per beta)."""
+    from chipo.lab.report import claim_plan
+    from chipo.lab.report_paper import PAPER, paper_claims
+
+    rng = np.random.default_rng(5)
+    for df in (synthetic(rng, methods=("chipo", "dpo")),
+               synthetic(rng, methods=("chipo+sft", "dpo", "chipo"), options={"chipo+sft": "sft_weight=1"})):
+        claims = verdicts.report_claims(df, KEYS) + paper_claims(df, KEYS)
+        plan = claim_plan(df, PAPER)
+        assert len(plan) == len(claims) > 0
+        for text, c in zip(plan, claims):
+            head = c.verdict.claim.split(":")[0]
+            assert text.startswith(head), (text, c.verdict.claim)
+            assert ("(one-sided" in text) == (c.verdict.alternative == "greater"), text
+
+
+def test_a_claims_power_and_detectable_effect_use_its_own_seed_count_and_sidedness():
+    """A two-sided gap on 4 seeds and a one-sided fall on 3 seeds: power at d and the 80%-power effect are
+    stats.t_power / detectable_effect_sd with that n and alternative; the detectable difference in units is the
+    effect in sd times the seeds' s.d. (se * sqrt(n))."""
+    from chipo import stats
+
+    rng = np.random.default_rng(6)
+    df = synthetic(rng, n_seeds=4, effect=0.1)
+    gap = verdicts.gap(df, "a", "b", 0.05, KEYS["win"], 8, "win")
+    assert gap.n == 4
+    assert gap.power(2.0, 0.01) == pytest.approx(stats.t_power(2.0, 4, 0.01, "two-sided"))
+    assert gap.detectable_sd(0.01) == pytest.approx(stats.detectable_effect_sd(4, 0.01, 0.8, "two-sided"))
+    assert gap.detectable(0.01) == pytest.approx(gap.detectable_sd(0.01) * gap.se * 2)
+    fall = verdicts.fall(synthetic(rng, n_seeds=3), "a", 0.05, KEYS["win"], "win")
+    assert fall.n == 3 and fall.power(2.0, 0.05) == pytest.approx(stats.t_power(2.0, 3, 0.05, "greater"))

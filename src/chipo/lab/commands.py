@@ -20,7 +20,9 @@ def _load_lm(name: str):
 def run_demo_command(config: DemoConfig) -> Path:
     from chipo.lab.demo import DemoSettings, run_demo
 
-    settings = DemoSettings.quick(seeds=config.seeds or 1) if config.quick else DemoSettings(seeds=config.seeds or 3)
+    settings = DemoSettings.quick(seeds=config.seeds or 1) if config.quick else DemoSettings()
+    if config.seeds and not config.quick:
+        settings = dataclasses.replace(settings, seeds=config.seeds)
     settings = dataclasses.replace(settings, workers=config.workers, ablations=config.ablations)
     if config.betas:
         settings = dataclasses.replace(settings, betas=tuple(config.betas))

@@ -310,6 +310,13 @@ class WorldScorer:
             raise ConfigError(f"scorer 'world' scores only the embedded world's prompts ('t<topic> s<style>'): "
                               f"{e}") from None
 
+    @property
+    def exact_min_new_tokens(self) -> int:
+        """New tokens a sampler needs so that no response of the language is cut: its letters and EOS. With fewer,
+        a cut sample of L letters reads as well-formed text while the exact partition counts pi's real
+        continuation (``chipo.lab.evaluate.exact_sampling_problem``)."""
+        return self.language.spec.response_length + 1
+
     def exact_partition(self, model, tokenizer, prompts):
         """(log pi [P, C], rewards [P, C], well-formed [P, C]) on a partition of all sequences (module docstring)."""
         return self.language.exact_partition(model, tokenizer, list(prompts))

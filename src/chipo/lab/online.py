@@ -37,7 +37,7 @@ import numpy as np
 
 from chipo.config import ConfigError
 from chipo.io import atomic_write_text, write_json
-from chipo.lab.demo import DemoSettings
+from chipo.lab.protocol import DemoSettings
 from chipo.lab.sweep import append_row, load_prompts, quiet_libraries, read_results
 from chipo.lab.world import World, WorldScorer, world_scorer
 from chipo.rewards import register_scorer

@@ -4,7 +4,9 @@
   shifted slightly sideways so error bars (standard error over seeds) do not overlap;
 * ``gold_vs_sqrt_kl.png``: gold reward vs sqrt(KL) along training (Gao et al. 2023, arXiv 2210.10760), a panel
   per beta, error bars in both directions; marker size grows with the epoch and only the last point is labelled;
-* ``divergence_vs_epochs.png``: KL (nats) and chi-squared from pi_ref vs epochs, log scale, with units;
+  with exact metrics a second row uses the Monte-Carlo KL beside the partition KL;
+* ``divergence_vs_epochs.png``: KL (nats; with exact metrics the partition's and the Monte-Carlo one) and
+  chi-squared from pi_ref vs epochs, log scale, with units;
 * ``mechanism_beta<b>.png``: per method, where the probability mass goes over training (the training pairs'
   chosen responses, their rejected responses, every other response of the language, text outside it), the
   fraction of training pairs at the loss's clip, and implicit-reward accuracy on training vs held-out pairs.
@@ -86,29 +88,37 @@ def winrate_vs_epochs(runs: pd.DataFrame, keys: dict, out: Path) -> str:
 
 
 def gold_vs_sqrt_kl(runs: pd.DataFrame, keys: dict, out: Path) -> str:
+    """One row of panels per distance: the headline KL and, when that is the partition KL, the Monte-Carlo KL
+    (k3) below it, since the partition KL understates the distance of mass that leaves the language."""
     plt = _plt()
     names, betas = tables.methods(runs), tables.betas(runs)
-    runs = runs.assign(sqrt_kl=np.sqrt(runs[keys["kl"]].astype(float).clip(lower=0)))
-    agg = tables.aggregate(runs, [keys["gold"], "sqrt_kl"])
+    distances = [(keys["kl"], keys["kl_name"])]
+    if keys["exact"] and "kl_k3" in runs and keys["kl"] != "kl_k3":
+        distances.append(("kl_k3", "Monte-Carlo KL (k3 on the policy's samples: the KL of responses as sampled)"))
     col = colors(names)
-    fig, axes = plt.subplots(1, len(betas), figsize=(max(5.5 * len(betas), 7.5), 4.8), squeeze=False, sharey=True)
-    for ax, beta in zip(axes[0], betas):
-        for i, m in enumerate(names):
-            g = agg[(agg["method"] == m) & (agg["beta"] == beta)].sort_values("epoch")
-            if g.empty:
-                continue
-            ax.errorbar(g["sqrt_kl"], g[keys["gold"]], xerr=np.nan_to_num(g["sqrt_kl_se"]),
-                        yerr=np.nan_to_num(g[f"{keys['gold']}_se"]), color=col[m], lw=1, capsize=2, label=m,
-                        marker="none")
-            sizes = 12 + 60 * np.arange(len(g)) / max(len(g) - 1, 1)
-            ax.scatter(g["sqrt_kl"], g[keys["gold"]], s=sizes, color=col[m], zorder=3)
-            last = g.iloc[-1]
-            ax.annotate(f"ep {int(last['epoch'])}", (last["sqrt_kl"], last[keys["gold"]]), textcoords="offset points",
-                        xytext=(5, -9 - 7 * (i % 3)), fontsize=7, color=col[m])  # staggered: no pile-up
-        ax.set_title(f"beta = {beta:g}")
-        ax.set_xlabel(f"sqrt(KL(pi || pi_ref)) [nats^1/2]\n{keys['kl_name']}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("gold reward" + (" (exact)" if keys["exact"] else " (sampled)"))
+    fig, axes = plt.subplots(len(distances), len(betas), figsize=(max(5.5 * len(betas), 7.5), 4.4 * len(distances)),
+                             squeeze=False, sharey=True)
+    for row, (kl, kl_name) in enumerate(distances):
+        agg = tables.aggregate(runs.assign(sqrt_kl=np.sqrt(runs[kl].astype(float).clip(lower=0))),
+                               [keys["gold"], "sqrt_kl"])
+        for ax, beta in zip(axes[row], betas):
+            for i, m in enumerate(names):
+                g = agg[(agg["method"] == m) & (agg["beta"] == beta)].sort_values("epoch")
+                if g.empty:
+                    continue
+                ax.errorbar(g["sqrt_kl"], g[keys["gold"]], xerr=np.nan_to_num(g["sqrt_kl_se"]),
+                            yerr=np.nan_to_num(g[f"{keys['gold']}_se"]), color=col[m], lw=1, capsize=2, label=m,
+                            marker="none")
+                sizes = 12 + 60 * np.arange(len(g)) / max(len(g) - 1, 1)
+                ax.scatter(g["sqrt_kl"], g[keys["gold"]], s=sizes, color=col[m], zorder=3)
+                last = g.iloc[-1]
+                ax.annotate(f"ep {int(last['epoch'])}", (last["sqrt_kl"], last[keys["gold"]]),
+                            textcoords="offset points", xytext=(5, -9 - 7 * (i % 3)), fontsize=7,
+                            color=col[m])  # staggered: no pile-up
+            ax.set_title(f"beta = {beta:g}")
+            ax.set_xlabel(f"sqrt(KL(pi || pi_ref)) [nats^1/2]\n{kl_name}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("gold reward" + (" (exact)" if keys["exact"] else " (sampled)"))
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Gold reward vs distance from pi_ref along training\n(mean ± s.e. over seeds; marker size grows "
                  "with the epoch, the last is labelled)", fontsize=11)
@@ -123,13 +133,15 @@ def divergence_vs_epochs(runs: pd.DataFrame, keys: dict, out: Path) -> str:
     names, betas = tables.methods(runs), tables.betas(runs)
     epochs = sorted({int(e) for e in runs["epoch"] if e > 0})
     pos = {e: i for i, e in enumerate(epochs)}
-    agg = tables.aggregate(runs[runs["epoch"] > 0], [keys["kl"], keys["chi2"]])
+    what = [(keys["kl"], f"KL(pi || pi_ref) [nats]\n{keys['kl_name']}")]
+    if keys["exact"] and "kl_k3" in runs and keys["kl"] != "kl_k3":  # beside the partition's lower bound
+        what.append(("kl_k3", "KL(pi || pi_ref) [nats]\nMonte-Carlo k3 on the policy's samples"))
+    chi2_kind = "over the partition of responses (a lower bound)" if keys["exact"] else "Monte-Carlo (heavy-tailed)"
+    what.append((keys["chi2"], f"chi-squared(pi || pi_ref) [dimensionless]\n{chi2_kind}"))
+    agg = tables.aggregate(runs[runs["epoch"] > 0], [name for name, _ in what])
     col = colors(names)
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    what = [(keys["kl"], f"KL(pi || pi_ref) [nats]\n{keys['kl_name']}"),
-            (keys["chi2"], "chi-squared(pi || pi_ref) [dimensionless]\n" +
-             ("over the partition of responses (a lower bound)" if keys["exact"] else "Monte-Carlo (heavy-tailed)"))]
+    fig, axes = plt.subplots(1, len(what), figsize=(5.5 * len(what), 4.2))
     for ax, (name, label) in zip(axes, what):
         for m in names:
             for j, beta in enumerate(betas):

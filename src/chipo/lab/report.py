@@ -35,6 +35,62 @@ class Extra:
 
     claims: Callable[[pd.DataFrame, dict], list[verdicts.Claim]]
     sections: Callable[[pd.DataFrame, dict, list[verdicts.Claim]], list[str]]
+    plan: Callable[[list[str], list[float], list[int]], list[str]] | None = None  # ``claims`` from the design alone
+
+
+def claim_plan(df: pd.DataFrame, extra: Extra | None = None) -> list[str]:
+    """The report's family of claims described from the sweep's design (methods, betas, epochs), not its results:
+    ``chipo demo`` records it before training (``meta["plan"]``)."""
+    names = tables.methods(df)
+    options = df.groupby("method")["options"].first().to_dict() if "options" in df else {}
+    plan = verdicts.planned_claims(names, options, tables.betas(df), tables.epochs(df), verdicts.comparisons(df))
+    if extra and extra.plan:
+        plan += extra.plan(names, tables.betas(df), tables.epochs(df))
+    return plan
+
+
+def power_design(n_seeds: int, m: int, alpha: float = ALPHA) -> str:
+    """What the design can show, from the seed count and the number of claims alone (``chipo.stats.t_power``)."""
+    from chipo import stats
+
+    level = stats.holm_first_level(alpha, m)
+    if n_seeds < 2:
+        return f"With {n_seeds} seed no claim can be tested (a paired t test needs 2)."
+    one, two = (stats.detectable_effect_sd(n_seeds, level, verdicts.POWER, alt) for alt in ("greater", "two-sided"))
+    p_one, p_two = (stats.t_power(verdicts.STATED_EFFECT_SD, n_seeds, level, alt) for alt in ("greater", "two-sided"))
+    return (f"Power, from the design alone (paired t across {n_seeds} seeds, noncentral t): Holm's procedure over "
+            f"{m} claims tests the smallest p-value at alpha/m = {level:.2g}, and a claim whose p is at most that "
+            f"always passes, so the powers below are lower bounds (conservative). At it a one-sided claim detects a "
+            f"true effect of {one:.2f} standard deviations of the per-seed differences with {verdicts.POWER:.0%} "
+            f"power, a two-sided one {two:.2f}; at an effect of {verdicts.STATED_EFFECT_SD:g} sd the power is "
+            f"{p_one:.2f} (one-sided) and {p_two:.2f} (two-sided).")
+
+
+def power_summary(n_seeds: int, m: int, alpha: float = ALPHA) -> str:
+    """``power_design`` in one line."""
+    from chipo import stats
+
+    if n_seeds < 2:
+        return f"with {n_seeds} seed no claim can be tested (a paired t test needs 2)"
+    level = stats.holm_first_level(alpha, m)
+    one, two = (stats.detectable_effect_sd(n_seeds, level, verdicts.POWER, alt) for alt in ("greater", "two-sided"))
+    return (f"{n_seeds} seeds at Holm's first level {level:.2g} detect {one:.2f} sd (one-sided) / {two:.2f} sd "
+            f"(two-sided) with {verdicts.POWER:.0%} power")
+
+
+def plan_section(df: pd.DataFrame, meta: dict, extra: Extra | None, claims: list[verdicts.Claim]) -> list[str]:
+    plan = meta.get("plan")
+    fixed = plan is not None
+    plan = plan if fixed else claim_plan(df, extra)
+    out = ["## Claims fixed before the run", "",
+           ("Recorded by `chipo demo` before training, from the design alone (methods, betas, evaluated epochs); "
+            if fixed else "Derived from the sweep's design (methods, betas, evaluated epochs), not its results; ")
+           + "the Verdicts section below tests exactly these, in this order, as one Holm family.", ""]
+    out += [f"{i}. {text}" for i, text in enumerate(plan, 1)]
+    if len(plan) != len(claims):
+        out += ["", f"Note: {len(claims)} claims were tested, not the {len(plan)} planned (the sweep lacks a method, "
+                "beta or epoch the plan needs)."]
+    return out + ["", power_design(len(tables.seeds(df)), len(claims))]
 
 
 def fmt(mean: float, se: float = math.nan, scale: float = 1.0, digits: int = 1) -> str:
@@ -59,27 +115,50 @@ def _p(p: float) -> str:
 # ---------------------------------------------------------------------------------------------------- sections
 
 
+def _sd_ratio_range(n: int) -> str:
+    """The 90% range of s / sigma for the sample s.d. of n normal values: how far 'detectable' in units can be off."""
+    from scipy import stats as sps
+
+    lo, hi = (float(np.sqrt(sps.chi2.ppf(q, n - 1) / (n - 1))) for q in (0.05, 0.95))
+    return f"x{lo:.2f} to x{hi:.2f}"
+
+
 def claims_section(df: pd.DataFrame, claims: list[verdicts.Claim]) -> list[str]:
+    from chipo import stats
+
     n_seeds = len(tables.seeds(df))
+    level = stats.holm_first_level(ALPHA, len(claims))
+    effect = verdicts.STATED_EFFECT_SD
     out = ["## Verdicts", "",
            f"Each claim is a paired t test across the {n_seeds} seed(s) (a seed shares its preference data across "
            f"methods); Holm's adjustment runs over all {len(claims)} claims of this report; the word is 'holds' "
            "(one-sided claim) or 'significant' (two-sided) only when the adjusted p is at most 5%, else 'not "
-           "shown'. 'Detectable' is the smallest true difference the test would detect with 80% power at 5% "
-           f"(before Holm; at the first Holm step, level {ALPHA / max(len(claims), 1):.2g}, it is larger). "
-           "'Halves': the same test on the first half of the seeds / on the rest (5%, no Holm): how stable the "
-           "verdict is; a half of one seed can never pass.", "",
-           "| claim | estimate | p | Holm p | verdict | detectable | halves |", "|---|---|---|---|---|---|---|"]
+           f"shown'. 'Detectable': the smallest true difference the test detects with {verdicts.POWER:.0%} power "
+           f"at Holm's first level alpha/m = {level:.2g} (conservative: a claim with p at most alpha/m always "
+           "passes), in standard deviations of the per-seed differences (exact for normal differences) and in "
+           "the claim's units through the seeds' own s.d. (an estimate"
+           + (f": with {n_seeds} seeds it lies {_sd_ratio_range(n_seeds)} of the true s.d. 90% of the time"
+              if n_seeds > 2 else "") + f"). 'Power at {effect:g} sd': the probability the claim passes at "
+           f"alpha/m when its true effect is {effect:g} standard deviations (noncentral t). 'Halves': the same "
+           "test on the first half of the seeds / on the rest (5%, no Holm): how stable the verdict is; a half of "
+           "one seed can never pass.", "",
+           f"| claim | estimate | p | Holm p | verdict | detectable at alpha/m | power at {effect:g} sd | halves |",
+           "|---|---|---|---|---|---|---|---|"]
     for c in claims:
         v = c.verdict
         halves = verdicts.split_half(df, c, ALPHA)
         half_text = "n/a" if halves is None else " / ".join("pass" if h else "no" for h in halves)
         unit = f" {c.unit}" if c.unit else ""
-        detectable = c.detectable(ALPHA)
-        detect_text = "n/a (needs 2 seeds)" if math.isnan(detectable) else f"{detectable * c.scale:.3g}{unit}"
+        detectable, detectable_sd = c.detectable(level), c.detectable_sd(level)
+        if math.isnan(detectable_sd):
+            detect_text = "n/a (needs 2 seeds)"
+        else:
+            detect_text = f"{detectable_sd:.2f} sd" + ("" if math.isnan(detectable) else
+                                                        f" = {detectable * c.scale:.3g}{unit}")
+        power = c.power(effect, level)
         estimate = "n/a" if math.isnan(v.estimate) else f"{v.estimate * c.scale:+.3g}{unit}"
         out.append(f"| {v.claim} | {estimate} | {_p(v.p)} | {_p(v.p_adjusted)} | {v.word()} | {detect_text} | "
-                   f"{half_text} |")
+                   f"{'n/a' if math.isnan(power) else f'{power:.2f}'} | {half_text} |")
     shown = [c.statement() for c in claims if c.statement()]
     out += ["", "What the data show (claims that pass):", ""]
     out += [f"- {s}" for s in shown] or [f"- None: no claim passes at 5% after Holm's adjustment with {n_seeds} "
@@ -88,24 +167,58 @@ def claims_section(df: pd.DataFrame, claims: list[verdicts.Claim]) -> list[str]:
     return out
 
 
+MC_KL = "kl_k3"
+"""The Monte-Carlo KL of every evaluation (``chipo.divergences.KL.estimate_from_policy`` on the policy's own
+samples): unbiased for the KL between the responses as sampled (cut at max_new_tokens, itself at most the
+sequence KL), where the exact KL over the world's partition is a lower bound that lumps all text outside the
+language into a few cells (it understates distance most where mass leaves the language, so a comparison at
+matched partition KL favours the method that pushes more mass out)."""
+
+
+def _frontier_table(df: pd.DataFrame, keys: dict, beta: float, kl: str, with_mass: bool) -> list[str]:
+    keyed = {**keys, "kl": kl}
+    levels = tables.distance_levels(df, beta, kl)
+    head = ["method", "best gold (mean epoch)"] + [f"gold at sqrt KL {lv:.3g}" for lv in levels] + \
+        ["final gold", "final sqrt KL"] + (["final sqrt KL, other estimate", "final out of language %"]
+                                           if with_mass else [])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    other = MC_KL if kl != MC_KL else keys["kl"]
+    for m in tables.methods(df):
+        f = tables.frontier(df, m, beta, keyed, levels)
+        best = fmt_g(*tables.mean_and_se(f["best"])) + f" ({fmt(np.nanmean(f['best_epoch']), digits=1)})"
+        cells = [best] + [fmt_g(*tables.mean_and_se(f[f"at_{i}"])) for i in range(len(levels))]
+        cells += [fmt_g(*tables.mean_and_se(f["final"])), fmt_g(*tables.mean_and_se(f["final_distance"]))]
+        if with_mass:
+            last = tables.epochs(df)[-1]
+            cells += [fmt_g(*tables.mean_and_se(np.sqrt(np.clip(tables.at_epoch(df, m, beta, other, last), 0, None)))),
+                      fmt(*tables.mean_and_se(tables.at_epoch(df, m, beta, "exact.mass_malformed", last)), 100)]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
+
+
 def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim]) -> list[str]:
+    side_by_side = keys["exact"] and MC_KL in df and keys["kl"] != MC_KL
     out = ["## The frontier at matched distance", "",
            "Per method: the best gold reward over the evaluated epochs (oracle early stopping, pi_ref included), "
            "the gold reward where the run first reaches each sqrt(KL) level (linear between the evaluations "
            "around it), and at the last epoch. Levels: fractions of the distance every run at that beta reaches, "
            f"so every method has a value; distance: sqrt of the {keys['kl_name']}, in nats^1/2. Mean ± s.e. over "
-           "seeds.", ""]
+           "seeds."]
+    if side_by_side:
+        out[-1] += (" The same with the Monte-Carlo KL (k3 on the policy's own samples: unbiased for the KL of "
+                    "the responses as sampled, which keeps text outside the language apart) follows each table: "
+                    "the partition KL lumps all text outside the language into a few cells, so it understates "
+                    "the distance of a policy that puts mass there, and a comparison at "
+                    "matched partition KL favours the method that pushes more mass out. The tests below use the "
+                    "partition KL as fixed before the run; read them beside the Monte-Carlo table and the "
+                    "out-of-language column.")
+    out.append("")
     for beta in tables.betas(df):
-        levels = tables.distance_levels(df, beta, keys["kl"])
-        head = ["method", "best gold (mean epoch)"] + [f"gold at sqrt KL {lv:.3g}" for lv in levels] + \
-            ["final gold", "final sqrt KL"]
-        out += [f"beta {beta:g}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for m in tables.methods(df):
-            f = tables.frontier(df, m, beta, keys, levels)
-            best = fmt_g(*tables.mean_and_se(f["best"])) + f" ({fmt(np.nanmean(f['best_epoch']), digits=1)})"
-            cells = [best] + [fmt_g(*tables.mean_and_se(f[f"at_{i}"])) for i in range(len(levels))]
-            cells += [fmt_g(*tables.mean_and_se(f["final"])), fmt_g(*tables.mean_and_se(f["final_distance"]))]
-            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out += [f"beta {beta:g}, distance = partition KL (the tests' distance):" if side_by_side else f"beta {beta:g}:",
+                ""] + _frontier_table(df, keys, beta, keys["kl"], side_by_side)
+        if side_by_side:
+            out += ["", f"beta {beta:g}, distance = Monte-Carlo KL (k3):", ""]
+            out += _frontier_table(df, keys, beta, MC_KL, True)
         out += ["", "Which the data support (better frontier = higher gold at the largest matched sqrt KL; slower "
                 "drift = closer to pi_ref at the last epoch; each only when its test passes after Holm):", ""]
         for a, b in verdicts.comparisons(df):
@@ -158,11 +271,14 @@ def per_seed_table(df: pd.DataFrame, keys: dict) -> str:
 
 def metrics_table(df: pd.DataFrame, keys: dict) -> str:
     cols = [("win vs pi_ref %", keys["win"], 100), ("win vs reference %", keys["reference"], 100),
-            ("gold", keys["gold"], None), ("sqrt KL", "sqrt_kl", None), ("KL k3 (MC)", "kl_k3", None),
+            ("gold", keys["gold"], None), ("sqrt KL" + (" (partition)" if keys["exact"] else ""), "sqrt_kl", None),
+            ("sqrt KL (MC k3)", "sqrt_kl_mc", None), ("KL k3 (MC)", MC_KL, None),
             ("chi2", keys["chi2"], None), ("out of language %", "exact.mass_malformed", 100),
             ("length", "length_mean", None), ("implicit acc held-out %", "implicit_acc", 100)]
     runs = tables.with_start(df)
     runs = runs.assign(sqrt_kl=np.sqrt(runs[keys["kl"]].astype(float).clip(lower=0)))
+    if MC_KL in runs and keys["kl"] != MC_KL:
+        runs = runs.assign(sqrt_kl_mc=np.sqrt(runs[MC_KL].astype(float).clip(lower=0)))
     cols = [c for c in cols if c[1] in runs]
     agg = tables.aggregate(runs, [c[1] for c in cols])
     lines = ["| method | beta | epoch | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 3)]
@@ -210,9 +326,12 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     final = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     with atomic_directory(final) as tmp:
         files = plot_all(df, keys, tmp)
+        level = ALPHA / max(len(claims), 1)  # Holm's first level, as in the Verdicts table
         write_json(tmp / "results.json", {"rows": rows, "claims": [
-            {**c.verdict.__dict__, "detectable": c.detectable(ALPHA), "statement": c.statement()} for c in claims],
-            "meta": meta})
+            {**c.verdict.__dict__, "detectable_level": level, "detectable": c.detectable(level),
+             "detectable_sd": c.detectable_sd(level),
+             f"power_at_{verdicts.STATED_EFFECT_SD:g}_sd": c.power(verdicts.STATED_EFFECT_SD, level),
+             "statement": c.statement()} for c in claims], "meta": meta})
         tables.results_table(rows).to_csv(tmp / "results.csv", index=False)
         text = render_markdown(df, keys, claims, files, meta, analysis, extra, rows)
         (tmp / "report.md").write_text(text)
@@ -242,6 +361,7 @@ def render_markdown(df, keys, claims, files, meta, analysis, extra: Extra | None
         out.append(f"- evaluation: {int(r['n_prompts'])} held-out prompts x "
                    f"{int(r['n_samples']) // max(int(r['n_prompts']), 1)} samples per policy")
     out += [""] + how_to_read(keys) + [""]
+    out += plan_section(df, meta, extra, claims) + [""]
     if extra:
         out += extra.sections(df, keys, claims) + [""]
     out += claims_section(df, claims) + [""] + frontier_section(df, keys, claims)

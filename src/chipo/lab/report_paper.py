@@ -54,6 +54,21 @@ def paper_claims(df: pd.DataFrame, keys: dict) -> list[verdicts.Claim]:
     return out
 
 
+def paper_plan(methods: list[str], betas: list[float], epochs: list[int]) -> list[str]:
+    """``paper_claims`` described from the design alone (see ``verdicts.planned_claims``)."""
+    if not {A, B} <= set(methods) or not epochs:
+        return []
+    betas = sorted(betas, reverse=True)
+    out = []
+    if len(betas) > 1:
+        out.append(f"{A} - {B} in {WIN_LABEL} at epoch {max(epochs)} larger at beta {betas[-1]:g} than at "
+                   f"{betas[0]:g} (one-sided)")
+    if len(epochs) > 1:
+        out.append(f"{A} - {B} gap in {WIN_LABEL} grows with training, beta {betas[-1]:g} (one-sided; slope on "
+                   "log epoch)")
+    return out
+
+
 def _find(claims: list[verdicts.Claim], prefix: str, beta: float | None = None) -> verdicts.Claim | None:
     return next((c for c in claims if c.verdict.claim.startswith(prefix)
                  and (beta is None or c.verdict.claim.endswith(f"beta {beta:g}"))), None)
@@ -96,4 +111,4 @@ def paper_sections(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim]) -
     return out
 
 
-PAPER = Extra(claims=paper_claims, sections=paper_sections)
+PAPER = Extra(claims=paper_claims, sections=paper_sections, plan=paper_plan)

@@ -164,7 +164,7 @@ class Sweep:
                     raise ConfigError(f"{self.results_path}: method {m.name!r} was run as {r['loss']} with options "
                                       f"{r.get('options') or {}}, now {m.describe()}; rename the variant")
 
-    def _check_config(self) -> None:
+    def _check_config(self, write: bool = True) -> None:
         meta = self.out / "sweep.json"
         key = self.config.results_key()
         if meta.is_file():
@@ -173,7 +173,8 @@ class Sweep:
                 diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
                 raise ConfigError(f"{self.out} holds a sweep with different settings ({', '.join(diff)}); use "
                                   "another out_dir or delete it")
-        write_json(meta, {"config": dataclasses.asdict(self.config), "results_key": key})
+        if write:
+            write_json(meta, {"config": dataclasses.asdict(self.config), "results_key": key})
 
     def run(self) -> list[dict]:
         """Train and evaluate every unfinished cell; returns all result rows."""
@@ -184,8 +185,7 @@ class Sweep:
         from chipo.lab.evaluate import baseline_metrics
 
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._check_config()
+        self._check_config(write=False)
         rows = read_results(self.results_path)
         self._check_variants(rows)
         todo = [cell for cell in self.cells() if not set(c.eval_epochs) <= epochs_done(rows, *cell)]
@@ -194,7 +194,11 @@ class Sweep:
             return rows
 
         start = time.perf_counter()
+        # pi_ref's baseline first: a setting it rejects (exact metrics with truncated sampling) stops the sweep
+        # before anything is written.
         runner = CellRunner(c, train_fn=self.train_fn, progress=self.progress)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_config()
         if need_ref_row:
             metrics = baseline_metrics(runner.ref, runner.tokenizer, runner.gold, runner.baseline,
                                        settings=c.sampling(), num_samples=c.num_samples, progress=self.progress)
@@ -351,11 +355,11 @@ class CellRunner:
         run_dir = self.out / "runs" / cell_name(method, beta, seed)
         missing = [e for e in c.eval_epochs if e not in done]
         ckpts = checkpoints_by_epoch(run_dir) if run_dir.is_dir() else {}
-        train_seconds = None
+        train_seconds = train_cpu_seconds = None
         config = self.train_config(method, beta, seed, run_dir, resume=bool(ckpts))
         loss_options = config.loss_options()  # exactly the options training used
         if not all(e in ckpts for e in missing):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             self.train_calls += 1
             train_fn = self.train_fn
             if train_fn is None:
@@ -368,7 +372,7 @@ class CellRunner:
                     warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 train_fn(config)
-            train_seconds = time.perf_counter() - start
+            train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             ckpts = checkpoints_by_epoch(run_dir)
         train_log = _train_metrics_by_epoch(run_dir / "metrics.jsonl")
         out = []
@@ -376,16 +380,22 @@ class CellRunner:
             if epoch not in ckpts:
                 raise RuntimeError(f"{run_dir}: no checkpoint for epoch {epoch} after training "
                                    f"(found epochs {sorted(ckpts)})")
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             policy = AutoModelForCausalLM.from_pretrained(ckpts[epoch]).eval()
+            loaded = time.process_time()
             metrics = evaluate_policy(policy, self.ref, self.tokenizer, self.gold, self.baseline,
                                       settings=c.sampling(seed), num_samples=c.num_samples, loss=variant.loss,
                                       beta=beta, loss_options=loss_options, progress=False)
+            evaluated = time.process_time()
             metrics.update(self.mechanism(policy, variant.loss, beta, seed, loss_options))
+            # CPU seconds by part, beside evaluate_policy's own: loading the checkpoint, where the mass goes.
+            metrics["seconds"] = {**metrics.get("seconds", {}), "loading checkpoints": loaded - cpu_start,
+                                  "mass and clip on training pairs": time.process_time() - evaluated}
             step = json.loads((ckpts[epoch] / "trainer_state.json").read_text()).get("global_step")
             row = {"loss": variant.loss, "method": method, "options": variant.option_dict, "beta": beta,
                    "seed": seed, "epoch": epoch, "step": step, **metrics, **train_log.get(epoch, {}),
-                   "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
+                   "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+                   "eval_seconds": time.perf_counter() - start}
             append_row(self.out / "results.jsonl", row)
             out.append(row)
         if not c.keep_checkpoints:

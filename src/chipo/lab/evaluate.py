@@ -51,6 +51,7 @@ from chipo.divergences import CHI2, KL, clamped_exp
 from chipo.generation import Samples, SamplingSettings, sample_responses
 from chipo.lab.generate import response_logps
 from chipo.losses import preference_loss
+from chipo.monitor.signals import off_support_rate, off_support_threshold
 from chipo.sequences import sequence_logps
 from chipo.stats import clustered_mean_se, mean_se
 
@@ -74,6 +75,7 @@ class Baseline:
     ref_rewards: np.ndarray  # [N] gold rewards of pi_ref's samples
     heldout: list[dict] | None = None  # held-out pairs from ``with_ref_logps`` (pi_ref's log-probs, lengths)
     exact: ExactSpace | None = None
+    off_support_threshold: float | None = None  # chipo.monitor's calibration on pi_ref's own samples
 
 
 @dataclass
@@ -140,7 +142,20 @@ def build_baseline(ref_model, tokenizer, prompts: Sequence[str], gold, *, refere
     space = None
     if exact and hasattr(gold, "exact_partition"):
         space = ExactSpace(*gold.exact_partition(ref_model, tokenizer, prompts))
-    return Baseline(prompts, references, reference_rewards, ref_samples, ref_rewards, heldout, space)
+    # The overoptimization monitor's off-support threshold (chipo.monitor.signals), from the same pi_ref samples, so
+    # every evaluation also records the gold-free signal the report's "when to stop" section tests against gold.
+    ref_logps = sequence_logps(ref_model.eval(), _prompt_ids(tokenizer, prompts, ref_samples), ref_samples.response_ids,
+                               _pad(tokenizer))
+    return Baseline(prompts, references, reference_rewards, ref_samples, ref_rewards, heldout, space,
+                    off_support_threshold(ref_logps))
+
+
+def _prompt_ids(tokenizer, prompts: Sequence[str], samples: Samples) -> list[list[int]]:
+    return [tokenizer(prompts[i], add_special_tokens=True)["input_ids"] for i in samples.prompt_index]
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def win_probability(p: np.ndarray, q: np.ndarray, r: np.ndarray, r_other: np.ndarray | None = None) -> float:
@@ -329,15 +344,17 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
             win_indicator(rewards[has_ref], baseline.reference_rewards[index][has_ref]), index[has_ref])
 
     # Log-ratios of the policy's own samples, on the exact sampled token ids (EOS included when emitted).
-    prompt_ids = [tokenizer(baseline.prompts[i], add_special_tokens=True)["input_ids"] for i in samples.prompt_index]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = _prompt_ids(tokenizer, baseline.prompts, samples)
+    pad = _pad(tokenizer)
     policy.eval()
     ref_model.eval()
     lap("scoring")  # the win rates and standard errors above count with the gold scorer's time
-    log_ratio = (sequence_logps(policy, prompt_ids, samples.response_ids, pad)
-                 - sequence_logps(ref_model, prompt_ids, samples.response_ids, pad)).double().cpu()
+    ref_logps = sequence_logps(ref_model, prompt_ids, samples.response_ids, pad).double().cpu()
+    log_ratio = sequence_logps(policy, prompt_ids, samples.response_ids, pad).double().cpu() - ref_logps
     lap("log-probs")
     out.update(divergence_stats(log_ratio, index))
+    if baseline.off_support_threshold is not None:
+        out["off_support"] = off_support_rate(ref_logps, baseline.off_support_threshold)
     out["length_mean"], out["length_se"] = clustered_mean_se(samples.lengths(), index)
     out["finished_frac"] = float(np.mean(samples.finished))
     # A few samples of the first prompts, so the report can show what the policy writes.

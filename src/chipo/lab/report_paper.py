@@ -20,6 +20,7 @@ import pandas as pd
 
 from chipo.lab import tables, verdicts
 from chipo.lab.report import Extra, fmt
+from chipo.lab.report_monitor import when_to_stop_lines
 
 A, B = "chipo", "dpo"
 NAMES = {"chipo": "chiPO", "dpo": "DPO"}
@@ -108,7 +109,8 @@ def paper_sections(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim]) -
                          f"the chiPO - DPO gap at epoch {last} is larger at beta {betas[-1]:g} than at {betas[0]:g}"))
     out.append(_line(_find(claims, f"{A} - {B} gap in {WIN_LABEL} grows"),
                      f"at beta {betas[-1]:g} the chiPO - DPO gap grows with training"))
-    return out
+    when = when_to_stop_lines(df, keys)
+    return out + ([""] + when if when else [])
 
 
 PAPER = Extra(claims=paper_claims, sections=paper_sections, plan=paper_plan)

@@ -36,7 +36,7 @@ class OnlineConfig(SampledConfig, PreferenceLossFields):
         "policy", "ref_model", "prompts", "prompts_split", "max_prompts", "judge", "judge_model", "judge_prompt",
         "label", "loss", "beta", "r_max", "clip_margin", "link", "label_smoothing", "alpha", "length_normalize",
         "sft_weight", "reward_bound", "exploration", "xpo_alpha", "mixture_coef", "regularizer", "temperature",
-        "max_new_tokens", "max_prompt_length")
+        "max_new_tokens", "max_prompt_length", "margin_clip", "policy_penalty", "policy_penalty_bound")
     """run_config keys that define the online objective: resuming a checkpoint trained on another is refused."""
 
     judge: str = _field(None, "Preference oracle: 'openai' (an OpenAI-compatible LLM judge, pairwise; judge_* keys) "

@@ -2,8 +2,8 @@
 
 The snippet is read from README.md between the ``api-snippet`` markers; only what cannot run offline is swapped
 (the hub model for the tiny local Llama, the hub datasets for the local JSON-lines files, the output directory, a
-two-step budget, an evaluation at every step and a small monitor sample). Everything else -- imports, config, trainer construction from raw rows, train() -- runs as
-written.
+two-step budget, an evaluation at every step and a small monitor sample). Everything else -- imports, config,
+trainer construction from raw rows, train() -- runs as written.
 """
 
 from __future__ import annotations

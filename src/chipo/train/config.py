@@ -10,7 +10,7 @@ from chipo.divergences import EXP_CLAMP
 from chipo.losses import loss_names, resolve_options
 from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import TrainerConfig
-from chipo.train.monitor_callback import MonitorFields
+from chipo.train.monitor_fields import MonitorFields
 
 REFERENCE_MODES = ("precompute", "model")
 

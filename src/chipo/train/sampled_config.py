@@ -19,7 +19,7 @@ from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import check_common_arguments, finish_training_arguments
 from chipo.train.honoured import SAMPLED_HONOURED, help_keys, refuse_unread
 from chipo.train.loop import interval
-from chipo.train.monitor_callback import MonitorFields
+from chipo.train.monitor_fields import MonitorFields
 
 
 def strategy(value) -> str:

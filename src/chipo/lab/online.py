@@ -49,10 +49,14 @@ METHODS = {
     "online-chipo": {"loss": "chipo", "exploration": "none"},
     "xpo": {"loss": "dpo", "exploration": "xpo"},
     "chi2-xpo": {"loss": "chipo", "exploration": "xpo"},
+    # Nash-MD (Munos et al. 2023, arXiv 2312.00886): self-play against pi^(1-m) pi_ref^m, chipo online's defaults
+    "nash-md": {"loss": "nash-md", "exploration": "none"},
 }
 LABELS = {"online-dpo": "online DPO", "online-chipo": "online chiPO", "xpo": "XPO", "chi2-xpo": "chi2-XPO",
+          "nash-md": "Nash-MD",
           "offline-dpo": "offline DPO", "offline-chipo": "offline chiPO", "pi_ref": "pi_ref"}
 COLORS = {"online-dpo": "tab:red", "online-chipo": "tab:blue", "xpo": "tab:orange", "chi2-xpo": "tab:cyan",
+          "nash-md": "tab:purple",
           "offline-dpo": "darkred", "offline-chipo": "navy"}
 METRICS = ("gold", "win_rate_vs_ref", "kl", "sqrt_kl", "chi2", "mass_malformed")
 
@@ -64,7 +68,7 @@ class OnlineLabSettings:
 
     seeds: int = 3
     betas: tuple[float, ...] = DemoSettings.betas
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = ("online-dpo", "online-chipo", "xpo", "chi2-xpo")
     pairs_per_prompt: int = DemoSettings.pairs_per_prompt  # label budget = this x training prompts
     eval_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # of the budget, rounded to whole steps
     scale: float = DemoSettings.scale

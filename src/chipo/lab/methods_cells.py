@@ -187,3 +187,21 @@ def _clean(run_dir: Path) -> None:
     """Checkpoints are only for resuming a cut run; the final policy stays for inspection."""
     for ckpt in run_dir.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def reference_point(world, settings: MethodTableSettings) -> dict:
+    """pi_ref's exact gold reward, win rate against itself (1/2) and mass outside the language, on the held-out
+    prompts every method is evaluated on: the table's reference row."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chipo.data.prompts import load_prompts
+    from chipo.lab.evaluate import Baseline, ExactSpace, exact_metrics
+
+    tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
+    ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
+    prompts = load_prompts(world.eval_prompts_path, max_rows=settings.max_eval_prompts, text_only=True).prompts
+    space = ExactSpace(*world.scorer().exact_partition(ref, tokenizer, prompts))
+    baseline = Baseline(prompts, [None] * len(prompts), np.full(len(prompts), np.nan), None, None, exact=space)
+    return exact_metrics(space.ref_logps, baseline)
+

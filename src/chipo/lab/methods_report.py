@@ -122,11 +122,14 @@ def _pm(mean: float, se: float, scale: float = 1.0, digits: int = 3) -> str:
     return f"{scale * mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {scale * se:.{digits}f}")
 
 
-def markdown_table(summ: pd.DataFrame, tests: pd.DataFrame, beta: float | None) -> str:
-    """The table at one beta (best-of-n, which has none, in every beta's table)."""
+def markdown_table(summ: pd.DataFrame, tests: pd.DataFrame, beta: float | None, ref: dict | None = None) -> str:
+    """The table at one beta (best-of-n, which has none, in every beta's table); pi_ref's own row first."""
     lines = ["| method | reported point | gold J | win vs pi_ref % | KL partition | KL Monte Carlo | "
              "out of language % | labels | train CPU s | gold - DPO | p (Holm) | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if ref:
+        lines.append(f"| pi_ref | (no training) | {ref['gold']:.3f} | {100 * ref['win_rate_vs_ref']:.1f} | 0 | 0 | "
+                     f"{100 * ref['mass_malformed']:.1f} | 0 | 0 | | | |")
     part = summ[(summ.beta == beta) | summ.beta.isna()]
     for e in part.itertuples():
         t = tests[(tests.method == e.method) & (tests.rule == e.rule) & (tests.dpo_beta == beta)] \
@@ -146,35 +149,39 @@ def markdown_table(summ: pd.DataFrame, tests: pd.DataFrame, beta: float | None) 
     return "\n".join(lines)
 
 
-def plot(summ: pd.DataFrame, out: Path) -> str:
-    """Gold reward vs sqrt(Monte-Carlo KL) per method (mean ± s.e. over seeds), a panel per beta."""
+COLORS = {"dpo": "tab:red", "chipo": "tab:blue", "dpo+sft": "salmon", "chipo+sft": "lightskyblue",
+          "online-dpo": "darkred", "online-chipo": "navy", "xpo": "tab:orange", "chi2-xpo": "tab:cyan",
+          "nash-md": "tab:purple", "rlhf-kl": "tab:brown", "rlhf-chi2mix": "tab:green", "bon": "black",
+          "pessimism": "tab:olive"}
+MARKERS = {"last": "s", HEADLINE_RULE: "D", "final": "o"}
+
+
+def plot(summ: pd.DataFrame, out: Path, ref_gold: float | None = None) -> str:
+    """Gold reward vs sqrt(Monte-Carlo KL) per method (mean ± s.e. over seeds), a panel per beta; offline methods
+    at both reported epochs (square: last, diamond: best held-out accuracy), the others at the end of their run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     betas = sorted(summ.beta.dropna().unique(), reverse=True)
-    fig, axes = plt.subplots(1, len(betas), figsize=(6.5 * len(betas), 5), squeeze=False, sharey=True)
-    cmap = plt.get_cmap("tab20")
-    names = list(dict.fromkeys(zip(summ.method, summ.rule)))
+    fig, axes = plt.subplots(1, len(betas), figsize=(5.5 * len(betas) + 2.5, 5), squeeze=False, sharey=True)
     for ax, beta in zip(axes[0], betas):
-        for i, (method, rule) in enumerate(names):
-            e = summ[(summ.method == method) & (summ.rule == rule) & ((summ.beta == beta) | summ.beta.isna())]
-            if not len(e):
-                continue
-            e = e.iloc[0]
+        for e in summ[(summ.beta == beta) | summ.beta.isna()].itertuples():
             x = math.sqrt(max(e.kl_mc, 0.0))
             # d sqrt(k) = dk / (2 sqrt(k)): the s.e. of sqrt(KL) to first order
             xerr = e.kl_mc_se / (2 * x) if x > 0 and not math.isnan(e.kl_mc_se) else 0.0
-            ax.errorbar(x, e.gold, xerr=xerr, yerr=np.nan_to_num(e.gold_se), fmt="o" if rule != "last" else "s",
-                        color=cmap(i % 20), capsize=2, label=f"{LABELS.get(method, method)}"
-                        + (f" ({rule})" if rule != "final" else ""))
+            ax.errorbar(x, e.gold, xerr=xerr, yerr=np.nan_to_num(e.gold_se), fmt=MARKERS.get(e.rule, "o"),
+                        color=COLORS.get(e.method, "grey"), capsize=2, ms=6,
+                        label=LABELS.get(e.method, e.method) + (f" ({e.rule})" if e.rule != "final" else ""))
+        if ref_gold is not None:
+            ax.axhline(ref_gold, color="grey", lw=1, ls=":", label="pi_ref")
         ax.set_title(f"beta = {beta:g}")
-        ax.set_xlabel("sqrt(KL(pi || pi_ref)), Monte Carlo on the policy's samples (nats^1/2)")
+        ax.set_xlabel("sqrt(KL(pi || pi_ref)), Monte Carlo (nats^1/2)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold reward J(pi), exact")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle("Every method at the same 384 labels per seed (mean ± s.e. over seeds)", fontsize=10)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Every method at the same preference labels per seed (mean ± s.e. over seeds)", fontsize=10)
     fig.tight_layout()
     name = "gold_vs_sqrt_kl.png"
     fig.savefig(out / name, dpi=110)
@@ -193,12 +200,38 @@ def write_report(out_dir) -> Path:
     if len(tests):
         tests.to_csv(out / "comparisons.csv", index=False)
     summ = summary(df)
-    image = plot(summ, out)
+    image = plot(summ, out, (meta.get("pi_ref") or {}).get("gold"))
     meta["cpu_totals"] = {"training": sum(r["train_cpu_s"] for r in rows),
                           "evaluation (incl. best-of-n / pessimism selection)": sum(r["eval_cpu_s"] for r in rows),
                           "reward models": sum((meta.get("reward_model_cpu_s") or {}).values())}
     atomic_write_text(out / "report.md", render(summ, tests, meta, image))
     return out / "report.md"
+
+
+def protocol(s: dict, labels) -> str:
+    """The schedules of every family, in words, from the run's settings."""
+    if not s:
+        return ""
+    from chipo.lab.demo import DemoSettings
+    from chipo.lab.rlhf import RLHFSettings
+    from chipo.lab.sweep import default_eval_epochs
+
+    on, rl = s["online"], s["rlhf"]
+    steps_offline = s["epochs"] * -(-int(labels or 0) // s["batch_size"])
+    return (f"Schedules (fixed before the run). Offline: AdamW, constant learning rate {s['learning_rate']:g}, batch "
+            f"{s['batch_size']}, {s['epochs']} epochs (about {steps_offline} optimizer steps), evaluated at epochs "
+            f"{default_eval_epochs(s['epochs'])}; SFT term weight 1. Online: {labels} labels, {on['prompts_per_step']} "
+            f"per step ({int(labels or 0) // on['prompts_per_step']} steps), learning rate {on['learning_rate']:g}, "
+            f"XPO alpha {on['alpha']:g}, Nash-MD with chipo online's defaults (mixture 0.5, KL). RLHF: reward model "
+            f"(pi_ref's backbone) {rl['rm_epochs']:g} epochs on the seed's {labels} pairs; RLOO with k = {rl['k']}, "
+            f"{rl['prompts_per_step']} prompts per step, {rl['steps']} steps, learning rate {rl['learning_rate']:g}. "
+            f"Best-of-n and chi-squared pessimism: n = {s['best_of_n']} from a pool of pi_ref samples scored by the "
+            "same reward model; pessimism's beta is the table's beta, in the reward model's units (Bradley-Terry, "
+            "like DPO's implicit reward). Responses up to "
+            f"{s['max_new_tokens']} tokens; evaluation: {s['num_samples']} samples per held-out prompt plus exact "
+            "metrics over the world's response partition. For scale: `chipo demo` trains "
+            f"{DemoSettings.epochs} epochs and its RLHF part {RLHFSettings.steps} RL steps; the online runs' steps "
+            "are set by the label budget.")
 
 
 def render(summ: pd.DataFrame, tests: pd.DataFrame, meta: dict, image: str) -> str:
@@ -224,8 +257,9 @@ def render(summ: pd.DataFrame, tests: pd.DataFrame, meta: dict, image: str) -> s
             "Reported points (fixed in advance): offline methods at their last epoch and at the epoch of best "
             "implicit-reward accuracy on held-out pairs (no gold involved); every other method at the end of its "
             "run. Offline rows are compared with DPO at the same rule, all others with DPO at 'held-out acc'.", ""]
+    text += [protocol(settings, meta.get("labels")), ""]
     for beta in sorted(summ.beta.dropna().unique(), reverse=True):
-        text += [f"## beta = {beta:g}", "", markdown_table(summ, tests, beta), ""]
+        text += [f"## beta = {beta:g}", "", markdown_table(summ, tests, beta, meta.get("pi_ref")), ""]
     passed = tests[tests.verdict != "not shown"] if len(tests) else tests
     text += ["## What the tests show", ""]
     if len(passed):

@@ -49,9 +49,10 @@ METHODS = {
     "online-chipo": {"loss": "chipo", "exploration": "none"},
     "xpo": {"loss": "dpo", "exploration": "xpo"},
     "chi2-xpo": {"loss": "chipo", "exploration": "xpo"},
-    # Nash-MD (Munos et al. 2023, arXiv 2312.00886): self-play against pi^(1-m) pi_ref^m, chipo online's defaults
-    "nash-md": {"loss": "nash-md", "exploration": "none"},
 }
+# Every online method ``_train`` can run: the lab's four, and Nash-MD (Munos et al. 2023, arXiv 2312.00886: self-play
+# against pi^(1-m) pi_ref^m, chipo online's defaults), which the method table (chipo.lab.methods) also runs.
+SPECS = {**METHODS, "nash-md": {"loss": "nash-md", "exploration": "none"}}
 LABELS = {"online-dpo": "online DPO", "online-chipo": "online chiPO", "xpo": "XPO", "chi2-xpo": "chi2-XPO",
           "nash-md": "Nash-MD",
           "offline-dpo": "offline DPO", "offline-chipo": "offline chiPO", "pi_ref": "pi_ref"}
@@ -68,7 +69,7 @@ class OnlineLabSettings:
 
     seeds: int = 3
     betas: tuple[float, ...] = DemoSettings.betas
-    methods: tuple[str, ...] = ("online-dpo", "online-chipo", "xpo", "chi2-xpo")
+    methods: tuple[str, ...] = tuple(METHODS)
     pairs_per_prompt: int = DemoSettings.pairs_per_prompt  # label budget = this x training prompts
     eval_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # of the budget, rounded to whole steps
     scale: float = DemoSettings.scale
@@ -243,7 +244,7 @@ def _train(world: World, run_dir: Path, method: str, beta: float, seed: int, set
     resume = run_dir.is_dir() and bool(loop_checkpoints(run_dir))
     if not resume and run_dir.exists():  # a run that never reached a checkpoint: start afresh, no stale log lines
         shutil.rmtree(run_dir)
-    spec = METHODS[method]
+    spec = SPECS[method]
     gold_high = settings.scale * (WorldScorer.reward_range[1] - WorldScorer.reward_range[0])
     config = OnlineConfig(
         policy=world.pi_ref, prompts=world.train_prompts_path, judge=f"world-scaled:{settings.scale:g}:{world.root}",

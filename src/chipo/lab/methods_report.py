@@ -134,7 +134,7 @@ def markdown_table(summ: pd.DataFrame, tests: pd.DataFrame, beta: float | None, 
     for e in part.itertuples():
         t = tests[(tests.method == e.method) & (tests.rule == e.rule) & (tests.dpo_beta == beta)] \
             if len(tests) else tests
-        point = f"{e.rule}" + (f" (epoch {e.epoch})" if e.epoch else "")
+        point = f"{e.rule}" + (f" (epoch{'s' if ',' in e.epoch else ''} {e.epoch})" if e.epoch else "")
         if len(t):
             t = t.iloc[0]
             gap = f"{t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}"

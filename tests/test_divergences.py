@@ -111,6 +111,20 @@ def test_link_difference_value_and_gradient(name):
     torch.testing.assert_close(grad_b, -slope_b, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_difference_gradient_of_the_smaller_side(dtype):
+    """d/da (e^a - e^b) = e^a and d/db = -e^b, also when a << b: at a = 0, b = 20 (or 35) the smaller side's gradient
+    is exactly 1. Forming e^(a - b) as expm1(a - b) + 1 (torch's expm1 backward) gave 0 in fp32 (expm1(-20) rounds to
+    -1) and 1.0565 in fp64 at b = 35; the exact value needs e^(a - b) from exp itself."""
+    for high in (20.0, 35.0):
+        a = torch.tensor([0.0, high], dtype=dtype, requires_grad=True)
+        b = torch.tensor([high, 0.0], dtype=dtype, requires_grad=True)
+        grad_a, grad_b = torch.autograd.grad(exp_difference(a, b).sum(), (a, b))
+        expected = torch.tensor([1.0, math.exp(high)], dtype=torch.float64)
+        torch.testing.assert_close(grad_a.double(), expected, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(grad_b.double(), -expected.flip(0), rtol=1e-6, atol=0.0)
+
+
 def test_exp_difference_beyond_the_clamp():
     """e^41 - e^45: clamping each term at 40 would give 0; the true value -e^45 (1 - e^-4) is past e^40, so the
     result saturates at -e^40 (fp32). e^50 - e^(50 - 1e-6) = e^50 (1 - e^-1e-6) = 5.18e15 < e^40 = 2.35e17 is

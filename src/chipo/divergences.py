@@ -60,6 +60,17 @@ def clamped_exp(x: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor:
     return torch.exp(torch.clamp(x, max=exp_clamp))
 
 
+def _expm1_exp_grad(x: Tensor) -> Tensor:
+    """expm1(x) in value, with the gradient e^x computed by exp itself.
+
+    torch's expm1 backward forms e^x as expm1(x) + 1, which cancels for x << 0: at x = -20 in fp32, expm1(x) rounds
+    to -1 and the gradient comes out 0 instead of 2e-9. In ``exp_difference`` that factor is multiplied by e^h, so
+    the smaller side's gradient e^a (1 at a = 0, b = 20) was lost entirely.
+    """
+    grad_path = torch.exp(x)
+    return torch.expm1(x).detach() + (grad_path - grad_path.detach())
+
+
 def exp_difference(a: Tensor, b: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor:
     """e^a - e^b without overflow or loss of sign: exact while max(a, b) <= exp_clamp; beyond, exact while
     |e^a - e^b| <= e^exp_clamp and +-e^exp_clamp past that, with zero gradient (as ``clamped_exp``).
@@ -70,7 +81,7 @@ def exp_difference(a: Tensor, b: Tensor, exp_clamp: float = EXP_CLAMP) -> Tensor
     floored at the smallest normal number so log never sees 0 (a = b still gives 0 through sign(0)).
     """
     high = torch.maximum(a, b).detach()
-    within = torch.exp(torch.clamp(high, max=exp_clamp)) * (torch.expm1(a - high) - torch.expm1(b - high))
+    within = torch.exp(torch.clamp(high, max=exp_clamp)) * (_expm1_exp_grad(a - high) - _expm1_exp_grad(b - high))
     gap = torch.clamp((a - b).detach().abs(), min=torch.finfo(a.dtype).tiny)
     log_size = high + torch.log(-torch.expm1(-gap))
     beyond = torch.sign(a - b).detach() * torch.exp(torch.clamp(log_size, max=exp_clamp))

@@ -43,7 +43,8 @@ from chipo.lab.world import World, WorldScorer, world_scorer
 from chipo.rewards import register_scorer
 
 # method name -> chipo online keys. chi-squared XPO = chiPO's pairwise loss + XPO's (KL-form) exploration bonus;
-# see chipo.losses.online for why the bonus stays KL-form.
+# see chipo.losses.online for why the bonus stays KL-form. Both chi-squared methods take chipo online's defaults for
+# loss=chipo, which include the bounded penalty on the policy's own samples (docs/online-lab/variants.md).
 METHODS = {
     "online-dpo": {"loss": "dpo", "exploration": "none"},
     "online-chipo": {"loss": "chipo", "exploration": "none"},
@@ -53,9 +54,38 @@ METHODS = {
 # Every online method ``_train`` can run: the lab's four, and Nash-MD (Munos et al. 2023, arXiv 2312.00886: self-play
 # against pi^(1-m) pi_ref^m, chipo online's defaults), which the method table (chipo.lab.methods) also runs.
 SPECS = {**METHODS, "nash-md": {"loss": "nash-md", "exploration": "none"}}
+# Variants of the chi-squared methods, for the experiment in docs/online-lab (not run by default), named
+# "<method>.<variant>" (``method_keys``). Each fixes the keys it tests explicitly, so its results do not move when
+# chipo online's defaults do. learning_rate_factor scales the settings' learning rate.
+_PAPER_CLIP = {"margin_clip": "both", "policy_penalty": 0.0, "policy_penalty_bound": False}
+VARIANTS = {
+    "paper-clip": _PAPER_CLIP,  # the paper's two-sided clip at 2 r_max, nothing else (the default before)
+    "no-clip": {**_PAPER_CLIP, "clip_margin": False},
+    "upper-clip": {**_PAPER_CLIP, "margin_clip": "upper"},
+    "penalty": {**_PAPER_CLIP, "policy_penalty": 1.0},  # + beta (f'(z) - f'(1)) log pi on the policy's samples
+    "upper-clip+penalty": {**_PAPER_CLIP, "margin_clip": "upper", "policy_penalty": 1.0},
+    "upper-clip+penalty-0.3": {**_PAPER_CLIP, "margin_clip": "upper", "policy_penalty": 0.3},
+    "lr-0.3": {**_PAPER_CLIP, "learning_rate_factor": 0.3},
+    "log-clip": {**_PAPER_CLIP, "margin_clip": "log"},  # the paper's value, the log link's gradient past it
+    "bounded-penalty": {**_PAPER_CLIP, "policy_penalty": 1.0, "policy_penalty_bound": True},
+    "upper-clip+bounded-penalty": {"margin_clip": "upper", "policy_penalty": 1.0, "policy_penalty_bound": True},
+}
+VARIANT_BASES = ("online-chipo", "chi2-xpo")
+
+
+def method_keys(method: str) -> dict:
+    """chipo online keys of a method: ``SPECS[method]``, or for "<base>.<variant>" the base's plus the variant's."""
+    base, _, variant = method.partition(".")
+    if base not in SPECS or (variant and (base not in VARIANT_BASES or variant not in VARIANTS)):
+        valid = list(SPECS) + [f"{b}.{v}" for b in VARIANT_BASES for v in VARIANTS]
+        raise ConfigError(f"unknown online lab method {method!r}; valid: {', '.join(valid)}")
+    return {**SPECS[base], **VARIANTS.get(variant, {})}
+
+
 LABELS = {"online-dpo": "online DPO", "online-chipo": "online chiPO", "xpo": "XPO", "chi2-xpo": "chi2-XPO",
           "nash-md": "Nash-MD",
           "offline-dpo": "offline DPO", "offline-chipo": "offline chiPO", "pi_ref": "pi_ref"}
+LABELS.update({f"{b}.{v}": f"{LABELS[b]} ({v})" for b in VARIANT_BASES for v in VARIANTS})
 COLORS = {"online-dpo": "tab:red", "online-chipo": "tab:blue", "xpo": "tab:orange", "chi2-xpo": "tab:cyan",
           "nash-md": "tab:purple",
           "offline-dpo": "darkred", "offline-chipo": "navy"}
@@ -85,9 +115,8 @@ class OnlineLabSettings:
                                  prompts_per_step=4, max_eval_prompts=4)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"unknown online lab method(s) {unknown}; valid: {', '.join(METHODS)}")
+        for m in self.methods:
+            method_keys(m)
         if self.seeds < 1 or not self.betas or any(not b > 0 for b in self.betas):
             raise ConfigError("seeds must be >= 1 and betas positive and non-empty")
         if not self.eval_fractions or any(not 0 < f <= 1 for f in self.eval_fractions):
@@ -215,7 +244,7 @@ def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, e
             policy = _load_checkpoint(world, run_dir / f"checkpoint-{step}")
             metrics = exact_metrics(gold.exact_partition(policy, tokenizer, prompts)[0], baseline)
             trained = log.get(step, {})
-            row = {"method": method, **METHODS[method], "beta": beta, "seed": seed, "labels": labels, "step": step,
+            row = {"method": method, **method_keys(method), "beta": beta, "seed": seed, "labels": labels, "step": step,
                    **metrics, "train_loss": trained.get("loss"), "train_acc": trained.get("rewards/accuracies"),
                    "train_kl": trained.get("kl"), "train_seconds": train_seconds,
                    "eval_seconds": time.perf_counter() - t0}
@@ -244,7 +273,9 @@ def _train(world: World, run_dir: Path, method: str, beta: float, seed: int, set
     resume = run_dir.is_dir() and bool(loop_checkpoints(run_dir))
     if not resume and run_dir.exists():  # a run that never reached a checkpoint: start afresh, no stale log lines
         shutil.rmtree(run_dir)
-    spec = SPECS[method]
+    spec = method_keys(method)
+    learning_rate = settings.learning_rate * spec.pop("learning_rate_factor", 1.0)
+    extra = {k: v for k, v in spec.items() if k not in ("loss", "exploration")}
     gold_high = settings.scale * (WorldScorer.reward_range[1] - WorldScorer.reward_range[0])
     config = OnlineConfig(
         policy=world.pi_ref, prompts=world.train_prompts_path, judge=f"world-scaled:{settings.scale:g}:{world.root}",
@@ -253,9 +284,9 @@ def _train(world: World, run_dir: Path, method: str, beta: float, seed: int, set
         # chiPO's clip at 2 R_max with R_max the range of the reward behind the labels, as the offline demo sets it
         r_max=gold_high if spec["loss"] == "chipo" else None, label="bt",
         max_labels=eval_labels[-1], max_steps=steps[-1], prompts_per_step=settings.prompts_per_step,
-        learning_rate=settings.learning_rate, max_new_tokens=settings.max_new_tokens, seed=seed,
+        learning_rate=learning_rate, max_new_tokens=settings.max_new_tokens, seed=seed,
         save_steps=math.gcd(*steps), save_total_limit=None, logging_steps=1, disable_tqdm=True,
-        resume_from_checkpoint="latest" if resume else None)
+        resume_from_checkpoint="latest" if resume else None, **extra)
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "train.log").open("a") as log, contextlib.redirect_stdout(log), warnings.catch_warnings():
         warnings.simplefilter("ignore")

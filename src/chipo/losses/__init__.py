@@ -9,7 +9,23 @@ margin (``chipo.losses.pairwise``)::
     r  = clip(r, -reward_bound, reward_bound)                   if reward_bound given (experimental)
     margin = r+ - r-  = beta * (link(L+) - link(L-))            (computed as one stable link difference)
     margin = clip(margin, -2 r_max, 2 r_max)   if r_max given   (chiPO, Huang et al. 2024, Alg. 1)
+           min(margin, 2 r_max)                if margin_clip = "upper" (the push-up side only; see below)
     loss   = pairwise(margin) + sft_weight * NLL(y+)            (RPO, Liu et al. 2024, arXiv 2405.16436)
+
+``margin_clip="upper"`` keeps the clip where it stops a fitted pair from pulling further away from pi_ref
+(margin > 2 r_max) and removes it where it silences the push-down of an over-represented rejected response. With
+the logistic loss and m = beta (phi(z+) - phi(z-)), phi the link, the gradient of -log sigmoid(m) is
+-sigmoid(-m) beta (phi'(z+) z+ grad log pi(y+) - phi'(z-) z- grad log pi(y-)); for chiPO phi'(z) z = z + 1. Past
+the two-sided clip (|m| > 2 r_max) it is exactly 0; with "upper", a pair with m < -2 r_max -- typically a rejected
+y- that the policy samples far more than pi_ref (z- >> 1) -- keeps it, and lowers log pi(y-) with weight
+sigmoid(-m) beta (z- + 1) ~ beta (z- + 1). Offline the pairs come from pi_ref and the difference rarely shows;
+online (pairs from pi) it decides whether the policy's own off-support samples are pushed back. That push is
+unbounded (beta z- for z- ~ 1e15), one sample's gradient can swamp a step, so ``margin_clip="log"`` keeps the
+paper's clipped value and, past the band, gives the margin the gradient of the log link beta (L+ - L-) -- chiPO's
+link is z + log z, and this drops only its chi-squared part z there: the gradient becomes DPO's at the clipped
+margin, -sigmoid(-c) beta (grad log pi(y+) - grad log pi(y-)), c = +-2 r_max. Below the band, sigmoid(2 r_max)
+~ 1, so an over-represented rejected y- is lowered at DPO's bounded rate beta; above it, sigmoid(-2 r_max) =
+4.5e-5 (r_max 5), so a fitted pair stays all but still.
 
 Named presets (``LOSSES``) fix the link, the pairwise loss and defaults; any option can be overridden,
 e.g. ``preference_loss("hinge", ..., link="chi2mix")`` is a chi-squared hinge loss.
@@ -67,8 +83,11 @@ LOSSES: dict[str, LossSpec] = {
                       {"alpha": 0.5}),
 }
 
-_OPTIONS = ("link", "pairwise", "r_max", "label_smoothing", "alpha", "exp_clamp", "length_normalize", "sft_weight",
-            "reward_bound")
+_OPTIONS = ("link", "pairwise", "r_max", "margin_clip", "label_smoothing", "alpha", "exp_clamp", "length_normalize",
+            "sft_weight", "reward_bound")
+MARGIN_CLIPS = ("both", "upper", "log")
+"""Margin clips: ``both`` [-2 r_max, 2 r_max] (the paper's), ``upper`` only the push-up side, ``log`` the paper's
+value with the log link's (DPO's) gradient past the band (module docstring)."""
 
 
 def loss_names() -> list[str]:
@@ -84,7 +103,7 @@ def resolve_options(name: str, **options: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown loss option(s) {sorted(unknown)}; valid: {', '.join(_OPTIONS)}")
     spec = LOSSES[name]
-    resolved: dict[str, Any] = {"link": spec.link, "pairwise": spec.pairwise, "r_max": None,
+    resolved: dict[str, Any] = {"link": spec.link, "pairwise": spec.pairwise, "r_max": None, "margin_clip": "both",
                                 "label_smoothing": 0.0, "alpha": 0.5, "exp_clamp": EXP_CLAMP,
                                 "length_normalize": False, "sft_weight": 0.0, "reward_bound": None}
     resolved.update(spec.defaults)
@@ -93,6 +112,8 @@ def resolve_options(name: str, **options: Any) -> dict[str, Any]:
         raise ValueError(f"unknown pairwise loss {resolved['pairwise']!r}; valid: {', '.join(PAIRWISE_LOSSES)}")
     if resolved["r_max"] is not None and not resolved["r_max"] > 0:
         raise ValueError(f"r_max must be positive or None, got {resolved['r_max']}")
+    if resolved["margin_clip"] not in MARGIN_CLIPS:
+        raise ValueError(f"margin_clip must be one of {', '.join(MARGIN_CLIPS)}, got {resolved['margin_clip']!r}")
     if not 0.0 <= resolved["label_smoothing"] < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {resolved['label_smoothing']}")
     if not (isinstance(resolved["sft_weight"], (int, float)) and 0.0 <= resolved["sft_weight"] < math.inf):
@@ -124,6 +145,7 @@ def preference_loss(
     beta: float,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    mask: Tensor | None = None,
     **options: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-example preference losses [B] and detached per-example metrics (each [B]).
@@ -131,19 +153,22 @@ def preference_loss(
     Inputs are per-sequence log-probs (sums over response tokens), shape [B], any float dtype; all
     arithmetic runs in fp32 (fp64 if given fp64) so margins stay exact under bf16 training.
     ``chosen_lengths`` / ``rejected_lengths`` ([B] response token counts) are needed by ``length_normalize``
-    and ``sft_weight``.
+    and ``sft_weight``. ``mask`` ([B] bool, optional): the pairs that count (online: those with a verdict); the
+    others get loss 0 and stay out of the SFT term's token total.
 
     Options (see the module docstring for where each acts):
 
     * ``link``, ``pairwise``: override the preset's link (divergence name) and pairwise loss.
     * ``r_max``: chiPO's margin clip [-2 r_max, 2 r_max] (None disables it).
+    * ``margin_clip``: ``both`` (default, the paper's) or ``upper`` (clip only margins above 2 r_max).
     * ``label_smoothing``: label-flip rate of the robust / cdpo losses.
     * ``alpha``: alpha-divergence parameter in TRL's convention (link (z^(alpha-1) - 1)/(alpha - 1)).
     * ``exp_clamp``: largest exponent passed to exp (see ``chipo.divergences``).
     * ``length_normalize``: divide each log-ratio by its response length (policy and reference log-probs
       alike). Default True for ``ipo`` -- TRL 1.16's IPO, so beta means the same as there -- False otherwise.
     * ``sft_weight``: add sft_weight x the token-mean NLL of the chosen responses (RPO, Liu et al. 2024). Each
-      pair's term is -logp(y+) * B / (chosen tokens in the batch), so the batch mean is TRL's "sft" loss.
+      pair's term is -logp(y+) * B / (chosen tokens in the batch's counted pairs), so the batch mean is TRL's
+      "sft" loss over the counted pairs.
     * ``reward_bound``: experimental; clip each implicit reward into [-reward_bound, reward_bound] (zero
       gradient outside) before forming the margin. The margin clip lets the rejected reward fall without limit
       once the margin is inside the band; this brakes that push-down side too.
@@ -189,11 +214,22 @@ def preference_loss(
     if opts["r_max"] is not None:
         bound = 2.0 * opts["r_max"]
         # clamp: identity inside the band, constant (zero gradient) outside -- exactly the paper's clip.
-        clipped_margin = torch.clamp(effective, -bound, bound)
+        lower = None if opts["margin_clip"] == "upper" else -bound
+        clipped_margin = torch.clamp(effective, lower, bound)
+        if opts["margin_clip"] == "log":  # value unchanged; past the band, the gradient of beta (L+ - L-)
+            log_margin = beta * (chosen_score - rejected_score)
+            outside = (effective.detach() < -bound) | (effective.detach() > bound)
+            clipped_margin = clipped_margin + torch.where(outside, log_margin - log_margin.detach(), 0.0)
     losses = PAIRWISE_LOSSES[opts["pairwise"]](clipped_margin, beta=beta, label_smoothing=opts["label_smoothing"])
+    counted = torch.ones_like(policy_chosen, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     if opts["sft_weight"]:
-        tokens = _lengths(chosen_lengths, policy_chosen, "chosen", "sft_weight").sum().clamp(min=1.0)
+        lengths = _lengths(chosen_lengths, policy_chosen, "chosen", "sft_weight")
+        # Only counted pairs enter the token total: a dropped pair's NLL is not in the sum, so its tokens must not
+        # be in the denominator either (else each dropped pair dilutes sft_weight).
+        tokens = torch.where(counted, lengths, torch.zeros_like(lengths)).sum().clamp(min=1.0)
         losses = losses - opts["sft_weight"] * policy_chosen * (policy_chosen.numel() / tokens)
+    if mask is not None:
+        losses = torch.where(counted, losses, torch.zeros_like(losses))
 
     metrics = {
         "rewards/chosen": chosen_reward.detach(),
@@ -209,4 +245,5 @@ def preference_loss(
     return losses, metrics
 
 
-__all__ = ["LOSSES", "LossSpec", "preference_loss", "loss_names", "resolve_options", "CHIPO_DEFAULT_R_MAX"]
+__all__ = ["LOSSES", "MARGIN_CLIPS", "LossSpec", "preference_loss", "loss_names", "resolve_options",
+           "CHIPO_DEFAULT_R_MAX"]

@@ -22,8 +22,21 @@ Monte-Carlo estimate of KL(pi_ref || pi) rather than a large negative log-likeli
 chi-squared-regularised pairwise loss plus the KL-form bonus above. The same optimism argument with chiPO's
 regulariser (f(z) = (z - 1)^2/2 + z log z, implicit reward beta f'(z) + lambda(x)) gives the gap
 beta E_ref[(z - 1) f'(z) - f(z)] = beta (D_chi2(pi || pi_ref) + KL(pi_ref || pi)): the KL part is this bonus; the
-chi-squared part, (E_pi[z] - 1) / 2, is *not* added: its sample gradient 2 z grad log pi has a variance that grows
-with E_pi[z^2], the heavy tail of pi/pi_ref that chiPO's regulariser exists to tame.
+chi-squared part, (E_pi[z] - 1) / 2, is *not* added: its gradient is E_pi[z grad log pi] (grad E_pi[z] =
+grad sum_y pi^2 / pi_ref = 2 E_pi[z grad log pi], halved), so its sample gradient z grad log pi has a variance that
+grows with E_pi[z^2], the heavy tail of pi/pi_ref that chiPO's regulariser exists to tame.
+
+**The penalty on the policy's own samples** (``policy_penalty``). A pairwise loss regularises only through the
+pairs it sees; online they are the policy's samples, and chiPO's two-sided margin clip gives a pair past
+|margin| = 2 r_max exactly zero gradient, so a response the policy samples far more often than pi_ref (z ~ 1e15)
+is never pushed back. chi-squared RLHF (``chipo rl regularizer=chi2mix``) holds because its penalty acts on exactly
+those samples: grad D_f(pi || pi_ref) = E_pi[f'(z) grad log pi] (grad z = z grad log pi, so
+grad sum_y pi_ref f(z) = sum_y pi f'(z) grad log pi), with f'(z) = z + log z for chiPO's f. ``policy_penalty``
+adds that per-sample penalty, weight*beta stopgrad(f'(z) - f'(1)) log pi(y), to the online loss: f'(1) is a
+constant baseline (E_pi[grad log pi] = 0), so its expected gradient is weight*beta grad D_f(pi || pi_ref); for
+z >> 1 it lowers log pi(y) with weight*beta (z + log z - 1), for z < 1 it raises it. The baseline is per sample,
+not leave-one-out: with a heavy-tailed f'(z), a leave-one-out baseline would push the prompt's *other* sample up
+by the outlier's full penalty.
 
 **Nash-MD** (Munos et al. 2023, "Nash Learning from Human Feedback", arXiv 2312.00886). The regularised preference
 game max_pi min_pi' P(pi > pi') - tau KL(pi || pi_ref) + tau KL(pi' || pi_ref) is solved by mirror descent
@@ -56,7 +69,8 @@ from chipo.divergences import CHI2, EXP_CLAMP, KL, FDivergence, get_divergence
 
 LABEL_MODES = ("bt", "argmax")
 
-__all__ = ["LABEL_MODES", "mixture_logits", "nash_md_loss", "preference_probability", "sample_labels", "xpo_bonus"]
+__all__ = ["LABEL_MODES", "mixture_logits", "nash_md_loss", "policy_penalty", "preference_probability",
+           "sample_labels", "xpo_bonus"]
 
 
 def xpo_bonus(policy_logps: Tensor, ref_logps: Tensor, alpha: float) -> Tensor:
@@ -68,6 +82,35 @@ def xpo_bonus(policy_logps: Tensor, ref_logps: Tensor, alpha: float) -> Tensor:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
     return alpha * (policy_logps.to(dtype) - ref_logps.to(dtype))
+
+
+def policy_penalty(policy_logps: Tensor, ref_logps: Tensor, *, beta: float, divergence: FDivergence | str,
+                   bound: float | None = None, exp_clamp: float = EXP_CLAMP) -> Tensor:
+    """Per-sample surrogate [...] whose expected gradient over y ~ pi is beta grad D_f(pi || pi_ref).
+
+    beta stopgrad(f'(z) - f'(1)) log pi(y), z = pi(y|x)/pi_ref(y|x) (module docstring; the penalty is
+    ``chipo rl``'s per-sample beta f'(z), centred so that it is 0 at pi = pi_ref). Inputs: log pi (differentiable)
+    and log pi_ref of samples of the policy, any shape; f'(z) - f'(1) is formed overflow-free
+    (``FDivergence.link_difference``).
+
+    ``bound`` (R >= 0): the weight becomes relu(beta (f'(z) - f'(1)) - R), so only samples whose implicit reward
+    beta (f'(z) - f'(1)) exceeds R -- outside the policy class of bounded implicit rewards that chiPO's clip at
+    2 R_max stands for (Huang et al. 2024) -- are pushed down. Its expected gradient is exactly that of
+    E_ref[Psi(z)], Psi(z) = int_1^z relu(beta (f'(t) - f'(1)) - R) dt (grad E_ref[Psi(z)] = E_pi[Psi'(z) grad log
+    pi]): a convex barrier that is 0 while every implicit reward stays below R, so it leaves the pairwise loss's
+    optimum alone where that optimum respects the bound.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if isinstance(divergence, str):
+        divergence = get_divergence(divergence)
+    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    logp = policy_logps.to(dtype)
+    log_ratio = (logp - ref_logps.to(dtype)).detach()
+    weight = beta * divergence.link_difference(log_ratio, torch.zeros_like(log_ratio), exp_clamp)
+    if bound is not None:
+        weight = torch.relu(weight - bound)
+    return weight * logp
 
 
 def preference_probability(scores_a: Tensor, scores_b: Tensor, mode: str) -> Tensor:

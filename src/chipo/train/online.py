@@ -37,7 +37,7 @@ from chipo.io import atomic_write_text, staged_into
 from chipo.judges import OpenAIChatJudge, OpenAIJudgeConfig, PairwisePrompt
 from chipo.judges.prompt import TLDR_PROMPT
 from chipo.losses import preference_loss
-from chipo.losses.online import nash_md_loss, preference_probability, sample_labels, xpo_bonus
+from chipo.losses.online import nash_md_loss, policy_penalty, preference_probability, sample_labels, xpo_bonus
 from chipo.models import load_causal_lm, load_tokenizer
 from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, packing_supported, response_batch
@@ -190,8 +190,8 @@ class OnlineTrainer:
             pair, metrics = preference_loss(
                 cfg.loss, pick(lp_a, lp_b, a_wins), pick(lp_b, lp_a, a_wins), pick(lr_a, lr_b, a_wins),
                 pick(lr_b, lr_a, a_wins), beta=cfg.beta, chosen_lengths=pick(lengths[:n], lengths[n:], a_wins),
-                rejected_lengths=pick(lengths[n:], lengths[:n], a_wins), **cfg.loss_options())
-            losses = torch.where(kept, pair, torch.zeros_like(pair))
+                rejected_lengths=pick(lengths[n:], lengths[:n], a_wins), mask=kept, **cfg.loss_options())
+            losses = pair
             for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                          "logps/chosen", "logps/rejected", "clipped"):
                 columns[name] = metrics[name]
@@ -199,6 +199,12 @@ class OnlineTrainer:
                 bonus = xpo_bonus(lp_b, lr_b, cfg.xpo_alpha)
                 losses = losses + bonus
                 columns["loss/xpo"] = bonus.detach()
+            penalty_options = cfg.penalty_options()
+            if penalty_options:  # beta grad D_f(pi || pi_ref) on the policy's own samples (chipo.losses.online)
+                penalty = policy_penalty(logps[policy_samples].view(-1, n), ref_logps[policy_samples].view(-1, n),
+                                         exp_clamp=cfg.exp_clamp, **penalty_options).mean(0)
+                losses = losses + penalty
+                columns["loss/penalty"] = penalty.detach()
             columns["loss/preference"] = pair.detach()
             columns["labels/ties"] = ((label == 0.5) & ~missing).float()
         log_ratio = (logps - ref_logps).detach()[policy_samples].double().view(-1, n)

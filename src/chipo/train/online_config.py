@@ -8,12 +8,13 @@ logging and checkpoint keys are TrainingArguments' own (the loop builds the opti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from transformers import TrainingArguments
 
 from chipo.config import ConfigError, _field
-from chipo.losses import loss_names
+from chipo.losses import MARGIN_CLIPS, loss_names, resolve_options
 from chipo.losses.online import LABEL_MODES
 from chipo.sequences import LOGPROB_IMPLS
 from chipo.train.common import check_common_arguments, finish_training_arguments
@@ -51,6 +52,17 @@ class OnlineConfig(TrainingArguments, PreferenceLossFields):
     xpo_alpha: float = _field(1e-5, "XPO's exploration coefficient (exploration=xpo).")
     mixture_coef: float = _field(0.5, "Nash-MD: sample the opponent from pi^(1-m) pi_ref^m, m = this (Munos et "
                                       "al. 2023, arXiv 2312.00886).")
+    margin_clip: str = _field("both", "Sides of the margin clip [-2 r_max, 2 r_max]: 'both' (Huang et al. 2024, "
+                                      "Alg. 1) or 'upper' (clip only margins above 2 r_max, so a rejected response "
+                                      "the policy over-samples is still pushed down).")
+    policy_penalty: float | None = _field(None, "Pairwise losses: add weight*beta*(f'(z) - f'(1)) log pi(y) on the "
+                                                "policy's own samples, f' the loss's link (chiPO: z + log z): its "
+                                                "expected gradient is weight*beta grad D_f(pi || pi_ref), chipo rl's "
+                                                "penalty. null: 1 for loss=chipo, 0 (off) otherwise.")
+    policy_penalty_bound: bool | None = _field(None, "Apply policy_penalty only to the part of the implicit reward "
+                                                     "beta*(f'(z) - f'(1)) above r_max, the bound of chiPO's clip: a "
+                                                     "barrier that is 0 inside the bounded-reward policy class. null: "
+                                                     "true when the loss has a clip (chipo), false otherwise.")
     regularizer: str | None = _field(None, "Nash-MD's regulariser: kl (default; Nash-MD), chi2 or chi2mix "
                                            "(per-sample penalty beta * f'(pi/pi_ref), as chipo rl).")
     # --- labels
@@ -111,6 +123,14 @@ class OnlineConfig(TrainingArguments, PreferenceLossFields):
                 self.check_loss()
             except ConfigError as e:
                 raise ConfigError(f"{e}; or loss=nash-md" if "unknown loss" in str(e) else str(e)) from None
+        if self.margin_clip not in MARGIN_CLIPS:
+            raise ConfigError(f"margin_clip must be one of {', '.join(MARGIN_CLIPS)}, got {self.margin_clip!r}")
+        if self.policy_penalty is not None and not (self.policy_penalty >= 0 and math.isfinite(self.policy_penalty)):
+            raise ConfigError(f"policy_penalty must be a finite number >= 0, got {self.policy_penalty}")
+        if self.nash_md and (self.policy_penalty or self.policy_penalty_bound):
+            raise ConfigError("policy_penalty applies to pairwise losses; nash-md penalises through `regularizer`")
+        if not self.nash_md and self.policy_penalty_bound and self.loss_resolved()["r_max"] is None:
+            raise ConfigError("policy_penalty_bound needs a reward bound: set r_max (the loss has no clip)")
         if self.exploration not in EXPLORATIONS:
             raise ConfigError(f"exploration must be one of {', '.join(EXPLORATIONS)}, got {self.exploration!r}")
         if self.xpo_alpha < 0:
@@ -145,6 +165,32 @@ class OnlineConfig(TrainingArguments, PreferenceLossFields):
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         check_common_arguments(self)
         finish_training_arguments(self, TrainingArguments)
+
+    def loss_options(self) -> dict:
+        """``chipo train``'s loss options plus the side of the margin clip."""
+        opts = super().loss_options()
+        if self.margin_clip != "both":
+            opts["margin_clip"] = self.margin_clip
+        return opts
+
+    def loss_resolved(self) -> dict:
+        """The pairwise loss's options after its preset's defaults (``chipo.losses.resolve_options``)."""
+        return resolve_options(self.loss, **self.loss_options())
+
+    def penalty_options(self) -> dict | None:
+        """``chipo.losses.online.policy_penalty``'s beta, divergence and bound for this config; None when off.
+
+        Defaults (null keys) for loss=chipo: weight 1, bounded at the clip's r_max -- the variant that held in
+        every seed of the experiment in docs/online-lab (variants.md); other losses: off.
+        """
+        if self.nash_md:
+            return None
+        opts = self.loss_resolved()
+        weight = self.policy_penalty if self.policy_penalty is not None else float(self.loss == "chipo")
+        if not weight:
+            return None
+        bounded = self.policy_penalty_bound if self.policy_penalty_bound is not None else opts["r_max"] is not None
+        return {"beta": weight * self.beta, "divergence": opts["link"], "bound": opts["r_max"] if bounded else None}
 
     def accelerate_precision(self) -> str:
         """accelerate's name of the mixed precision that ``bf16`` / ``fp16`` ask for."""

@@ -139,9 +139,15 @@ def test_every_method_on_the_tiny_world_same_labels_report_resume_and_redo(tiny_
     # A rerun with the same settings runs nothing; redo runs exactly the named method again.
     run_method_table(world, out, quick, workers=1, progress=False, echo=lambda *_: None)
     assert read_results(out / "results.jsonl") == rows
-    run_method_table(world, out, quick, workers=1, progress=False, echo=lambda *_: None, redo=("nash-md",))
+    redo = ("nash-md", "chipo")
+    run_method_table(world, out, quick, workers=1, progress=False, echo=lambda *_: None, redo=redo)
     again = read_results(out / "results.jsonl")
-    assert [r for r in again if r["method"] != "nash-md"] == [r for r in rows if r["method"] != "nash-md"]
-    assert sorted(r["seed"] for r in read_results(out / "results.superseded.jsonl")) == [0, 1]
-    assert sorted(r["seed"] for r in again if r["method"] == "nash-md") == [0, 1]
+    assert [r for r in again if r["method"] not in redo] == [r for r in rows if r["method"] not in redo]
+    assert sorted((r["method"], r["seed"]) for r in read_results(out / "results.superseded.jsonl")) == [
+        ("chipo", 0), ("chipo", 1), ("nash-md", 0), ("nash-md", 1)]
+    assert sorted((r["method"], r["seed"]) for r in again if r["method"] in redo) == [
+        ("chipo", 0), ("chipo", 1), ("nash-md", 0), ("nash-md", 1)]
+    # an offline method is trained again, not read back from the sweep's own rows
+    assert all(r["train_cpu_s"] > 0 for r in again if r["method"] == "chipo")
+    assert {r["method"] for r in read_results(out / "offline" / "results.superseded.jsonl")} == {"chipo"}
     assert np.isfinite([r["points"][-1]["gold"] for r in again]).all()

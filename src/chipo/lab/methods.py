@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,17 @@ def _current_rows(path: Path, settings: MethodTableSettings, redo: tuple[str, ..
             if r not in keep:
                 append_row(path.with_name("results.superseded.jsonl"), r)
         write_jsonl(path, keep)
+    # An offline cell resumes from the sweep's own rows: a method run again must lose those too (kept aside).
+    offline = [m for m in redo if FAMILIES[m] == "offline"]
+    sweep_rows = read_results(path.parent / "offline" / "results.jsonl")
+    stale = [r for r in sweep_rows if r.get("method") in offline]
+    if stale:
+        for r in stale:
+            append_row(path.parent / "offline" / "results.superseded.jsonl", r)
+        write_jsonl(path.parent / "offline" / "results.jsonl", [r for r in sweep_rows if r not in stale])
+        for m in offline:
+            for run_dir in (path.parent / "offline" / "runs").glob(f"{m}_beta*"):
+                shutil.rmtree(run_dir, ignore_errors=True)
     return keep
 
 

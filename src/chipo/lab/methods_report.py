@@ -264,7 +264,8 @@ def render(summ: pd.DataFrame, tests: pd.DataFrame, meta: dict, image: str) -> s
     text += ["## What the tests show", ""]
     if len(passed):
         for t in passed.itertuples():
-            text.append(f"- {LABELS.get(t.method, t.method)} ({t.rule}{'' if t.beta is None else f', beta {t.beta:g}'})"
+            own = "" if pd.isna(t.beta) else f", beta {t.beta:g}"
+            text.append(f"- {LABELS.get(t.method, t.method)} ({t.rule}{own})"
                         f": {t.verdict} at beta {t.dpo_beta:g} (gap {t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}, Holm "
                         f"p {t.p_holm:.3g}).")
     else:

@@ -6,6 +6,7 @@ import sys
 
 from chipo.cli.main import config_command
 from chipo.lab.configs import DemoConfig, EvaluateConfig, GeneratePrefsConfig, ReportConfig
+from chipo.lab.methods import MethodTableConfig
 from chipo.lab.sweep import SweepConfig
 
 SUBCOMMANDS = {
@@ -26,6 +27,10 @@ SUBCOMMANDS = {
     "report": (ReportConfig, "chipo.lab.commands:report",
                "report.md, plots, results.json/csv from a sweep directory.",
                "  chipo lab report sweep_dir=sweep/ out=report/\n"),
+    "methods": (MethodTableConfig, "chipo.lab.methods:run_methods_command",
+                "Every method on the embedded world at one label budget, tested against DPO: the method table.",
+                "  chipo lab methods out=chipo-methods seeds=8          # all methods, beta 0.05 and 0.005\n"
+                "  chipo lab methods --quick seeds=2 out=/tmp/methods   # smoke test\n"),
 }
 
 

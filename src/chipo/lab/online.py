@@ -51,6 +51,9 @@ METHODS = {
     "xpo": {"loss": "dpo", "exploration": "xpo"},
     "chi2-xpo": {"loss": "chipo", "exploration": "xpo"},
 }
+# Every online method ``_train`` can run: the lab's four, and Nash-MD (Munos et al. 2023, arXiv 2312.00886: self-play
+# against pi^(1-m) pi_ref^m, chipo online's defaults), which the method table (chipo.lab.methods) also runs.
+SPECS = {**METHODS, "nash-md": {"loss": "nash-md", "exploration": "none"}}
 # Variants of the chi-squared methods, for the experiment in docs/online-lab (not run by default), named
 # "<method>.<variant>" (``method_keys``). Each fixes the keys it tests explicitly, so its results do not move when
 # chipo online's defaults do. learning_rate_factor scales the settings' learning rate.
@@ -71,18 +74,20 @@ VARIANT_BASES = ("online-chipo", "chi2-xpo")
 
 
 def method_keys(method: str) -> dict:
-    """chipo online keys of a method: ``METHODS[method]``, or for "<base>.<variant>" the base's plus the variant's."""
+    """chipo online keys of a method: ``SPECS[method]``, or for "<base>.<variant>" the base's plus the variant's."""
     base, _, variant = method.partition(".")
-    if base not in METHODS or (variant and (base not in VARIANT_BASES or variant not in VARIANTS)):
-        valid = list(METHODS) + [f"{b}.{v}" for b in VARIANT_BASES for v in VARIANTS]
+    if base not in SPECS or (variant and (base not in VARIANT_BASES or variant not in VARIANTS)):
+        valid = list(SPECS) + [f"{b}.{v}" for b in VARIANT_BASES for v in VARIANTS]
         raise ConfigError(f"unknown online lab method {method!r}; valid: {', '.join(valid)}")
-    return {**METHODS[base], **VARIANTS.get(variant, {})}
+    return {**SPECS[base], **VARIANTS.get(variant, {})}
 
 
 LABELS = {"online-dpo": "online DPO", "online-chipo": "online chiPO", "xpo": "XPO", "chi2-xpo": "chi2-XPO",
+          "nash-md": "Nash-MD",
           "offline-dpo": "offline DPO", "offline-chipo": "offline chiPO", "pi_ref": "pi_ref"}
 LABELS.update({f"{b}.{v}": f"{LABELS[b]} ({v})" for b in VARIANT_BASES for v in VARIANTS})
 COLORS = {"online-dpo": "tab:red", "online-chipo": "tab:blue", "xpo": "tab:orange", "chi2-xpo": "tab:cyan",
+          "nash-md": "tab:purple",
           "offline-dpo": "darkred", "offline-chipo": "navy"}
 METRICS = ("gold", "win_rate_vs_ref", "kl", "sqrt_kl", "chi2", "mass_malformed")
 

@@ -257,6 +257,7 @@ def inference_curves(ref, tokenizer, prompts: list[str], gold, rm_path: str, set
     """Best-of-n and pessimism scaling curves from one scored pool of pi_ref samples (module docstring)."""
     from chipo.generation import sample_responses
     from chipo.inference import best_of_n_distribution, best_of_n_kl_bound, pessimism_distribution, select
+    from chipo.lab.evaluate import win_probability
     from chipo.stats import mean_se
 
     width = 2 * max(settings.ns) + 1
@@ -283,7 +284,10 @@ def inference_curves(ref, tokenizer, prompts: list[str], gold, rm_path: str, set
         return {"n": n, "gold_selected": g, "gold_selected_se": g_se, "proxy_selected": pr,
                 "proxy_selected_se": pr_se, "kl": float(np.mean(kls)),
                 "gold": float(np.mean([law @ true[i] for i, law in enumerate(laws)])),
-                "proxy": float(np.mean([law @ proxy[i] for i, law in enumerate(laws)]))}
+                "proxy": float(np.mean([law @ proxy[i] for i, law in enumerate(laws)])),
+                # the same law against pi_ref's pool (ties 1/2), and its mass on text outside the language (gold 0)
+                "win_rate_vs_ref": float(np.mean([win_probability(law, q, true[i]) for i, law in enumerate(laws)])),
+                "mass_malformed": float(np.mean([law @ (true[i] == 0) for i, law in enumerate(laws)]))}
 
     bon = []
     for n in settings.ns:

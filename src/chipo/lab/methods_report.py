@@ -230,8 +230,8 @@ def protocol(s: dict, labels) -> str:
             "like DPO's implicit reward). Responses up to "
             f"{s['max_new_tokens']} tokens; evaluation: {s['num_samples']} samples per held-out prompt plus exact "
             "metrics over the world's response partition. For scale: `chipo demo` trains "
-            f"{DemoSettings.epochs} epochs and its RLHF part (`--full`) {RLHFSettings.steps} RL steps; the online runs' steps "
-            "are set by the label budget.")
+            f"{DemoSettings.epochs} epochs and its RLHF part (`--full`) {RLHFSettings.steps} RL steps; the online "
+            "runs' steps are set by the label budget.")
 
 
 def render(summ: pd.DataFrame, tests: pd.DataFrame, meta: dict, image: str) -> str:

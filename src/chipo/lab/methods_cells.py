@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from chipo.lab.demo import DemoSettings
-from chipo.lab.methods import FAMILIES, OFFLINE, RLHF, MethodTableSettings
+from chipo.lab.methods_protocol import FAMILIES, OFFLINE, RLHF, MethodTableSettings
 
 
 def cpu_seconds() -> float:

@@ -38,9 +38,9 @@ def demo(argv: list[str]) -> int:
     """``chipo demo [--quick] [--full] [key=value ...]``."""
     return config_command(argv, prog="chipo demo", config_cls=DemoConfig, runner="chipo.lab.commands:run_demo_command",
                           description=DemoConfig.__doc__.split("\n")[0], saved="report",
-                          example="example:\n  chipo demo            # 8 seeds, 16 epochs: 390 CPU-seconds in all "
-                                  "processes (2 workers; estimated 3.5-4 min on 2 idle cores)\n"
-                                  "  chipo demo --quick    # 1 seed, 4 epochs: 35 CPU-seconds (40 s on 2 idle cores)\n"
+                          example="example:\n  chipo demo            # 8 seeds, 16 epochs: 2 min 22 s on 2 idle cores "
+                                  "(268 CPU-seconds in all processes, 2 workers)\n"
+                                  "  chipo demo --quick    # 1 seed, 4 epochs: 19 s on 2 idle cores (29 CPU-seconds)\n"
                                   "  chipo demo --full     # plus RLHF, best-of-n and pessimism\n"
                                   "  chipo demo --ablations  # plus each loss with RPO's SFT term / a reward bound\n")
 

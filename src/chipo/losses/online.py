@@ -89,6 +89,19 @@ def xpo_bonus(policy_logps: Tensor, ref_logps: Tensor, alpha: float) -> Tensor:
     return alpha * (policy_logps.to(dtype) - ref_logps.to(dtype))
 
 
+def _on_policy_terms(policy_logps: Tensor, ref_logps: Tensor, beta: float, divergence: FDivergence | str
+                     ) -> tuple[FDivergence, Tensor, Tensor]:
+    """The divergence object, log pi (differentiable, fp32 or fp64) and the detached log-ratio log(pi/pi_ref) of
+    the policy's own samples: what every score-function penalty beta f'(z) log pi(y) starts from."""
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if isinstance(divergence, str):
+        divergence = get_divergence(divergence)
+    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    logp = policy_logps.to(dtype)
+    return divergence, logp, (logp - ref_logps.to(dtype)).detach()
+
+
 def policy_penalty(policy_logps: Tensor, ref_logps: Tensor, *, beta: float, divergence: FDivergence | str,
                    bound: float | None = None, exp_clamp: float = EXP_CLAMP) -> Tensor:
     """Per-sample surrogate [...] whose expected gradient over y ~ pi is beta grad D_f(pi || pi_ref).
@@ -105,13 +118,7 @@ def policy_penalty(policy_logps: Tensor, ref_logps: Tensor, *, beta: float, dive
     pi]): a convex barrier that is 0 while every implicit reward stays below R, so it leaves the pairwise loss's
     optimum alone where that optimum respects the bound.
     """
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if isinstance(divergence, str):
-        divergence = get_divergence(divergence)
-    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
-    logp = policy_logps.to(dtype)
-    log_ratio = (logp - ref_logps.to(dtype)).detach()
+    divergence, logp, log_ratio = _on_policy_terms(policy_logps, ref_logps, beta, divergence)
     weight = beta * divergence.link_difference(log_ratio, torch.zeros_like(log_ratio), exp_clamp)
     if bound is not None:
         weight = torch.relu(weight - bound)
@@ -163,21 +170,15 @@ def nash_md_loss(policy_logps: Tensor, ref_logps: Tensor, probability: Tensor, *
     f'(z), ``rewards/probabilities`` p, ``logps/chosen`` log pi(y), ``kl`` / ``chi2`` (per-sample from-policy
     estimates: KL f(z)/z, i.e. the k3 estimator, and chi2 f(z)/z).
     """
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if isinstance(divergence, str):
-        divergence = get_divergence(divergence)
-    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
-    logp = policy_logps.to(dtype)
-    log_ratio = (logp - ref_logps.to(dtype)).detach()
-    advantage = probability.to(dtype) - 0.5
+    divergence, logp, log_ratio = _on_policy_terms(policy_logps, ref_logps, beta, divergence)
+    advantage = probability.to(logp.dtype) - 0.5
     penalty = divergence.link(log_ratio, exp_clamp)
     losses = -advantage * logp + beta * penalty * logp
     weight = torch.exp(torch.clamp(-log_ratio, max=exp_clamp))  # 1/z: importance weight of the from-policy estimate
     metrics = {
         "loss/score": (advantage * logp).detach(),
         "loss/kl": penalty,
-        "rewards/probabilities": probability.detach().to(dtype),
+        "rewards/probabilities": probability.detach().to(logp.dtype),
         "logps/chosen": logp.detach(),
         "kl": KL.f(log_ratio, exp_clamp) * weight,
         "chi2": CHI2.f(log_ratio, exp_clamp) * weight,

@@ -12,12 +12,13 @@ field keeps its place).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -226,6 +227,24 @@ def disk_full_error(out: Path) -> OSError:
                                  "is kept; free space, then resume with resume_from_checkpoint=latest)", str(out))
 
 
+@contextlib.contextmanager
+def run_guard(run, out: Path, is_main_process: bool) -> Iterator[None]:
+    """The run-directory protocol's exit path, the same for every command: a run that stops before its first step
+    in an output_dir it found empty removes it (so the same command can be rerun); an exception that means a full
+    disk becomes one ``OSError`` line (``disk_full_error``); the lock is released whatever happened."""
+    try:
+        yield
+    except BaseException as e:
+        if is_main_process and run.discard_if_unstarted():
+            logger.info("removed %s: the run stopped before its first step", out)
+        # An OSError already names its reason and path (one line from the CLI); others that mean a full disk too.
+        if isinstance(e, Exception) and not isinstance(e, (ConfigError, OSError)) and disk_full(e, out):
+            raise disk_full_error(out) from None
+        raise
+    finally:
+        run.release()
+
+
 def run_trainer(config, out: Path, make_trainer: Callable[[], object], tokenizer, *, merge_lora: bool = False,
                 objective_keys=rundir.OBJECTIVE_KEYS, after_train: Callable | None = None) -> Path:
     """Train a ``transformers.Trainer`` built by ``make_trainer()`` in ``out`` under the run-directory protocol
@@ -240,7 +259,7 @@ def run_trainer(config, out: Path, make_trainer: Callable[[], object], tokenizer
     state.wait_for_everyone()
     run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
                           is_main=state.is_main_process, objective_keys=objective_keys)
-    try:
+    with run_guard(run, out, state.is_main_process):
         if run.finished and rundir.final_model_saved(out):
             logger.info("%s already reached max_steps at %s: nothing to do", out, run.checkpoint)
             return out
@@ -256,13 +275,4 @@ def run_trainer(config, out: Path, make_trainer: Callable[[], object], tokenizer
         save_final_model(trainer, tokenizer, out, merge_lora=merge_lora)
         if state.is_main_process:
             run.mark_finished()
-    except BaseException as e:
-        if state.is_main_process and run.discard_if_unstarted():
-            logger.info("removed %s: the run stopped before its first step", out)
-        # An OSError already names its reason and path (one line from the CLI); others that mean a full disk too.
-        if isinstance(e, Exception) and not isinstance(e, (ConfigError, OSError)) and disk_full(e, out):
-            raise disk_full_error(out) from None
-        raise
-    finally:
-        run.release()
     return out

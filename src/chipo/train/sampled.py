@@ -43,7 +43,7 @@ from transformers import TrainerControl, TrainerState
 from chipo.config import ConfigError
 from chipo.io import staged_into
 from chipo.train import loop
-from chipo.train.common import TRACKER_PACKAGES, check_trackers, disk_full, disk_full_error
+from chipo.train.common import TRACKER_PACKAGES, check_trackers, run_guard
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rundir import checkpoint_note
 
@@ -334,31 +334,24 @@ def run_sampled(config, accelerator, make_trainer) -> Path:
                           total_steps=config.last_step())
     acc.wait_for_everyone()
     try:
-        if run.finished and rundir.final_model_saved(out):
-            logger.info("%s already reached its last step at %s: nothing to do", out, run.checkpoint)
-            return out
-        if acc.is_main_process:
-            atomic_write_text(out / rundir.RUN_CONFIG, dump_yaml(config))
-        acc.wait_for_everyone()
-        if acc.log_with:
-            acc.init_trackers(config.run_name or out.name or "chipo", config={
-                k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
-        trainer = make_trainer(out)
-        if run.checkpoint is not None:
-            trainer.load_checkpoint(run.checkpoint)
-        if not run.finished:  # finished, final model missing (killed while saving it): only save it again
-            trainer.train()
-        trainer.save_final()
-        if acc.is_main_process:
-            run.mark_finished()
-    except BaseException as e:
-        if acc.is_main_process and run.discard_if_unstarted():
-            logger.info("removed %s: the run stopped before its first step", out)
-        # An OSError already names its reason and path (one line from the CLI); others that mean a full disk too.
-        if isinstance(e, Exception) and not isinstance(e, (ConfigError, OSError)) and disk_full(e, out):
-            raise disk_full_error(out) from None
-        raise
+        with run_guard(run, out, acc.is_main_process):
+            if run.finished and rundir.final_model_saved(out):
+                logger.info("%s already reached its last step at %s: nothing to do", out, run.checkpoint)
+                return out
+            if acc.is_main_process:
+                atomic_write_text(out / rundir.RUN_CONFIG, dump_yaml(config))
+            acc.wait_for_everyone()
+            if acc.log_with:
+                acc.init_trackers(config.run_name or out.name or "chipo", config={
+                    k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+            trainer = make_trainer(out)
+            if run.checkpoint is not None:
+                trainer.load_checkpoint(run.checkpoint)
+            if not run.finished:  # finished, final model missing (killed while saving it): only save it again
+                trainer.train()
+            trainer.save_final()
+            if acc.is_main_process:
+                run.mark_finished()
     finally:
-        run.release()
         acc.end_training()
     return out

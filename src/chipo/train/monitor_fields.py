@@ -17,9 +17,10 @@ MODES = ("off", "log", "warn", "stop")
 class MonitorFields:
     """The monitor keys of ``chipo train``, ``chipo rl`` and ``chipo online`` (mixed into their configs)."""
 
-    monitor: str = _field("warn", "Overoptimization monitor at each evaluation (so only with eval_split or "
-                                  "eval_dataset): off, log (log the signals), warn (and one line when an alarm rule "
-                                  "fires), stop (and stop training). Signals (monitor/*): KL and chi-squared to "
+    monitor: str = _field("warn", "Overoptimization monitor at each evaluation (chipo train: with eval_split or "
+                                  "eval_dataset; chipo rl / online: every eval_steps): off, log (log the "
+                                  "signals), warn (and one line when an alarm rule fires), stop (and stop "
+                                  "training). Signals (monitor/*): KL and chi-squared to "
                                   "pi_ref on the policy's samples, off-support rate, held-out displacement and "
                                   "implicit accuracy, length, entropy, clip rate. Cost: a pi_ref copy in memory "
                                   "(reference=precompute) and per evaluation a sampling pass worth ~10 training steps "

@@ -46,13 +46,15 @@ def test_chipo_train_with_dash_dash_arguments(tiny_dir, tmp_path):
     code = main(["train", "--model", str(tiny_dir / "model"), "--dataset", str(tiny_dir / "train.jsonl"),
                  "--output_dir", str(out), "--ref_cache_dir", str(tmp_path / "cache"), "--lora", "--lora_r", "4",
                  "--beta", "0.2", "--loss=dpo", "--max-steps", "1", "--per_device_train_batch_size", "8",
-                 "--save_strategy", "no", "--disable_tqdm", "--no-packing",
+                 "--save_strategy", "no", "--disable_tqdm", "--no-packing", "--group_by_length",
                  "--model_init_kwargs", '{"dtype": "bfloat16"}'])
     assert code == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # loaded with model_init_kwargs
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert (saved["loss"], saved["beta"], saved["lora"], saved["lora_rank"], saved["max_steps"], saved["packing"]) == \
         ("dpo", 0.2, True, 4, 1, False)
+    # remove_unused_columns (on, as in TRL) kept the length column that group_by_length's sampler reads
+    assert saved["group_by_length"] is True and saved["remove_unused_columns"] is True
     assert (out / "adapter" / "adapter_config.json").is_file()
 
 

@@ -90,9 +90,9 @@ def test_trl_dpo_script_with_two_imports_swapped(tiny_dir, tmp_path):
         source = source.replace(old, new)
     script = tmp_path / "dpo.py"
     script.write_text(source)
-    # TRL's examples add --no_remove_unused_columns; chipo's default is already false, so HfArgumentParser offers
-    # no --no_ form of it (it adds one only for bools that default to true) and refuses the flag.
-    argv = [*_common_args(tiny_dir, tmp_path), "--loss", "dpo", "--beta", "0.1"]
+    # --no_remove_unused_columns as in TRL's documented command (HfArgumentParser offers --no_X only for bools that
+    # default to true; PreferenceConfig's does, as DPOConfig's).
+    argv = [*_common_args(tiny_dir, tmp_path), "--loss", "dpo", "--beta", "0.1", "--no_remove_unused_columns"]
     done = _run(script, argv, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"

@@ -105,6 +105,10 @@ class PreferenceConfig(TrainerConfig, PreferenceLossFields, MonitorFields):
                                  "in one row). Same results up to round-off; one forward, so DDP works too. "
                                  "Replaces padding_buckets; on by default: faster than padding_buckets=4 on CPU "
                                  "(benchmarks/RESULTS.md). false: padded rows.")
+    remove_unused_columns: bool = _field(True, "Drop the dataset columns the trainer does not read (it reads the "
+                                               "tokenized prompt/chosen/rejected, the row index, the cached reference "
+                                               "log-probs and the length column); false keeps every column, for a "
+                                               "data_collator of your own. On by default, as in TRL's DPOConfig.")
     # --- LoRA
     # Not lora_r / lora_alpha / lora_dropout / lora_target_modules: TRL's ModelConfig declares those (for its
     # peft_config), and TrlParser((ScriptArguments, PreferenceConfig, ModelConfig)) refuses a name declared twice.

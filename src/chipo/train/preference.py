@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from chipo.config import ConfigError
 from chipo.data import PreferenceCollator
+from chipo.data.collator import REF_KEYS
 from chipo.losses import preference_loss
 from chipo.models import load_tokenizer
 from chipo.sequences import batch_sequence_logps, packing_matches
@@ -113,6 +114,13 @@ class PreferenceTrainer(PairwiseTrainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         # The overoptimization monitor (``monitor`` key): gold-free signals at each evaluation, alarm by rule.
         self.monitor = monitor_for(self, args) if isinstance(args, PreferenceConfig) else None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # What remove_unused_columns keeps: the columns PreferenceCollator and the length-grouped sampler read.
+        # Trainer's default, model.forward's arguments, would drop every one of them (rows are tokenized pairs).
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row",
+                                       *REF_KEYS, self.args.length_column_name]
 
     # --- the loss
     def _logps(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:

@@ -9,26 +9,19 @@ import pytest
 
 from chipo.cli.main import main
 from chipo.io import read_jsonl, write_jsonl
-
-PROMPTS = ["the cat sat", "a dog is", "why is the post", "how good", "this model", "reward the", "the summary",
-           "short answer"]
-
-
-def length_reward(prompts, responses):
-    """A module:function scorer: longer responses are better (0.1 per character)."""
-    return [0.1 * len(r) for r in responses]
+from test_sampled_loop import PROMPTS
 
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("monitored")
-    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    return root / "prompts.jsonl"
+    path = tmp_path_factory.mktemp("monitored") / "prompts.jsonl"
+    write_jsonl(path, [{"prompt": p} for p in PROMPTS])
+    return path
 
 
 def run(command, tiny_dir, prompts, out, *extra):
-    judge = ["judge=test_monitor_sampled:length_reward"] if command == "online" else \
-        ["reward=test_monitor_sampled:length_reward", "k=2"]
+    judge = ["judge=test_sampled_loop:length_reward"] if command == "online" else \
+        ["reward=test_sampled_loop:length_reward", "k=2"]
     base = [f"policy={tiny_dir / 'model'}", f"prompts={prompts}", "max_new_tokens=6", "prompts_per_step=4",
             "max_steps=3", "learning_rate=1e-3", "disable_tqdm=true", "save_steps=0", f"output_dir={out}",
             "eval_steps=1", "max_eval_prompts=4", "monitor_prompts=2", "monitor_samples=2",

@@ -117,7 +117,7 @@ def test_second_run_on_a_busy_output_dir_is_refused(tiny_dir, data, tmp_path, ca
         holder.kill()
         holder.wait()
     err = capsys.readouterr().err.strip().splitlines()
-    assert "in use by another run" in err[-1]
+    assert err[-1].startswith("chipo: error: output_dir") and "in use by another run" in err[-1]
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 

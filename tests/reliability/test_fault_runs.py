@@ -113,25 +113,6 @@ def test_kill_during_the_final_save_is_completed_on_rerun(tiny_dir, tmp_path, re
     _assert_same_run(reference_run, out)
 
 
-def test_second_run_on_a_locked_output_dir_is_refused(tiny_dir, tmp_path, capsys):
-    """Another process holds output_dir's lock (as a running chipo train does): the second run exits 2 with one
-    line and writes nothing."""
-    out = tmp_path / "busy"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(300)",
-                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert main(_args(tiny_dir, out, "overwrite_output_dir=true")) == 2
-    finally:
-        holder.kill()
-        holder.wait()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("chipo: error: output_dir") and "in use by another run" in err[-1]
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
-
-
 def test_overwrite_clears_the_old_run(tiny_dir, tmp_path, reference_run):
     out = tmp_path / "over"
     shutil.copytree(reference_run, out)

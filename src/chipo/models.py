@@ -32,6 +32,12 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (``load_tokenizer`` sets the same; a
+    tokenizer from elsewhere may have none). Padded positions are masked, so the choice never changes a value."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype | str | None = None,
                    device: str | torch.device | None = None, eval_mode: bool = False, **from_pretrained: Any):
     """``AutoModelForCausalLM`` (optionally cast, moved and put in eval mode: dropout off); ``from_pretrained``:

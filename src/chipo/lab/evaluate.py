@@ -51,6 +51,7 @@ from chipo.divergences import CHI2, KL, clamped_exp
 from chipo.generation import Samples, SamplingSettings, sample_responses
 from chipo.lab.generate import response_logps
 from chipo.losses import preference_loss
+from chipo.models import pad_id
 from chipo.monitor.signals import off_support_rate, off_support_threshold
 from chipo.sequences import sequence_logps
 from chipo.stats import clustered_mean_se, mean_se
@@ -145,17 +146,13 @@ def build_baseline(ref_model, tokenizer, prompts: Sequence[str], gold, *, refere
     # The overoptimization monitor's off-support threshold (chipo.monitor.signals), from the same pi_ref samples, so
     # every evaluation also records the gold-free signal the report's "when to stop" section tests against gold.
     ref_logps = sequence_logps(ref_model.eval(), _prompt_ids(tokenizer, prompts, ref_samples), ref_samples.response_ids,
-                               _pad(tokenizer))
+                               pad_id(tokenizer))
     return Baseline(prompts, references, reference_rewards, ref_samples, ref_rewards, heldout, space,
                     off_support_threshold(ref_logps))
 
 
 def _prompt_ids(tokenizer, prompts: Sequence[str], samples: Samples) -> list[list[int]]:
     return [tokenizer(prompts[i], add_special_tokens=True)["input_ids"] for i in samples.prompt_index]
-
-
-def _pad(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def win_probability(p: np.ndarray, q: np.ndarray, r: np.ndarray, r_other: np.ndarray | None = None) -> float:
@@ -345,7 +342,7 @@ def evaluate_policy(policy, ref_model, tokenizer, gold, baseline: Baseline, *, s
 
     # Log-ratios of the policy's own samples, on the exact sampled token ids (EOS included when emitted).
     prompt_ids = _prompt_ids(tokenizer, baseline.prompts, samples)
-    pad = _pad(tokenizer)
+    pad = pad_id(tokenizer)
     policy.eval()
     ref_model.eval()
     lap("scoring")  # the win rates and standard errors above count with the gold scorer's time

@@ -22,6 +22,7 @@ from torch import nn
 
 from chipo.data.tokenize import encode_text_pairs
 from chipo.generation import encode_prompts, generate
+from chipo.models import pad_id
 from chipo.monitor import signals
 from chipo.sequences import sequence_logps
 
@@ -85,7 +86,7 @@ class OveroptimizationMonitor:
         self.settings = settings or MonitorSettings()
         self.loss, self.beta, self.loss_options = loss, beta, dict(loss_options or {})
         self.threshold: float | None = None
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad_id(tokenizer)
 
     @classmethod
     def from_texts(cls, tokenizer, prompts: Sequence[str], pairs: Sequence[dict] | None = None,

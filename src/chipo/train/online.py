@@ -36,7 +36,7 @@ from chipo.judges import OpenAIJudgeConfig, PairwisePrompt, build_judge
 from chipo.judges.prompt import TLDR_PROMPT
 from chipo.losses import preference_loss
 from chipo.losses.online import nash_md_loss, policy_penalty, preference_probability, sample_labels, xpo_bonus
-from chipo.models import load_causal_lm, load_tokenizer
+from chipo.models import load_causal_lm, load_tokenizer, pad_id
 from chipo.rewards import load_scorer
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, packing_supported, response_batch
 from chipo.train.common import check_output_dir
@@ -292,7 +292,7 @@ def run_online(config: OnlineConfig, callbacks=()) -> Path:
     torch.manual_seed(config.seed)
     policy = load_causal_lm(config.policy)
     ref = load_causal_lm(config.ref_model or config.policy)  # pi_ref: the initial policy, also on resume
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     probe = {k: v.to(accelerator.device) for k, v in response_batch(prompt_ids[:2], [[tokenizer.eos_token_id]] * 2,
                                                                     pad).items()}
     impl = choose_logprobs_impl(policy.to(accelerator.device), probe, config.logprobs_impl)

@@ -23,7 +23,7 @@ import torch
 
 from chipo.config import ConfigError
 from chipo.data.prompts import load_prompts
-from chipo.models import load_causal_lm, load_tokenizer
+from chipo.models import load_causal_lm, load_tokenizer, pad_id
 from chipo.rewards import load_scorer, score_checked
 from chipo.sequences import choose_logprobs_impl, response_batch
 from chipo.train.common import check_output_dir
@@ -68,7 +68,7 @@ def run_rl(config: RLConfig, eval_callback=None, callbacks=()) -> Path:
     torch.manual_seed(config.seed)
     policy = load_causal_lm(config.policy)  # on resume, load_state then restores the trained weights
     ref = load_causal_lm(config.ref_model or config.policy)  # pi_ref: the *initial* policy, also on resume
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     probe = {k: v.to(acc.device) for k, v in response_batch(prompts.ids[:2], [[tokenizer.eos_token_id]] * 2,
                                                             pad).items()}
     impl = choose_logprobs_impl(policy.to(acc.device).eval(), probe, config.logprobs_impl)

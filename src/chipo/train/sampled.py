@@ -42,6 +42,7 @@ from transformers import TrainerControl, TrainerState
 
 from chipo.config import ConfigError
 from chipo.io import staged_into
+from chipo.models import pad_id
 from chipo.train import loop
 from chipo.train.common import TRACKER_PACKAGES, check_trackers, run_guard
 from chipo.train.pairwise import NonFiniteError
@@ -126,7 +127,7 @@ class SampledTrainer:
 
     def __init__(self, config, accelerator, policy, ref, tokenizer, out, *, callbacks=()):
         self.config, self.accelerator, self.tokenizer, self.out = config, accelerator, tokenizer, Path(out)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad_id(tokenizer)
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
             warn_dropout_with_checkpointing(policy)

@@ -36,9 +36,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from chipo.data.prompts import load_prompts
-from chipo.generation import SamplingSettings
-from chipo.io import write_json, write_jsonl
-from chipo.lab.generate import generate_preferences
+from chipo.io import write_json
+from chipo.lab.generate import seed_datasets
 from chipo.lab.protocol import DemoSettings  # noqa: F401 -- also this module's public name
 
 
@@ -126,25 +125,16 @@ def _run_demo(out_dir, settings: DemoSettings, progress: bool, world_cache: str 
     gold = world.scorer()
     train_prompts = load_prompts(world.train_prompts_path, text_only=True).prompts
     eval_prompts = load_prompts(world.eval_prompts_path, text_only=True).prompts
-    data_stats = {}
-    for seed in range(settings.seeds):
-        path = out / "data" / f"train_seed{seed}.jsonl"
-        rows, stats = generate_preferences(ref, tokenizer, train_prompts, gold,
-                                           pairs_per_prompt=settings.pairs_per_prompt, scale=settings.scale,
-                                           settings=SamplingSettings(max_new_tokens=settings.max_new_tokens,
-                                                                     seed=1000 + seed), progress=False)
-        write_jsonl(path, rows)
-        data_stats[f"train_seed{seed}"] = asdict(stats)
-    rows, stats = generate_preferences(ref, tokenizer, eval_prompts, gold,
-                                       pairs_per_prompt=settings.heldout_pairs_per_prompt, scale=settings.scale,
-                                       settings=SamplingSettings(max_new_tokens=settings.max_new_tokens, seed=999),
-                                       progress=False)
-    write_jsonl(out / "data" / "heldout.jsonl", rows)
-    data_stats["heldout"] = asdict(stats)
+    data_stats = seed_datasets(ref, tokenizer, gold, out / "data", train_prompts=train_prompts,
+                               eval_prompts=eval_prompts, seeds=settings.seeds,
+                               pairs_per_prompt=settings.pairs_per_prompt,
+                               heldout_pairs_per_prompt=settings.heldout_pairs_per_prompt, scale=settings.scale,
+                               max_new_tokens=settings.max_new_tokens, reuse=False)
     write_json(out / "data" / "stats.json", data_stats)
     first = data_stats["train_seed0"]
     echo(f"      {first['pairs']} pairs per seed on {len(train_prompts)} prompts; labels agree with the gold "
-         f"ranking on {100 * first['label_agrees_with_gold']:.0f}% of pairs; {stats.pairs} held-out pairs")
+         f"ranking on {100 * first['label_agrees_with_gold']:.0f}% of pairs; {data_stats['heldout']['pairs']} "
+         "held-out pairs")
     data_seconds = time.perf_counter() - t0
 
     reward_low, reward_high = gold.reward_range

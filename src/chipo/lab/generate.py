@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from chipo.data.tokenize import encode_text_pairs
 from chipo.generation import SamplingSettings, sample_responses
+from chipo.io import write_jsonl
+from chipo.models import pad_id
 from chipo.sequences import sequence_logps
 
 
@@ -33,7 +36,7 @@ def response_logps(model, tokenizer, prompts: Sequence[str], responses: Sequence
                    ) -> torch.Tensor:
     """log pi(y | x) [N] of text pairs, tokenized as standard preference rows are (``encode_text_pairs``)."""
     prompt_ids, response_ids = encode_text_pairs(tokenizer, list(prompts), list(responses))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     model.eval()
     return sequence_logps(model, prompt_ids, response_ids, pad, batch_size=batch_size).cpu()
 
@@ -101,3 +104,33 @@ def generate_preferences(model, tokenizer, prompts: Sequence[str], gold, *, pair
                   "gold": getattr(gold, "name", type(gold).__name__), "prompts": len(prompts)},
     )
     return rows, stats
+
+
+TRAIN_DATA_SEED = 1000
+"""Sampling seed of seed s's training pairs: ``TRAIN_DATA_SEED + s`` (every lab experiment on the embedded world)."""
+HELDOUT_DATA_SEED = 999
+"""Sampling seed of the held-out pairs, shared by all seeds."""
+
+
+def seed_datasets(model, tokenizer, gold, data_dir: str | Path, *, train_prompts: Sequence[str],
+                  eval_prompts: Sequence[str], seeds: int, pairs_per_prompt: int, heldout_pairs_per_prompt: int,
+                  scale: float, max_new_tokens: int, reuse: bool = True) -> dict[str, dict]:
+    """The lab's preference data, one draw per seed: ``train_seed{s}.jsonl`` for s < ``seeds`` (sampling seed
+    ``TRAIN_DATA_SEED + s``) and ``heldout.jsonl`` on the evaluation prompts (``HELDOUT_DATA_SEED``), in
+    ``data_dir``. A seed is its own data draw, so experiments with the same seeds and sizes (the demo, the method
+    table, the monitor's validation) train on the same pairs. With ``reuse``, a file already there is kept. Returns
+    the ``PreferenceStats`` (as dicts) of the files written, by name."""
+    data_dir = Path(data_dir)
+    jobs = [(f"train_seed{s}", train_prompts, pairs_per_prompt, TRAIN_DATA_SEED + s) for s in range(seeds)]
+    jobs.append(("heldout", eval_prompts, heldout_pairs_per_prompt, HELDOUT_DATA_SEED))
+    written = {}
+    for name, prompts, pairs, seed in jobs:
+        path = data_dir / f"{name}.jsonl"
+        if reuse and path.is_file():
+            continue
+        rows, stats = generate_preferences(model, tokenizer, prompts, gold, pairs_per_prompt=pairs, scale=scale,
+                                           settings=SamplingSettings(max_new_tokens=max_new_tokens, seed=seed),
+                                           progress=False)
+        write_jsonl(path, rows)
+        written[name] = asdict(stats)
+    return written

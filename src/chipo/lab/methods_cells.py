@@ -26,24 +26,16 @@ def _preference_data(world, out: Path, settings: MethodTableSettings) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chipo.data.prompts import load_prompts
-    from chipo.generation import SamplingSettings
-    from chipo.io import write_jsonl
-    from chipo.lab.generate import generate_preferences
+    from chipo.lab.generate import seed_datasets
 
     tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
     ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
-    gold = world.scorer()
     train = load_prompts(world.train_prompts_path, text_only=True).prompts
-    jobs = [(out / "data" / f"train_seed{s}.jsonl", train, settings.pairs_per_prompt, 1000 + s)
-            for s in range(settings.seeds)]
-    jobs.append((out / "data" / "heldout.jsonl", load_prompts(world.eval_prompts_path, text_only=True).prompts,
-                 DemoSettings.heldout_pairs_per_prompt, 999))
-    for path, prompts, pairs, seed in jobs:
-        if not path.is_file():
-            rows, _ = generate_preferences(ref, tokenizer, prompts, gold, pairs_per_prompt=pairs, scale=settings.scale,
-                                           settings=SamplingSettings(max_new_tokens=settings.max_new_tokens,
-                                                                     seed=seed), progress=False)
-            write_jsonl(path, rows)
+    seed_datasets(ref, tokenizer, world.scorer(), out / "data", train_prompts=train,
+                  eval_prompts=load_prompts(world.eval_prompts_path, text_only=True).prompts, seeds=settings.seeds,
+                  pairs_per_prompt=settings.pairs_per_prompt,
+                  heldout_pairs_per_prompt=DemoSettings.heldout_pairs_per_prompt, scale=settings.scale,
+                  max_new_tokens=settings.max_new_tokens)
     return settings.pairs_per_prompt * len(train)
 
 

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chipo.io import write_json, write_jsonl
+from chipo.io import write_json
+from chipo.lab.protocol import DemoSettings
 from chipo.monitor import HeldoutPairs, MonitorSettings, OveroptimizationMonitor
 
 
@@ -37,20 +38,20 @@ def default_schedule(steps_per_epoch: int, epochs: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ValidationSettings:
-    """The demo's design (``chipo.lab.demo.DemoSettings``), more seeds, and the monitor's sampling."""
+    """The demo's design (``chipo.lab.protocol.DemoSettings``, whose values it takes) and the monitor's sampling."""
 
-    seeds: int = 8
-    betas: tuple[float, ...] = (0.05, 0.005)
-    losses: tuple[str, ...] = ("dpo", "chipo")
-    epochs: int = 16
-    pairs_per_prompt: int = 8
-    heldout_pairs_per_prompt: int = 8
-    scale: float = 5.0
-    learning_rate: float = 1e-3
-    batch_size: int = 32
-    max_new_tokens: int = 8
+    seeds: int = DemoSettings.seeds
+    betas: tuple[float, ...] = DemoSettings.betas
+    losses: tuple[str, ...] = DemoSettings.losses
+    epochs: int = DemoSettings.epochs
+    pairs_per_prompt: int = DemoSettings.pairs_per_prompt
+    heldout_pairs_per_prompt: int = DemoSettings.heldout_pairs_per_prompt
+    scale: float = DemoSettings.scale
+    learning_rate: float = DemoSettings.learning_rate
+    batch_size: int = DemoSettings.batch_size
+    max_new_tokens: int = DemoSettings.max_new_tokens
     monitor: MonitorSettings = field(default_factory=lambda: MonitorSettings(num_samples=8, max_new_tokens=8))
-    workers: int = 2
+    workers: int = DemoSettings.workers
 
 
 def prepare(out: Path, settings: ValidationSettings) -> dict:
@@ -58,27 +59,19 @@ def prepare(out: Path, settings: ValidationSettings) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chipo.data.prompts import load_prompts
-    from chipo.generation import SamplingSettings
-    from chipo.lab.generate import generate_preferences
+    from chipo.lab.generate import seed_datasets
     from chipo.lab.world import load_or_build_world
 
     world = load_or_build_world(quiet=True)
     tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
     ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
     gold = world.scorer()
-    data = out / "data"
-    jobs = [(f"train_seed{s}", world.train_prompts_path, settings.pairs_per_prompt, 1000 + s)
-            for s in range(settings.seeds)] + [("heldout", world.eval_prompts_path, settings.heldout_pairs_per_prompt,
-                                                999)]
-    for name, prompts_path, pairs, seed in jobs:
-        path = data / f"{name}.jsonl"
-        if not path.is_file():
-            prompts = load_prompts(prompts_path, text_only=True).prompts
-            rows, _ = generate_preferences(ref, tokenizer, prompts, gold, pairs_per_prompt=pairs,
-                                           scale=settings.scale, progress=False,
-                                           settings=SamplingSettings(max_new_tokens=settings.max_new_tokens,
-                                                                     seed=seed))
-            write_jsonl(path, rows)
+    seed_datasets(ref, tokenizer, gold, out / "data",
+                  train_prompts=load_prompts(world.train_prompts_path, text_only=True).prompts,
+                  eval_prompts=load_prompts(world.eval_prompts_path, text_only=True).prompts, seeds=settings.seeds,
+                  pairs_per_prompt=settings.pairs_per_prompt,
+                  heldout_pairs_per_prompt=settings.heldout_pairs_per_prompt, scale=settings.scale,
+                  max_new_tokens=settings.max_new_tokens)
     return {"world": str(world.root), "pi_ref": world.pi_ref, "eval_prompts": world.eval_prompts_path,
             "gold": world.gold_spec, "r_max": settings.scale * (gold.reward_range[1] - gold.reward_range[0])}
 

@@ -168,6 +168,8 @@ def sampled_monitor(config, tokenizer, prompt_ids, ref_model) -> Overoptimizatio
     no held-out pairs, so the pair signals (displacement, implicit accuracy) are absent; the proxy reward is the
     loop's own ``eval_reward`` (``chipo rl``)."""
     if config.monitor == "off" or not prompt_ids:
+        if config.monitor != "off":
+            logger.info("overoptimization monitor: no evaluation (eval_steps), so it stays idle")
         return None
     settings = MonitorSettings(num_samples=config.monitor_samples, max_new_tokens=config.monitor_max_new_tokens,
                                seed=config.seed)

@@ -18,26 +18,17 @@ def _load_lm(name: str):
 
 
 def run_demo_command(config: DemoConfig) -> Path:
-    from chipo.lab.demo import DemoSettings, run_demo
+    """Each named experiment at its protocol's sizes (``--quick``: its ``quick()`` sizes); the keys that size the
+    offline sweep (seeds, betas, epochs, ablations) applied to it."""
+    from chipo.lab import experiments
+    from chipo.lab.demo import run_demo
 
-    settings = DemoSettings.quick(seeds=config.seeds or 1) if config.quick else DemoSettings()
-    if config.seeds and not config.quick:
-        settings = dataclasses.replace(settings, seeds=config.seeds)
-    settings = dataclasses.replace(settings, workers=config.workers, ablations=config.ablations)
-    if config.betas:
-        settings = dataclasses.replace(settings, betas=tuple(config.betas))
-    if config.epochs:
-        settings = dataclasses.replace(settings, epochs=config.epochs)
-    rlhf_settings = online_settings = None
-    if config.full and config.quick:
-        from chipo.lab.online import OnlineLabSettings
-
-        online_settings = OnlineLabSettings.quick()
-        from chipo.lab.rlhf import RLHFSettings
-
-        rlhf_settings = RLHFSettings.quick()
+    names = experiments.with_needs(config.experiment_names())
+    settings = {name: experiments.get(name).settings_for(config.quick) for name in names}
+    if "offline" in settings:
+        settings["offline"] = dataclasses.replace(settings["offline"], **config.offline_changes())
     return run_demo(config.out, settings, progress=config.progress, world_cache=config.world_cache,
-                    full=config.full, rlhf_settings=rlhf_settings, online_settings=online_settings)
+                    workers=config.workers, overwrite=config.overwrite)
 
 
 def generate_prefs(config: GeneratePrefsConfig) -> Path:

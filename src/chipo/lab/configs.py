@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from chipo.config import ConfigError, _field
 from chipo.generation import SamplingSettings
+from chipo.lab.protocol import DEMO_EXPERIMENTS, FULL_EXPERIMENTS
 
 GOLD_HELP = ("Gold scorer: 'world' (the embedded world), 'world:DIR', a reward-model directory or hub name "
              "(AutoModelForSequenceClassification, one output), or 'module:function' "
@@ -111,22 +112,31 @@ class ReportConfig:
 
 @dataclass
 class DemoConfig:
-    """The whole experiment on the embedded world: pi_ref by SFT (cached), preference data from pi_ref with gold
-    Bradley-Terry labels, DPO and chiPO over two betas, several epochs and seeds, evaluation, report.md with plots.
-    Rerunning resumes finished runs."""
+    """The overoptimization experiments on the embedded world: pi_ref by SFT (cached), preference data from pi_ref
+    with gold Bradley-Terry labels, DPO and chiPO over two betas, several epochs and seeds, evaluation, report.md
+    with plots. Rerunning resumes finished runs."""
 
-    quick: bool = _field(False, "Smoke-test size: 1 seed, 4 epochs, 8 held-out prompts x 16 samples (measured: "
-                                "35 CPU-s in all processes; 40 s on 2 idle cores). No claim can be tested with 1 "
-                                "seed.")
+    quick: bool = _field(False, "Smoke-test size of every experiment: offline 1 seed, 4 epochs, 8 held-out prompts "
+                                "x 16 samples (measured: 35 CPU-s in all processes; 40 s on 2 idle cores). No claim "
+                                "can be tested with 1 seed.")
     full: bool = _field(False, "Also standard RLHF (reward model + RL with kl and chi2mix), best-of-n and "
-                               "inference-time pessimism on the same world and data (adds 1.5 to 3 minutes).")
+                               "inference-time pessimism, and online DPO / chiPO, XPO and chi-squared XPO, on the same "
+                               "world and data: experiments offline, rlhf, online.")
+    experiments: list[str] | None = _field(None, "Experiments to run, in order, each after those it needs (default: "
+                                                 "offline; --full: offline, rlhf, online). The lab's: offline, rlhf, "
+                                                 "online, methods, monitor-validation.")
     ablations: bool = _field(False, "Also DPO and chiPO each with RPO's SFT term (sft_weight 1) and with a reward "
                                     "bound (r_max / 2), and report which remedy moves which number (3x the runs).")
     out: str = _field("chipo-demo", "Output directory.")
-    seeds: int | None = _field(None, "Number of seeds (default 8: enough for about 2 standard deviations of the "
-                                     "per-seed differences to pass Holm's correction with 80% power; quick: 1).")
-    betas: list[float] | None = _field(None, "beta values (default 0.05, 0.005: the paper's Table 1).")
-    epochs: int | None = _field(None, "Epochs of each run (default 16, evaluated at 1, 2, 4, 8, 16; quick: 4).")
+    overwrite: bool = _field(False, "Clear an experiment's directory that holds a run with other settings, instead "
+                                    "of refusing it.")
+    seeds: int | None = _field(None, "Number of seeds of the offline sweep (default 8: enough for about 2 standard "
+                                     "deviations of the per-seed differences to pass Holm's correction with 80% "
+                                     "power; quick: 1).")
+    betas: list[float] | None = _field(None, "beta values of the offline sweep (default 0.05, 0.005: the paper's "
+                                             "Table 1).")
+    epochs: int | None = _field(None, "Epochs of each offline run (default 16, evaluated at 1, 2, 4, 8, 16; quick: "
+                                      "4).")
     workers: int = _field(2, "Parallel training processes.")
     world_cache: str | None = _field(None, "World cache directory (default $CHIPO_CACHE/world or "
                                            "~/.cache/chipo/world).")
@@ -141,6 +151,23 @@ class DemoConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.betas is not None and (not self.betas or any(not b > 0 for b in self.betas)):
             raise ConfigError(f"betas must be positive numbers, got {self.betas}")
+        if self.full and self.experiments:
+            raise ConfigError("give either --full or experiments=, not both")
+        if self.experiments is not None and not self.experiments:
+            raise ConfigError("experiments: name at least one")
+        from chipo.lab.experiments import check_names
+
+        check_names(self.experiment_names())
+
+    def experiment_names(self) -> list[str]:
+        if self.experiments:
+            return [str(name) for name in self.experiments]
+        return list(FULL_EXPERIMENTS if self.full else DEMO_EXPERIMENTS)
+
+    def offline_changes(self) -> dict:
+        """The offline sweep's sizes set by this config (the others keep the protocol's or quick()'s)."""
+        changes = {"seeds": self.seeds, "betas": tuple(self.betas) if self.betas else None, "epochs": self.epochs}
+        return {"ablations": self.ablations, **{k: v for k, v in changes.items() if v is not None}}
 
 
 # ---------------------------------------------------------------------------------------------------- variants

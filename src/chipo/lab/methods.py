@@ -26,7 +26,8 @@ the process that ran it; methods built on a reward model also carry that model's
 
 Results: ``results.jsonl`` (one row per method, beta and seed with every evaluated point), rendered by
 ``chipo.lab.methods_report`` into ``report.md``, ``table.csv`` and ``gold_vs_sqrt_kl.png``. Resumable: a rerun
-skips finished cells (and an offline cell cut short resumes from its checkpoints).
+skips finished cells (and an offline cell cut short resumes from its checkpoints). As an experiment
+(``chipo.lab.experiments``, name ``methods``) its report becomes a section of a composed one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chipo.config import ConfigError, _field
+from chipo.lab.experiments import Context, Experiment, as_section
 from chipo.lab.methods_protocol import (
     FAMILIES,
     METHODS,
@@ -89,21 +91,27 @@ def run_method_table(world, out_dir, settings: MethodTableSettings | None = None
     A cell is finished when ``results.jsonl`` has its row, made with the current settings of its family; ``redo``
     names methods to run again anyway (e.g. after a change to a trainer's code): their old rows move to
     ``results.superseded.jsonl``."""
+    run_cells(world, Path(out_dir), settings or MethodTableSettings(), workers=workers, progress=progress, echo=echo,
+              redo=tuple(redo))
+    from chipo.lab.methods_report import write_report
+
+    return write_report(out_dir)
+
+
+def run_cells(world, out: Path, settings: MethodTableSettings, *, workers: int = 2, progress: bool = True,
+              echo=print, redo: tuple[str, ...] = ()) -> None:
+    """Every unfinished cell into ``out/results.jsonl`` (``run_method_table``, without the report)."""
     import torch
 
     from chipo.lab.runs import quiet_libraries
 
-    settings = settings or MethodTableSettings()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: parallelism is across processes
     try:
         with quiet_libraries():
-            _run(world, Path(out_dir), settings, max(1, workers), progress, echo, tuple(redo))
+            _run(world, out, settings, max(1, workers), progress, echo, redo)
     finally:
         torch.set_num_threads(threads)
-    from chipo.lab.methods_report import write_report
-
-    return write_report(out_dir)
 
 
 def _run(world, out: Path, settings: MethodTableSettings, workers: int, progress: bool, echo,
@@ -248,3 +256,25 @@ def run_methods_command(config: MethodTableConfig) -> Path:
     print(f"report: {report}")
     return report
 
+
+# ------------------------------------------------------------------------------------------------ the experiment
+
+
+def run_experiment(context: Context, settings: MethodTableSettings, out_dir: Path) -> None:
+    run_cells(context.world(), out_dir, settings, workers=context.workers, progress=context.progress,
+              echo=context.echo)
+
+
+def render(out_dir: Path, context: Context) -> str:
+    """The method table's own report (``report.md``, ``table.csv``, the plot in ``out_dir``) as a section."""
+    from chipo.lab.methods_report import write_report
+
+    return as_section(write_report(out_dir), context.report_dir)
+
+
+EXPERIMENT = Experiment(
+    name="methods", title="every method at one label budget, each tested against offline DPO over seeds",
+    settings=MethodTableSettings, run=run_experiment, render=render,
+    # A method's rows made with other settings of its family are run again, not refused (``_current_rows``):
+    # only the settings every row depends on must match.
+    key=MethodTableSettings.shared)

@@ -11,12 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
-from chipo.lab.demo import DemoSettings
 from chipo.lab.methods_protocol import FAMILIES, OFFLINE, RLHF, MethodTableSettings
+from chipo.lab.protocol import DemoSettings
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process (all its threads)."""
+    """User + system CPU time of this process (all its threads): a cell's own cost, its worker's other cells
+    excluded (``chipo.lab.experiments.cpu_seconds`` adds the finished child processes)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 

@@ -8,8 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from chipo.config import ConfigError
-from chipo.lab.online import SPECS as ONLINE_METHODS
-from chipo.lab.online import OnlineLabSettings
+from chipo.lab.online_protocol import SPECS as ONLINE_METHODS
+from chipo.lab.online_protocol import OnlineLabSettings
 from chipo.lab.protocol import DemoSettings
 from chipo.lab.rlhf import RLHFSettings
 

@@ -8,7 +8,8 @@ preference data per seed, the demo's learning rate, batch and r_max) is trained 
 optimizer steps -- dense early, where the demo's gold peaks (within the first epochs at lr 1e-3), sparse later --
 the monitor's signals and the exact gold of the current policy are recorded side by side, one JSON line per
 evaluation, in ``monitor_validation.jsonl`` (resumable per run). ``chipo.lab.monitor_analysis`` turns it into
-correlations, lead times, the stop rule and its regret.
+correlations, lead times, the stop rule and its regret (``when_to_stop.md``). As an experiment
+(``chipo.lab.experiments``, name ``monitor-validation``) that page becomes a section of a composed report.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chipo.io import write_json
+from chipo.lab.experiments import Context, Experiment, as_section
 from chipo.lab.protocol import DemoSettings
 from chipo.monitor import HeldoutPairs, MonitorSettings, OveroptimizationMonitor
 
@@ -52,17 +54,26 @@ class ValidationSettings:
     max_new_tokens: int = DemoSettings.max_new_tokens
     monitor: MonitorSettings = field(default_factory=lambda: MonitorSettings(num_samples=8, max_new_tokens=8))
     workers: int = DemoSettings.workers
+    tune_seeds: int = 4  # seeds 0..tune_seeds-1 at tune_beta choose the stop rule; the others test it
+    tune_beta: float = 0.05
+
+    @staticmethod
+    def quick() -> ValidationSettings:
+        """Smoke-test size: 2 seeds of 2 epochs, the rule tuned on seed 0."""
+        return ValidationSettings(seeds=2, epochs=2, tune_seeds=1,
+                                  monitor=MonitorSettings(num_samples=4, max_new_tokens=8))
 
 
-def prepare(out: Path, settings: ValidationSettings) -> dict:
-    """World, per-seed preference data (the demo's data process and sampling seeds) and held-out pairs."""
+def prepare(out: Path, settings: ValidationSettings, world=None) -> dict:
+    """World (default: the embedded one), per-seed preference data (the demo's data process and sampling seeds)
+    and held-out pairs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chipo.data.prompts import load_prompts
     from chipo.lab.generate import seed_datasets
     from chipo.lab.world import load_or_build_world
 
-    world = load_or_build_world(quiet=True)
+    world = world or load_or_build_world(quiet=True)
     tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
     ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
     gold = world.scorer()
@@ -196,7 +207,8 @@ def _worker(args):
     return run_cell(*args)
 
 
-def run_validation(out_dir: str | os.PathLike, settings: ValidationSettings | None = None, echo=print) -> Path:
+def run_validation(out_dir: str | os.PathLike, settings: ValidationSettings | None = None, echo=print,
+                   world=None) -> Path:
     """Every run of the design not yet complete in ``monitor_validation.jsonl``; returns that file's path."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -206,7 +218,7 @@ def run_validation(out_dir: str | os.PathLike, settings: ValidationSettings | No
     settings = settings or ValidationSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = {**prepare(out, settings), "out": str(out), "data": str(out / "data")}
+    ctx = {**prepare(out, settings, world), "out": str(out), "data": str(out / "data")}
     write_json(out / "settings.json", {"settings": dataclasses.asdict(settings), "context": ctx})
     sink = out / "monitor_validation.jsonl"
     rows = read_results(sink)
@@ -228,35 +240,64 @@ def run_validation(out_dir: str | os.PathLike, settings: ValidationSettings | No
     return sink
 
 
+def write_analysis(out: Path, tune_seeds: int, tune_beta: float) -> Path:
+    """``when_to_stop.md`` (``chipo.lab.monitor_analysis.when_to_stop_section``) and ``per_run.csv`` from the rows in
+    ``out/monitor_validation.jsonl``; returns the markdown's path."""
+    import pandas as pd
+
+    from chipo.io import atomic_write_text
+    from chipo.lab.monitor_analysis import analyse, when_to_stop_section
+    from chipo.lab.runs import read_results
+
+    table = pd.DataFrame(read_results(out / "monitor_validation.jsonl"))
+    seeds = tuple(range(tune_seeds))
+    atomic_write_text(out / "when_to_stop.md", when_to_stop_section(table, seeds, tune_beta))
+    analyse(table, seeds, tune_beta)["per_run"].to_csv(out / "per_run.csv", index=False)
+    return out / "when_to_stop.md"
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m chipo.lab.monitor_validation OUT_DIR [SEEDS]``: run (or finish) the validation, then write
-    ``when_to_stop.md`` (``chipo.lab.monitor_analysis.when_to_stop_section``) and ``per_run.csv`` beside it."""
+    ``when_to_stop.md`` and ``per_run.csv`` beside it (``write_analysis``)."""
     import argparse
     import resource
 
-    import pandas as pd
-
-    from chipo.lab.monitor_analysis import analyse, when_to_stop_section
-    from chipo.lab.runs import _quiet_libraries, read_results
+    from chipo.lab.runs import _quiet_libraries
 
     parser = argparse.ArgumentParser(prog="python -m chipo.lab.monitor_validation")
     parser.add_argument("out_dir")
     parser.add_argument("--seeds", type=int, default=ValidationSettings.seeds)
     parser.add_argument("--epochs", type=int, default=ValidationSettings.epochs)
-    parser.add_argument("--tune-seeds", type=int, default=4, help="seeds 0..N-1 at --tune-beta tune the rule")
-    parser.add_argument("--tune-beta", type=float, default=0.05)
+    parser.add_argument("--tune-seeds", type=int, default=ValidationSettings.tune_seeds,
+                        help="seeds 0..N-1 at --tune-beta tune the rule")
+    parser.add_argument("--tune-beta", type=float, default=ValidationSettings.tune_beta)
     a = parser.parse_args(argv)
     _quiet_libraries()
     start = time.perf_counter()
-    sink = run_validation(a.out_dir, ValidationSettings(seeds=a.seeds, epochs=a.epochs))
-    table = pd.DataFrame(read_results(sink))
-    tune_seeds = tuple(range(a.tune_seeds))
-    out = Path(a.out_dir)
-    (out / "when_to_stop.md").write_text(when_to_stop_section(table, tune_seeds, a.tune_beta))
-    analyse(table, tune_seeds, a.tune_beta)["per_run"].to_csv(out / "per_run.csv", index=False)
+    run_validation(a.out_dir, ValidationSettings(seeds=a.seeds, epochs=a.epochs, tune_seeds=a.tune_seeds,
+                                                 tune_beta=a.tune_beta))
+    path = write_analysis(Path(a.out_dir), a.tune_seeds, a.tune_beta)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"done in {time.perf_counter() - start:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} s CPU in "
-          f"workers, load average {os.getloadavg()[0]:.1f}; {out / 'when_to_stop.md'}")
+          f"workers, load average {os.getloadavg()[0]:.1f}; {path}")
+
+
+# ------------------------------------------------------------------------------------------------ the experiment
+
+
+def run_experiment(context: Context, settings: ValidationSettings, out_dir: Path) -> None:
+    run_validation(out_dir, settings, echo=context.echo, world=context.world())
+
+
+def render(out_dir: Path, context: Context) -> str:
+    """The "When to stop" section from the recorded rows, with the tuning split the run was made with."""
+    settings = json.loads((out_dir / "settings.json").read_text())["settings"]
+    return as_section(write_analysis(out_dir, settings["tune_seeds"], settings["tune_beta"]), context.report_dir)
+
+
+EXPERIMENT = Experiment(
+    name="monitor-validation", title="the overoptimization monitor's signals against the exact gold reward",
+    settings=ValidationSettings, run=run_experiment, render=render)
 
 
 if __name__ == "__main__":

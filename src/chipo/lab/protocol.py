@@ -1,8 +1,8 @@
 """The demo's protocol: the sizes and values of ``chipo demo``, fixed before any run, in one place.
 
-``chipo.lab.demo`` runs it and ``chipo.lab.online`` takes its label budget, noise, betas, learning rate and
+``chipo.lab.offline`` runs it and ``chipo.lab.online`` takes its label budget, noise, betas, learning rate and
 response length from it, so the offline and online labs compare at equal settings; both import this module and
-neither imports the other (``demo`` imports ``online`` only for ``--full``).
+neither imports the other (``chipo demo`` composes them by name: ``chipo.lab.experiments``).
 
 Why the values (Huang et al. 2024, arXiv 2407.13399 for chiPO; everything else is the demo's own choice, fixed
 here before looking at any result):
@@ -20,6 +20,10 @@ here before looking at any result):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+DEMO_EXPERIMENTS = ("offline",)
+"""What ``chipo demo`` runs (``chipo.lab.experiments`` names); ``--full`` runs ``FULL_EXPERIMENTS``."""
+FULL_EXPERIMENTS = ("offline", "rlhf", "online")
 
 
 @dataclass(frozen=True)

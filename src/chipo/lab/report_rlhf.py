@@ -16,6 +16,8 @@ import numpy as np
 
 from chipo import stats
 from chipo.lab import tables
+from chipo.lab.experiments import insert_section
+from chipo.markdown import markdown_table
 
 RLHF_BEGIN, RLHF_END = "<!-- rlhf-section -->", "<!-- /rlhf-section -->"
 RLHF_NAMES = {"kl": "KL-RLHF", "chi2mix": "chi2mix-RLHF", "bon": "best-of-n"}
@@ -83,17 +85,17 @@ def rl_seed_text(claims: list[dict]) -> list[str]:
     """The seeds table: final gold per regularizer (mean +- s.e. over seeds) and the paired test's verdict."""
     if not claims:
         return []
-    out = ["", "RL over seeds (final gold reward, exact; mean ± s.e. over seeds; paired t test of chi2mix - kl "
-           "across seeds, Holm-adjusted over the betas):", "",
-           "| beta | seeds | KL-RLHF | chi2mix-RLHF | difference | p (Holm) | smallest detectable | verdict |",
-           "|---|---|---|---|---|---|---|---|"]
-    for c in claims:
-        kl, mix, t = c["kl"], c["chi2mix"], c["test"]
-        word = ("significant" if c["passed"] else "not shown")
-        out.append(f"| {c['beta']:g} | {len(c['seeds'])} | {kl.mean():.3f} ± {stats.mean_se(kl)[1]:.3f} | "
-                   f"{mix.mean():.3f} ± {stats.mean_se(mix)[1]:.3f} | {t.estimate:+.3f} | {c['p_holm']:.3g} | "
-                   f"{c['detectable']:.3f} | {word} |")
-    return out
+
+    def pm(values: np.ndarray) -> str:
+        return f"{values.mean():.3f} ± {stats.mean_se(values)[1]:.3f}"
+
+    rows = [[f"{c['beta']:g}", len(c["seeds"]), pm(c["kl"]), pm(c["chi2mix"]), f"{c['test'].estimate:+.3f}",
+             f"{c['p_holm']:.3g}", f"{c['detectable']:.3f}", "significant" if c["passed"] else "not shown"]
+            for c in claims]
+    return ["", "RL over seeds (final gold reward, exact; mean ± s.e. over seeds; paired t test of chi2mix - kl "
+            "across seeds, Holm-adjusted over the betas):", "",
+            markdown_table(["beta", "seeds", "KL-RLHF", "chi2mix-RLHF", "difference", "p (Holm)",
+                            "smallest detectable", "verdict"], rows)]
 
 
 def plot_rlhf(curves: dict, out: Path) -> str:
@@ -146,16 +148,11 @@ def _turns_down(gold: list[float], proxy: list[float] | None, tol: float) -> str
     return "gold-only"
 
 
-def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) -> list[str]:
-    """The section's markdown lines; every claim is chosen by the numbers in ``results``."""
-    s = results.get("settings", {})
-    curves = rlhf_curves(results, rows)
-    out = [RLHF_BEGIN, "## Standard RLHF, chi2-RLHF, best-of-n and inference-time pessimism (`chipo demo --full`)",
-           ""]
-    rms = results.get("reward_models", {})
-    out.append(f"Same world, same gold reward, same Bradley-Terry process (scale {s.get('scale', 5):g}) as the "
-               "DPO/chiPO data. Reward models: `chipo reward` (backbone pi_ref, fresh score head, "
-               f"{s.get('rm_epochs')} epochs, constant lr {s.get('rm_learning_rate')}).")
+def _reward_model_lines(s: dict, rms: dict) -> list[str]:
+    """The reward models: data, epochs, held-out accuracy, and whether the larger data set bought accuracy."""
+    out = [f"Same world, same gold reward, same Bradley-Terry process (scale {s.get('scale', 5):g}) as the "
+           "DPO/chiPO data. Reward models: `chipo reward` (backbone pi_ref, fresh score head, "
+           f"{s.get('rm_epochs')} epochs, constant lr {s.get('rm_learning_rate')})."]
     for name, m in rms.items():
         what = ("exactly the DPO/chiPO pairs (seed 0)" if name == "rm_demo_pairs" else
                 f"{s.get('rm_pairs_per_prompt')} fresh pi_ref pairs per training prompt, more than the DPO/chiPO "
@@ -167,16 +164,20 @@ def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) 
         big, small = rms["rm"]["acc_gold"], rms["rm_demo_pairs"]["acc_gold"]
         out.append(f"- The larger data set {'gives' if big > small else 'does not give'} a more accurate reward model "
                    f"here: {100 * big:.0f}% vs {100 * small:.0f}% against the gold ordering.")
-    inf = results.get("inference") or {}
+    return out
+
+
+def _method_lines(s: dict, inf: dict) -> list[str]:
+    """How RL, best-of-n and pessimism were run, and what the x axis measures."""
+    out = []
     if inf:
         out.append(f"- The RL runs, best-of-n and pessimism all use RM `rm`. Its correlation with the gold reward on "
                    f"pi_ref's samples: {inf['proxy_gold_correlation']:.2f}.")
     out.append(f"- RL: `chipo rl` (RLOO, k {s.get('k')}, {s.get('prompts_per_step')} prompts per step, "
                f"{s.get('steps')} steps, constant lr {s.get('learning_rate')}, betas {list(s.get('betas', []))}, "
-               "estimator k1) "
-               "with `regularizer=kl` and `regularizer=chi2mix`, everything else identical; evaluated every "
-               f"{s.get('eval_every')} steps on the held-out prompts: proxy reward on {s.get('eval_samples')} samples "
-               "per prompt, gold reward exact over the enumerable response space.")
+               "estimator k1) with `regularizer=kl` and `regularizer=chi2mix`, everything else identical; evaluated "
+               f"every {s.get('eval_every')} steps on the held-out prompts: proxy reward on {s.get('eval_samples')} "
+               "samples per prompt, gold reward exact over the enumerable response space.")
     if inf:
         out.append(f"- best-of-n and pessimism (`chipo.inference.select`): one pool of {inf['pool_per_prompt']} pi_ref "
                    f"samples per held-out prompt ({inf['prompts']} prompts), n in {list(s.get('ns', []))}; the "
@@ -192,83 +193,109 @@ def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) 
     out.append("- x axis: sqrt of KL(pi || pi_ref). Trained policies (RL, DPO, chiPO): KL over the exact partition "
                "of responses (a lower bound, tight except in lumped cells); best-of-n / pessimism: KL of the output "
                "law relative to the pool (best-of-n agrees with log n - (n - 1)/n, see table).")
-    out += ["", "![rlhf_gold_vs_sqrt_kl.png](rlhf_gold_vs_sqrt_kl.png)", ""]
-    out += rl_seed_text(rl_seed_claims(results)) + [""]
+    return out
 
-    # What the curves show.
-    out += ["What the curves show (computed from the numbers below; 'turns down' = final gold more than "
-            f"{tol:g}, and for RL more than the run's largest step-to-step movement, below the curve's peak):", ""]
-    ref_gold = inf.get("pi_ref", {}).get("gold")
+
+_READINGS = {"yes": ". Overoptimization in the Gao et al. sense: the proxy kept rising while the gold turned down.",
+             "gold-only": ". The gold turned down, but the proxy did not keep rising with it.",
+             "no": ". The gold did not turn down on this range."}
+
+
+def _curve_line(name: str, c: dict, tol: float) -> str:
+    """One curve read off its numbers: start, peak, end, and whether the gold turned down (``_turns_down``)."""
+    peak = int(np.argmax(c["gold"]))
+    noise = 0.0
+    if c["unit"] == "step" and len(c["gold"]) > 2:
+        noise = float(np.abs(np.diff(c["gold"][1:])).max())
+    line = (f"- {name}: gold {c['gold'][0]:.3f} -> peak {c['gold'][peak]:.3f} at {c['unit']} "
+            f"{c['label'][peak]} (sqrt KL {c['x'][peak]:.2f}) -> {c['gold'][-1]:.3f} at {c['unit']} "
+            f"{c['label'][-1]} (sqrt KL {c['x'][-1]:.2f})")
+    if c["proxy"] is not None:
+        line += f"; proxy {c['proxy'][0]:.2f} -> {c['proxy'][-1]:.2f}"
+    if noise:
+        line += (f"; gold moves by up to {noise:.3f} between consecutive evaluations after the first, "
+                 "so a smaller fall from the peak is within training noise and not called a turn down")
+    # A fall no larger than the run's own step-to-step movement is not called a turn down.
+    return line + _READINGS[_turns_down(c["gold"], c["proxy"], max(tol, noise))]
+
+
+def _regularizer_line(beta: float, a: dict, b: dict, tol: float) -> str:
+    """KL-RLHF (``a``) against chi2mix-RLHF (``b``) at one beta, at their last step."""
+    closer = "stays closer to pi_ref" if b["x"][-1] < a["x"][-1] else "moves as far or further"
+    gold = (", and ends with the higher gold reward." if b["gold"][-1] > a["gold"][-1] + tol else
+            ", and ends with the lower gold reward." if b["gold"][-1] < a["gold"][-1] - tol else
+            f", with final gold rewards within {tol:g} of each other.")
+    return (f"At beta {beta:g} and the same steps, KL-RLHF ends at sqrt KL {a['x'][-1]:.2f} (gold {a['gold'][-1]:.3f})"
+            f" and chi2mix-RLHF at {b['x'][-1]:.2f} (gold {b['gold'][-1]:.3f}): chi2mix {closer}{gold}")
+
+
+def _reading_lines(curves: dict, s: dict, ref_gold: float | None, tol: float) -> list[str]:
+    """What the curves show, every sentence chosen by the numbers."""
+    out = ["What the curves show (computed from the numbers below; 'turns down' = final gold more than "
+           f"{tol:g}, and for RL more than the run's largest step-to-step movement, below the curve's peak):", ""]
     best = {}
     for key, c in curves.items():
         name = c.get("name") or _rlhf_name(key)
         peak = int(np.argmax(c["gold"]))
         best[name] = (c["gold"][peak], c["x"][peak])
-        noise = 0.0
-        if c["unit"] == "step" and len(c["gold"]) > 2:
-            noise = float(np.abs(np.diff(c["gold"][1:])).max())
-        # A fall no larger than the run's own step-to-step movement is not called a turn down.
-        verdict = _turns_down(c["gold"], c["proxy"], max(tol, noise))
-        line = (f"- {name}: gold {c['gold'][0]:.3f} -> peak {c['gold'][peak]:.3f} at {c['unit']} "
-                f"{c['label'][peak]} (sqrt KL {c['x'][peak]:.2f}) -> {c['gold'][-1]:.3f} at {c['unit']} "
-                f"{c['label'][-1]} (sqrt KL {c['x'][-1]:.2f})")
-        if c["proxy"] is not None:
-            line += f"; proxy {c['proxy'][0]:.2f} -> {c['proxy'][-1]:.2f}"
-        if noise:
-            line += (f"; gold moves by up to {noise:.3f} between consecutive evaluations after the first, "
-                     "so a smaller fall from the peak is within training noise and not called a turn down")
-        line += {"yes": ". Overoptimization in the Gao et al. sense: the proxy kept rising while the gold turned "
-                        "down.",
-                 "gold-only": ". The gold turned down, but the proxy did not keep rising with it.",
-                 "no": ". The gold did not turn down on this range."}[verdict]
-        out.append(line)
+        out.append(_curve_line(name, c, tol))
     if best:
         top = max(best, key=lambda k: best[k][0])
         out += ["", f"Highest gold reward reached: {top} ({best[top][0]:.3f} at sqrt KL {best[top][1]:.2f})"
                 + (f"; pi_ref {ref_gold:.3f}." if ref_gold is not None else ".")]
         for beta in s.get("betas", []):
             a, b = curves.get(f"kl_beta{beta:g}"), curves.get(f"chi2mix_beta{beta:g}")
-            if a is None or b is None:
-                continue
-            out.append(f"At beta {beta:g} and the same steps, KL-RLHF ends at sqrt KL {a['x'][-1]:.2f} "
-                       f"(gold {a['gold'][-1]:.3f}) and chi2mix-RLHF at {b['x'][-1]:.2f} "
-                       f"(gold {b['gold'][-1]:.3f}): chi2mix "
-                       + ("stays closer to pi_ref" if b["x"][-1] < a["x"][-1] else "moves as far or further")
-                       + (", and ends with the higher gold reward." if b["gold"][-1] > a["gold"][-1] + tol else
-                          ", and ends with the lower gold reward." if b["gold"][-1] < a["gold"][-1] - tol else
-                          f", with final gold rewards within {tol:g} of each other."))
-    none_down = all(_turns_down(c["gold"], c["proxy"], tol) == "no" for c in curves.values()
-                    if not c.get("sweep"))
-    if none_down:
+            if a is not None and b is not None:
+                out.append(_regularizer_line(beta, a, b, tol))
+    if all(_turns_down(c["gold"], c["proxy"], tol) == "no" for c in curves.values() if not c.get("sweep")):
         out.append("None of the RM-based methods shows the gold reward turning down on the KL range measured here: "
                    "with this reward model and budget the Gao et al. overoptimization regime is not reached (the "
                    "RM-based curves only show the rising part).")
+    return out
 
-    # Tables.
-    out += ["", "| method | step | sqrt KL | gold | proxy | KL k3 (MC) | chi2 (MC) | malformed mass |",
-            "|---|---|---|---|---|---|---|---|"]
-    for reg, run in (results.get("rl") or {}).items():
-        for p in run.get("curve", []):
-            out.append(f"| {_rlhf_name(reg)} | {p['step']} | {math.sqrt(max(p['kl_partition'], 0)):.2f} | "
-                       f"{p['gold']:.3f} | {p['proxy']:.2f} | {p['kl_k3']:.2f} | {p['chi2']:.3g} | "
-                       f"{100 * p['mass_malformed']:.1f}% |")
-    out += ["", "| method | n | sqrt KL (law) | KL log n - (n-1)/n | gold (law) | gold (drawn ± se) | proxy (law) |",
-            "|---|---|---|---|---|---|---|"]
-    for key, c in (inf.get("methods") or {}).items():
-        for p in c:
-            analytic = f"{p['kl_analytic']:.2f}" if "kl_analytic" in p else "-"
-            out.append(f"| {_rlhf_name(key)} | {p['n']} | {math.sqrt(max(p['kl'], 0)):.2f} | {analytic} | "
-                       f"{p['gold']:.3f} | {p['gold_selected']:.3f} ± {p['gold_selected_se']:.3f} | "
-                       f"{p['proxy']:.2f} |")
+
+def _tables(results: dict) -> list[str]:
+    """Every evaluated RL step, and every n of best-of-n and pessimism."""
+    rl = [[_rlhf_name(reg), p["step"], f"{math.sqrt(max(p['kl_partition'], 0)):.2f}", f"{p['gold']:.3f}",
+           f"{p['proxy']:.2f}", f"{p['kl_k3']:.2f}", f"{p['chi2']:.3g}", f"{100 * p['mass_malformed']:.1f}%"]
+          for reg, run in (results.get("rl") or {}).items() for p in run.get("curve", [])]
+    inference = [[_rlhf_name(key), p["n"], f"{math.sqrt(max(p['kl'], 0)):.2f}",
+                  f"{p['kl_analytic']:.2f}" if "kl_analytic" in p else "-", f"{p['gold']:.3f}",
+                  f"{p['gold_selected']:.3f} ± {p['gold_selected_se']:.3f}", f"{p['proxy']:.2f}"]
+                 for key, c in ((results.get("inference") or {}).get("methods") or {}).items() for p in c]
+    return ["", markdown_table(["method", "step", "sqrt KL", "gold", "proxy", "KL k3 (MC)", "chi2 (MC)",
+                                "malformed mass"], rl),
+            "", markdown_table(["method", "n", "sqrt KL (law)", "KL log n - (n-1)/n", "gold (law)",
+                                "gold (drawn ± se)", "proxy (law)"], inference)]
+
+
+def _timing_lines(results: dict) -> list[str]:
     timing = dict(results.get("timing", {}))
     for key, run in (results.get("rl") or {}).items():
         timing[f"RL {_rlhf_name(key)}_s"] = run.get("seconds", math.nan)
-    if timing:
-        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s ({v / 60:.1f} min)"
-                          for k, v in timing.items())
-        out += ["", f"Wall time (measured when each part ran; a resumed run keeps these): {parts}."]
-    out.append(RLHF_END)
-    return out
+    if not timing:
+        return []
+    parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s ({v / 60:.1f} min)"
+                      for k, v in timing.items())
+    return ["", f"Wall time of each part (measured when it ran; a resumed run keeps these): {parts}."]
+
+
+def rlhf_text(results: dict, rows: list[dict] | None = None, tol: float = 0.01) -> list[str]:
+    """The section's markdown lines; every claim is chosen by the numbers in ``results``."""
+    s = results.get("settings", {})
+    inf = results.get("inference") or {}
+    return ([RLHF_BEGIN, "## Standard RLHF, chi2-RLHF, best-of-n and inference-time pessimism (`chipo demo --full`)",
+             ""] + _reward_model_lines(s, results.get("reward_models", {})) + _method_lines(s, inf)
+            + ["", "![rlhf_gold_vs_sqrt_kl.png](rlhf_gold_vs_sqrt_kl.png)", ""]
+            + rl_seed_text(rl_seed_claims(results)) + [""]
+            + _reading_lines(rlhf_curves(results, rows), s, inf.get("pi_ref", {}).get("gold"), tol)
+            + _tables(results) + _timing_lines(results) + [RLHF_END])
+
+
+def rlhf_section(report_dir: str | os.PathLike, results: dict, rows: list[dict] | None = None) -> str:
+    """The section's markdown, with its figure ``rlhf_gold_vs_sqrt_kl.png`` written into ``report_dir``."""
+    plot_rlhf(rlhf_curves(results, rows), Path(report_dir))
+    return "\n".join(rlhf_text(results, rows)) + "\n"
 
 
 def write_rlhf_section(report_dir: str | os.PathLike, results: dict, rows: list[dict] | None = None) -> Path:
@@ -278,16 +305,11 @@ def write_rlhf_section(report_dir: str | os.PathLike, results: dict, rows: list[
     """
     from chipo.io import atomic_write_text
 
-    report_dir = Path(report_dir)
-    plot_rlhf(rlhf_curves(results, rows), report_dir)
-    path = report_dir / "report.md"
+    path = Path(report_dir) / "report.md"
     text = path.read_text() if path.is_file() else ""
     if RLHF_BEGIN in text:
         head, rest = text.split(RLHF_BEGIN, 1)
         tail = rest.split(RLHF_END, 1)[1] if RLHF_END in rest else ""
         text = head.rstrip("\n") + "\n\n" + tail.lstrip("\n")
-    section = "\n".join(rlhf_text(results, rows)) + "\n\n"
-    marker = "## Machine, versions, time"
-    text = text.replace(marker, section + marker, 1) if marker in text else text + "\n" + section
-    atomic_write_text(path, text)
+    atomic_write_text(path, insert_section(text, rlhf_section(report_dir, results, rows)))
     return path

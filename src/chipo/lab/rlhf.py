@@ -20,7 +20,8 @@ Protocol (fixed before looking at results; stated in the report):
   proxy reward only, so KL and expected rewards of that law are consistent estimates. The analytic best-of-n KL
   log n - (n - 1)/n is recorded beside it.
 
-Results go to ``<out>/rlhf/rlhf.json``, written after every finished part; a rerun skips finished parts.
+Results go to ``<out>/rlhf/rlhf.json``, written after every finished part; a rerun skips finished parts. As an
+experiment (``chipo.lab.experiments``, name ``rlhf``) it needs the offline one: its preference data and rows.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import numpy as np
 from chipo.data.prompts import load_prompts
 from chipo.generation import SamplingSettings
 from chipo.io import write_json, write_jsonl
+from chipo.lab.experiments import Context, Experiment
 from chipo.lab.generate import generate_preferences
+from chipo.lab.offline import data_dir
 from chipo.rewards import load_scorer
 
 
@@ -304,3 +307,29 @@ def inference_curves(ref, tokenizer, prompts: list[str], gold, rm_path: str, set
             curve.append(point(n, picks, laws))
         out["methods"][f"pessimism_beta{beta:g}"] = curve
     return out
+
+
+# ------------------------------------------------------------------------------------------------ the experiment
+
+
+def run_experiment(context: Context, settings: RLHFSettings, out_dir: Path) -> None:
+    """``run_rlhf`` on the context's world, its reward model ``rm_demo_pairs`` on the offline experiment's seed-0
+    pairs and its held-out pairs the offline experiment's."""
+    data = data_dir(context)
+    run_rlhf(context.world(), out_dir, settings, echo=context.echo, demo_pairs=str(data / "train_seed0.jsonl"),
+             heldout_pairs=str(data / "heldout.jsonl"))
+
+
+def render(out_dir: Path, context: Context) -> str:
+    """The report section from ``rlhf.json`` and the offline sweep's rows (drawn on the same axes); its figure goes
+    into the report directory."""
+    from chipo.lab.report_rlhf import rlhf_section
+    from chipo.lab.runs import read_results
+
+    results = json.loads((out_dir / "rlhf.json").read_text())
+    return rlhf_section(context.report_dir, results, read_results(context.dir("offline") / "results.jsonl"))
+
+
+EXPERIMENT = Experiment(
+    name="rlhf", title="reward model, RL with kl and chi2mix, best-of-n and pessimism on the same world and data",
+    settings=RLHFSettings, run=run_experiment, render=render, needs=("offline",))

@@ -48,7 +48,7 @@ def test_sweep_split_counts_each_training_call_once():
     """Rows are evaluated epochs; each carries its run's training time. Two runs (3 and 2 rows, 10 s and 4 s of
     training) and a resumed run whose second call (5 s) trained the later epochs: training = 10 + 4 + 2 + 5 = 21 s;
     the evaluation parts add up over all 7 rows (7 x 1 s of sampling, 7 x 0.5 s of exact metrics)."""
-    from chipo.lab.demo import sweep_split
+    from chipo.lab.offline import sweep_split
 
     def row(method, seed, train_seconds):
         return {"method": method, "beta": 0.1, "seed": seed, "train_seconds": train_seconds,
@@ -71,7 +71,8 @@ def test_the_default_demo_shows_an_effect_the_size_of_dpos_measured_fall_with_80
 
     from chipo import stats
     from chipo.lab import verdicts
-    from chipo.lab.demo import DemoSettings, claim_plan_for
+    from chipo.lab.offline import claim_plan_for
+    from chipo.lab.protocol import DemoSettings
     from chipo.lab.sweep import SweepConfig
 
     settings = DemoSettings()

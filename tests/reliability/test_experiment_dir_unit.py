@@ -168,3 +168,15 @@ def test_shared_participants_work_together_and_block_overwrite(tmp_path):
     assert child.returncode == 0
     with open_experiment(tmp_path, {"lr": 0.5}, overwrite=True, shared=True):
         pass
+
+
+def test_legacy_directory_keeps_what_is_not_the_callers(tmp_path):
+    """An older layout recognised by legacy_key, with a folder of the user's inside (an SFT model): overwrite clears
+    only the caller's names."""
+    (tmp_path / "sweep.json").write_text(json.dumps({"results_key": KEY}))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "sft").mkdir()
+    with open_experiment(tmp_path, KEY, overwrite=True, owned=("sweep.json", "runs"),
+                         legacy_key=lambda out: json.loads((out / "sweep.json").read_text())["results_key"]) as exp:
+        assert exp.foreign == ("sft",)
+    assert names(tmp_path) == [".lock", MARKER, "sft"]

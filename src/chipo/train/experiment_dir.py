@@ -14,7 +14,8 @@ records the experiment's ``key`` (the settings its results depend on) and whethe
   produced itself, e.g. a stage that re-judges cells whose judge changed);
 - no marker but other files (a folder of the user's): adopted, and the names already there are recorded as not
   ours, so that a later ``overwrite`` leaves them alone; ``overwrite`` on such a folder is refused (nothing of a
-  user's is ever deleted). ``legacy_key`` lets a caller recognise its own directories written before the marker.
+  user's is ever deleted). ``legacy_key`` lets a caller recognise its own directories written before the marker
+  (``owned``: the names such a directory holds that are the caller's; anything else there stays the user's).
 
 ``overwrite=True`` clears everything the experiment wrote (not the lock, not what was there before it). An
 experiment that raises (Ctrl-C included) before writing anything into a directory it found empty or new removes
@@ -134,7 +135,7 @@ def _lock(out: Path, *, shared: bool, overwrite: bool, label: str):
         raise
 
 
-def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, label: str) -> None:
+def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, owned, label: str) -> None:
     """Under the exclusive lock: clean, check the marker against the key, clear on overwrite, write the marker."""
     out = exp.path
     clean_stale(out)
@@ -144,7 +145,10 @@ def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, 
                           f"{label}")
     if marker is None and legacy_key is not None:
         old = legacy_key(out)
-        marker = None if old is None else {"key": _normalised(old), "finished": False, "foreign": []}
+        if old is not None:
+            foreign = [] if owned is None else sorted(p.name for p in out.iterdir()
+                                                      if p.name not in (LOCK, *owned))
+            marker = {"key": _normalised(old), "finished": False, "foreign": foreign}
     if marker is None:
         others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if others and overwrite:
@@ -166,13 +170,14 @@ def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, 
 @contextlib.contextmanager
 def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = False, what: str = "experiment",
                     shared: bool = False, replace_key: bool = False,
-                    legacy_key: Callable[[Path], dict | None] | None = None,
+                    legacy_key: Callable[[Path], dict | None] | None = None, owned: Iterable[str] | None = None,
                     label: str = "out_dir") -> Iterator[Experiment]:
     """Open ``out`` for an experiment whose results depend on ``key`` (see the module docstring).
 
     ``what`` names the experiment in messages ("sweep"); ``label`` is the config key of the directory
     ("out_dir"). ``legacy_key(out)`` may return the key recorded by an older layout of the caller's own (else
-    None). Raises ConfigError (one line) for every refusal, with nothing written.
+    None; ``owned``: the names of such a directory that are the caller's, default all). Raises ConfigError (one
+    line) for every refusal, with nothing written.
     """
     out = Path(out).expanduser()
     check_output_path(out, label)
@@ -188,7 +193,8 @@ def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = Fals
     _HELD.add(real)
     try:
         if exclusive:
-            _set_up(exp, overwrite=overwrite, replace_key=replace_key, legacy_key=legacy_key, label=label)
+            _set_up(exp, overwrite=overwrite, replace_key=replace_key, legacy_key=legacy_key,
+                    owned=None if owned is None else tuple(owned), label=label)
             if shared:
                 try_lock(handle, shared=True)  # let the other participants in
         else:

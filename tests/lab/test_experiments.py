@@ -110,8 +110,10 @@ def test_a_registered_experiment_runs_through_chipo_demo_and_its_section_lands_i
     assert "sum of squares below 5: 30." in text and "Time of the toy experiment:" in text
     assert "CPU time of all its processes" in text
     for name in ("toy-page", "toy"):
-        record = json.loads((out / name / "experiment.json").read_text())
-        assert record["finished"] and record["settings"] == {"n": 5} and record["timing"]["cpu_s"] >= 0
+        record = experiments.record(out / name)
+        assert record["settings"] == {"n": 5} and record["timing"]["cpu_s"] >= 0 and record["timing"]["wall_s"] > 0
+        marker = json.loads((out / name / "experiment.json").read_text())  # the directory protocol's marker
+        assert marker["finished"] and marker["key"] == {"n": 5}
 
     # Finished with the same settings: nothing runs again, the report is composed from disk.
     assert demo([f"out={out}", "experiments=toy", "--no-progress"]) == 0
@@ -123,7 +125,7 @@ def test_other_settings_in_an_experiments_directory_are_refused_unless_overwrite
     out = tmp_path / "demo"
     settings = {"toy-page": ToySettings(), "toy": ToySettings()}
     run_demo(out, settings, echo=lambda _: None)
-    with pytest.raises(ConfigError, match=r"toy-page experiment with other settings \(n\)"):
+    with pytest.raises(ConfigError, match=r"toy-page experiment with other settings \(n\b"):
         run_demo(out, {"toy-page": ToySettings(n=3), "toy": ToySettings()}, echo=lambda _: None)
     assert len(CALLS) == 2 and len((out / "toy-page" / "rows.jsonl").read_text().splitlines()) == 5
     # --quick through the command line: each experiment's quick() (n = 2), here over the old run.
@@ -144,3 +146,21 @@ def test_a_page_becomes_a_section_with_its_links_pointing_from_the_report(tmp_pa
     assert experiments.insert_section(report, "## S\n\nbody\n") == (
         "# R\n\n## Verdicts\n\n## S\n\nbody\n\n## Machine, versions, time\n\n- m\n")
     assert experiments.insert_section("# R\n", "## S\n") == "# R\n\n## S\n\n"
+
+
+def test_an_experiments_directory_is_locked_while_it_runs_and_a_failed_start_leaves_nothing(toys, tmp_path):
+    from chipo.train.experiment_dir import open_experiment
+
+    out = tmp_path / "demo"
+    with open_experiment(out / "toy-page", {"n": 5}):  # another run holds the directory
+        with pytest.raises(ConfigError, match="in use by another run"):
+            run_demo(out, {"toy-page": ToySettings(), "toy": ToySettings()}, echo=lambda _: None)
+    assert CALLS == []
+
+    def fail(context, settings, out_dir):
+        raise RuntimeError("the toy fails before writing anything")
+
+    experiments.register(dataclasses.replace(experiments.get("toy-page"), run=fail))
+    with pytest.raises(RuntimeError, match="toy fails"):
+        run_demo(tmp_path / "fresh", {"toy-page": ToySettings()}, echo=lambda _: None)
+    assert not (tmp_path / "fresh" / "toy-page").exists()

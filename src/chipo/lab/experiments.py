@@ -11,9 +11,11 @@ Experiments are found by name: ``get(name)``, ``names()``. The lab's own are lis
 this module cannot import them); ``register`` adds one in this process. ``chipo demo`` composes a list of them
 (``run_all``, ``compose_report``); a new experiment is one record and one registration, no new branch anywhere.
 
-Every experiment's directory is run under one protocol (``run_experiment``): the settings it ran with are kept in
-``experiment.json``; other settings are refused (one line naming the keys) unless ``overwrite``; a finished
-experiment with the same settings is not run again; its wall and CPU time are recorded the same way for all.
+Every experiment's directory is run under one protocol (``run_experiment``, through
+``chipo.train.experiment_dir.open_experiment``): one run at a time (a lock), the settings it ran with kept in
+``experiment.json``, other settings refused (one line naming the keys) unless ``overwrite`` (which clears what the
+experiment wrote), a finished experiment with the same settings not run again; its settings, wall and CPU time are
+recorded the same way for all, in ``timing.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 from chipo.config import ConfigError
 from chipo.lab.protocol import DemoSettings
 
-MARKER = "experiment.json"
+RECORD = "timing.json"
 MACHINE_HEADING = "## Machine, versions, time"
 
 
@@ -179,7 +181,7 @@ def _jsonable(value) -> Any:
 
 def record(out_dir: Path) -> dict:
     """What ``run_experiment`` recorded for the experiment in ``out_dir`` (empty if it never finished)."""
-    path = Path(out_dir) / MARKER
+    path = Path(out_dir) / RECORD
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -192,30 +194,37 @@ def timing_text(timing: dict) -> str:
             f"{timing['load_at_start']}")
 
 
-def run_experiment(experiment: Experiment, context: Context, settings) -> dict:
-    """Run ``experiment`` into its directory under the directory protocol (module docstring); returns its record.
-
-    A finished experiment with the same settings is not run again: its record (with the timing of the run that
-    did the work) is returned as it is."""
-    out_dir = context.dir(experiment.name)
-    key, full = experiment.settings_key(settings), _jsonable(dataclasses.asdict(settings))
-    old = {} if experiment.owns_directory else record(out_dir)
-    if old.get("key") not in (None, key) and not context.overwrite:
-        diff = sorted(k for k in set(old["key"]) | set(key) if old["key"].get(k) != key.get(k))
-        raise ConfigError(f"{out_dir} holds the {experiment.name} experiment with other settings ({', '.join(diff)});"
-                          " use another out, or overwrite=true")
-    if old.get("finished") and old.get("settings") == full and not context.overwrite:
-        context.echo(f"      {experiment.name}: finished in {out_dir} with these settings; nothing to do")
-        return old
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _timed(experiment: Experiment, context: Context, settings, out_dir: Path) -> dict:
+    """Run the experiment; its wall time, CPU time (this process and its finished children) and the load."""
     start, cpu_start, load = time.perf_counter(), cpu_seconds(), load_average()
     experiment.run(context, settings, out_dir)
-    entry = {"name": experiment.name, "key": key, "settings": full, "finished": True,
-             "timing": {"wall_s": time.perf_counter() - start, "cpu_s": cpu_seconds() - cpu_start,
-                        "load_at_start": load}}
-    from chipo.io import write_json
+    return {"wall_s": time.perf_counter() - start, "cpu_s": cpu_seconds() - cpu_start, "load_at_start": load}
 
-    write_json(out_dir / MARKER, entry)
+
+def run_experiment(experiment: Experiment, context: Context, settings) -> dict:
+    """Run ``experiment`` into its directory under the directory protocol (module docstring); returns its record
+    (name, settings, timing), also written to ``RECORD`` in the directory.
+
+    The protocol is ``chipo.train.experiment_dir.open_experiment`` (lock, stale entries, the key's check, overwrite,
+    a failed empty start leaves nothing) unless the experiment applies it itself (``owns_directory``). A finished
+    experiment with the same settings is not run again: the record of the run that did the work is returned."""
+    from chipo.io import write_json
+    from chipo.train.experiment_dir import open_experiment
+
+    out_dir = context.dir(experiment.name)
+    full = _jsonable(dataclasses.asdict(settings))
+    if experiment.owns_directory:
+        entry = {"name": experiment.name, "settings": full, "timing": _timed(experiment, context, settings, out_dir)}
+        write_json(out_dir / RECORD, entry)
+        return entry
+    with open_experiment(out_dir, experiment.settings_key(settings), overwrite=context.overwrite,
+                         what=f"{experiment.name} experiment", label="out") as exp:
+        if exp.finished and (exp.summary or {}).get("settings") == full:
+            context.echo(f"      {experiment.name}: finished in {out_dir} with these settings; nothing to do")
+            return exp.summary
+        entry = {"name": experiment.name, "settings": full, "timing": _timed(experiment, context, settings, out_dir)}
+        write_json(out_dir / RECORD, entry)
+        exp.finish(entry)
     return entry
 
 

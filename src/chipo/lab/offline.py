@@ -169,7 +169,8 @@ def sweep_config(context: Context, settings: DemoSettings, out_dir: Path):
         betas=list(settings.betas), seeds=list(range(settings.seeds)), epochs=settings.epochs,
         eval_epochs=list(settings.eval_epochs) if settings.eval_epochs else None, learning_rate=settings.learning_rate,
         batch_size=settings.batch_size, r_max=r_max, max_length=32, num_samples=settings.num_samples,
-        max_new_tokens=settings.max_new_tokens, max_eval_prompts=settings.max_eval_prompts)
+        max_new_tokens=settings.max_new_tokens, max_eval_prompts=settings.max_eval_prompts,
+        overwrite=context.overwrite)  # clears sweep/ (chipo.lab.sweep.Sweep applies the directory protocol)
 
 
 def write_plan(context: Context, config, settings: DemoSettings) -> list[str]:

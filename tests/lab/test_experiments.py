@@ -149,10 +149,12 @@ def test_a_page_becomes_a_section_with_its_links_pointing_from_the_report(tmp_pa
 
 
 def test_an_experiments_directory_is_locked_while_it_runs_and_a_failed_start_leaves_nothing(toys, tmp_path):
-    from chipo.train.experiment_dir import open_experiment
+    import fcntl
 
     out = tmp_path / "demo"
-    with open_experiment(out / "toy-page", {"n": 5}):  # another run holds the directory
+    (out / "toy-page").mkdir(parents=True)
+    with open(out / "toy-page" / ".lock", "a+") as lock:  # another run holds the directory: its lock is taken
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(ConfigError, match="in use by another run"):
             run_demo(out, {"toy-page": ToySettings(), "toy": ToySettings()}, echo=lambda _: None)
     assert CALLS == []

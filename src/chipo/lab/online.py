@@ -159,19 +159,9 @@ def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, e
         missing = sorted(set(budget_labels) - labels_done(rows, method, beta, seed))
         _train(world, run_dir, method, beta, seed, settings, budget_labels)
         train_seconds = time.perf_counter() - start
-        log = {r["step"]: r for r in read_results(run_dir / "metrics.jsonl")}
-        for labels in missing:
-            t0 = time.perf_counter()
-            step = labels // settings.prompts_per_step
-            policy = _load_checkpoint(world, run_dir / f"checkpoint-{step}")
-            metrics = exact_metrics(gold.exact_partition(policy, tokenizer, prompts)[0], baseline)
-            trained = log.get(step, {})
-            row = {"method": method, **method_keys(method), "beta": beta, "seed": seed, "labels": labels, "step": step,
-                   **metrics, "train_loss": trained.get("loss"), "train_acc": trained.get("rewards/accuracies"),
-                   "train_kl": trained.get("kl"), "train_seconds": train_seconds,
-                   "eval_seconds": time.perf_counter() - t0}
-            append_row(results, row)
-            rows.append(row)
+        for row in _evaluate(world, run_dir, (method, beta, seed), missing, settings, (tokenizer, gold, baseline)):
+            append_row(results, {**row, "train_seconds": train_seconds})
+            rows.append({**row, "train_seconds": train_seconds})
         last = max((r for r in rows if (r["method"], r["beta"], r["seed"]) == (method, beta, seed)),
                    key=lambda r: r["labels"])
         for ckpt in run_dir.glob("checkpoint-*"):
@@ -183,6 +173,25 @@ def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, e
             f"({time.perf_counter() - start:.0f} s)")
     bar.close()
     return rows
+
+
+def _evaluate(world: World, run_dir: Path, cell: tuple, labels: list[int], settings: OnlineLabSettings, judge):
+    """Rows of one run at each of ``labels``: exact metrics of its checkpoint there (``judge``: tokenizer, gold
+    scorer, pi_ref's baseline) beside the trainer's own log at that step."""
+    from chipo.lab.evaluate import exact_metrics
+
+    tokenizer, gold, baseline = judge
+    method, beta, seed = cell
+    log = {r["step"]: r for r in read_results(run_dir / "metrics.jsonl")}
+    for n in labels:
+        t0 = time.perf_counter()
+        step = n // settings.prompts_per_step
+        policy = _load_checkpoint(world, run_dir / f"checkpoint-{step}")
+        metrics = exact_metrics(gold.exact_partition(policy, tokenizer, baseline.prompts)[0], baseline)
+        trained = log.get(step, {})
+        yield {"method": method, **method_keys(method), "beta": beta, "seed": seed, "labels": n, "step": step,
+               **metrics, "train_loss": trained.get("loss"), "train_acc": trained.get("rewards/accuracies"),
+               "train_kl": trained.get("kl"), "eval_seconds": time.perf_counter() - t0}
 
 
 def _train(world: World, run_dir: Path, method: str, beta: float, seed: int, settings: OnlineLabSettings,

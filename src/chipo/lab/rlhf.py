@@ -107,59 +107,26 @@ def run_rlhf(world, out_dir: str | Path, settings: RLHFSettings | None = None, *
     train_prompts = _prompts(world.train_prompts_path)
     eval_prompts = _prompts(world.eval_prompts_path, settings.max_eval_prompts)
 
-    # --- reward models
     if "reward_models" not in results:
         t0 = time.perf_counter()
-        rows, stats = generate_preferences(ref, tokenizer, train_prompts, gold,
-                                           pairs_per_prompt=settings.rm_pairs_per_prompt, scale=settings.scale,
-                                           settings=SamplingSettings(max_new_tokens=settings.max_new_tokens,
-                                                                     seed=5000 + settings.seed), progress=False)
-        write_jsonl(out / "data" / "rm_train.jsonl", rows)
-        if heldout_pairs is None:
-            held, _ = generate_preferences(ref, tokenizer, eval_prompts, gold, pairs_per_prompt=8,
-                                           scale=settings.scale,
-                                           settings=SamplingSettings(max_new_tokens=settings.max_new_tokens,
-                                                                     seed=6000 + settings.seed), progress=False)
-            write_jsonl(out / "data" / "heldout.jsonl", held)
-            heldout_pairs = str(out / "data" / "heldout.jsonl")
-        held = [json.loads(line) for line in open(heldout_pairs) if line.strip()]
-        models = {}
-        sources = {"rm": (str(out / "data" / "rm_train.jsonl"), asdict(stats)["pairs"])}
-        if demo_pairs:
-            sources["rm_demo_pairs"] = (demo_pairs, sum(1 for line in open(demo_pairs) if line.strip()))
-        for name, (data, n_pairs) in sources.items():
-            rm_dir = _train_reward_model(world, data, out / name, settings)
-            models[name] = {"path": str(rm_dir), "pairs": n_pairs, "data": data,
-                            **reward_model_accuracy(rm_dir, held)}
-        results["reward_models"] = models
+        results["reward_models"] = reward_models(world, out, settings, (ref, tokenizer, gold), train_prompts,
+                                                 eval_prompts, demo_pairs, heldout_pairs, echo)
         results["timing"]["reward_models_s"] = time.perf_counter() - t0
         save()
-        for name, m in models.items():
-            echo(f"      reward model {name}: {m['pairs']} pairs, held-out accuracy {100 * m['acc_labels']:.0f}% vs "
-                 f"labels, {100 * m['acc_gold']:.0f}% vs the gold ordering")
     rm_path = results["reward_models"]["rm"]["path"]
 
-    # --- RL with each regularizer
     results.setdefault("rl", {})
     for beta in settings.betas:
         for offset in range(settings.rl_seeds):
             for reg in REGULARIZERS:
                 # The first seed keeps the plain key (its curve is the one drawn); the others add a suffix.
                 key = f"{reg}_beta{beta:g}" + (f"_seed{settings.seed + offset}" if offset else "")
-                if results["rl"].get(key, {}).get("done"):
-                    continue
-                t0 = time.perf_counter()
-                curve = run_rl_curve(world, rm_path, out / f"rl_{key}", reg, beta, settings, eval_prompts, gold,
-                                     ref, tokenizer, seed=settings.seed + offset)
-                results["rl"][key] = {"done": True, "curve": curve, "seconds": time.perf_counter() - t0,
-                                      "regularizer": reg, "beta": beta, "seed": settings.seed + offset}
-                save()
-                last = curve[-1]
-                echo(f"      RL {reg} beta {beta:g} seed {settings.seed + offset}: step {last['step']}, proxy "
-                     f"{last['proxy']:.2f}, gold {last['gold']:.3f}, KL {last['kl_k3']:.2f} "
-                     f"({time.perf_counter() - t0:.0f} s)")
+                if not results["rl"].get(key, {}).get("done"):
+                    results["rl"][key] = _rl_run(world, rm_path, out / f"rl_{key}", reg, beta, settings,
+                                                 eval_prompts, (ref, tokenizer, gold), settings.seed + offset, echo)
+                    save()
 
-    # --- best-of-n and inference-time pessimism on one pool of pi_ref samples
+    # best-of-n and inference-time pessimism on one pool of pi_ref samples
     if "inference" not in results:
         t0 = time.perf_counter()
         results["inference"] = inference_curves(ref, tokenizer, eval_prompts, gold, rm_path, settings)
@@ -167,6 +134,50 @@ def run_rlhf(world, out_dir: str | Path, settings: RLHFSettings | None = None, *
         save()
         echo(f"      best-of-n / pessimism curves ({time.perf_counter() - t0:.0f} s)")
     return path
+
+
+def reward_models(world, out: Path, settings: RLHFSettings, models, train_prompts: list[str],
+                  eval_prompts: list[str], demo_pairs: str | None, heldout_pairs: str | None, echo) -> dict:
+    """The two reward models (module docstring), each with its held-out accuracy. ``models``: (pi_ref, its
+    tokenizer, the gold scorer). Held-out pairs: ``heldout_pairs``, else 8 fresh pairs per held-out prompt."""
+    ref, tokenizer, gold = models
+
+    def pairs(prompts: list[str], per_prompt: int, seed: int, path: Path) -> int:
+        rows, stats = generate_preferences(ref, tokenizer, prompts, gold, pairs_per_prompt=per_prompt,
+                                           scale=settings.scale, progress=False,
+                                           settings=SamplingSettings(max_new_tokens=settings.max_new_tokens,
+                                                                     seed=seed + settings.seed))
+        write_jsonl(path, rows)
+        return stats.pairs
+
+    sources = {"rm": (str(out / "data" / "rm_train.jsonl"),
+                      pairs(train_prompts, settings.rm_pairs_per_prompt, 5000, out / "data" / "rm_train.jsonl"))}
+    if heldout_pairs is None:
+        pairs(eval_prompts, 8, 6000, out / "data" / "heldout.jsonl")
+        heldout_pairs = str(out / "data" / "heldout.jsonl")
+    held = [json.loads(line) for line in open(heldout_pairs) if line.strip()]
+    if demo_pairs:
+        sources["rm_demo_pairs"] = (demo_pairs, sum(1 for line in open(demo_pairs) if line.strip()))
+    result = {}
+    for name, (data, n_pairs) in sources.items():
+        rm_dir = _train_reward_model(world, data, out / name, settings)
+        m = result[name] = {"path": str(rm_dir), "pairs": n_pairs, "data": data, **reward_model_accuracy(rm_dir, held)}
+        echo(f"      reward model {name}: {m['pairs']} pairs, held-out accuracy {100 * m['acc_labels']:.0f}% vs "
+             f"labels, {100 * m['acc_gold']:.0f}% vs the gold ordering")
+    return result
+
+
+def _rl_run(world, rm_path: str, out: Path, reg: str, beta: float, settings: RLHFSettings, eval_prompts, models,
+            seed: int, echo) -> dict:
+    """One RL run's record: its evaluation curve, wall seconds, regularizer, beta and seed."""
+    ref, tokenizer, gold = models
+    t0 = time.perf_counter()
+    curve = run_rl_curve(world, rm_path, out, reg, beta, settings, eval_prompts, gold, ref, tokenizer, seed=seed)
+    last = curve[-1]
+    echo(f"      RL {reg} beta {beta:g} seed {seed}: step {last['step']}, proxy {last['proxy']:.2f}, gold "
+         f"{last['gold']:.3f}, KL {last['kl_k3']:.2f} ({time.perf_counter() - t0:.0f} s)")
+    return {"done": True, "curve": curve, "seconds": time.perf_counter() - t0, "regularizer": reg, "beta": beta,
+            "seed": seed}
 
 
 def _train_reward_model(world, data: str, out: Path, settings: RLHFSettings) -> Path:

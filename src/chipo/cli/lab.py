@@ -41,7 +41,9 @@ def demo(argv: list[str]) -> int:
                           example="example:\n  chipo demo            # 8 seeds, 16 epochs: 2 min 22 s on 2 idle cores "
                                   "(268 CPU-seconds in all processes, 2 workers)\n"
                                   "  chipo demo --quick    # 1 seed, 4 epochs: 19 s on 2 idle cores (29 CPU-seconds)\n"
-                                  "  chipo demo --full     # plus RLHF, best-of-n and pessimism\n"
+                                  "  chipo demo --full     # plus RLHF, best-of-n, pessimism and online\n"
+                                  "  chipo demo experiments=offline,online   # the experiments named (chipo.lab."
+                                  "experiments)\n"
                                   "  chipo demo --ablations  # plus each loss with RPO's SFT term / a reward bound\n")
 
 

@@ -128,8 +128,9 @@ class DemoConfig:
     ablations: bool = _field(False, "Also DPO and chiPO each with RPO's SFT term (sft_weight 1) and with a reward "
                                     "bound (r_max / 2), and report which remedy moves which number (3x the runs).")
     out: str = _field("chipo-demo", "Output directory.")
-    overwrite: bool = _field(False, "Clear an experiment's directory that holds a run with other settings, instead "
-                                    "of refusing it.")
+    overwrite: bool = _field(False, "Clear what an earlier run wrote in each experiment's directory and start it "
+                                    "again (without it, a directory made with other settings is refused and a "
+                                    "finished one is reused).")
     seeds: int | None = _field(None, "Number of seeds of the offline sweep (default 8: enough for about 2 standard "
                                      "deviations of the per-seed differences to pass Holm's correction with 80% "
                                      "power; quick: 1).")

@@ -89,3 +89,31 @@ def test_the_default_demo_shows_an_effect_the_size_of_dpos_measured_fall_with_80
     level = stats.holm_first_level(0.05, m)
     assert stats.t_power(effect_sd, settings.seeds, level, "greater") >= 0.8
     assert stats.t_power(verdicts.STATED_EFFECT_SD, settings.seeds, level, "two-sided") >= 0.8
+
+
+@pytest.mark.slow
+def test_quick_full_demo_composes_offline_rlhf_and_online_and_a_rerun_has_nothing_to_do(tmp_path, capsys):
+    """``chipo demo --quick --full``: the experiments offline, rlhf and online, each at its quick() size, in sweep/,
+    rlhf/, online/; one report, the offline page followed by the RLHF and online sections, each with its time."""
+    out = tmp_path / "demo"
+    assert demo(["--quick", "--full", f"out={out}", "--no-progress"]) == 0
+    text = (out / "report" / "report.md").read_text()
+    headings = ("## Result in the layout of the paper's Table 1", "## Standard RLHF, chi2-RLHF",
+                "## Online preference optimization", "## Machine, versions, time")
+    assert [text.index(h) for h in headings] == sorted(text.index(h) for h in headings)
+    assert "Time of the rlhf experiment:" in text and "Time of the online experiment:" in text
+    assert (out / "report" / "rlhf_gold_vs_sqrt_kl.png").is_file()
+    assert "](../online/online_gold_vs_sqrt_kl.png)" in text
+    assert (out / "online" / "online_gold_vs_sqrt_kl.png").is_file()
+    for name, directory in (("offline", "sweep"), ("rlhf", "rlhf"), ("online", "online")):
+        record = json.loads((out / directory / "timing.json").read_text())
+        assert record["name"] == name and record["timing"]["cpu_s"] > 0
+    rlhf = json.loads((out / "rlhf" / "rlhf.json").read_text())
+    assert rlhf["settings"]["steps"] == 20  # RLHFSettings.quick()
+    assert json.loads((out / "online" / "online_lab.json").read_text())["key"]["settings"]["seeds"] == 1
+
+    capsys.readouterr()
+    assert demo(["--quick", "--full", f"out={out}", "--no-progress"]) == 0  # the same command again
+    assert capsys.readouterr().out.count("finished in") == 2  # rlhf and online; the sweep skips its finished cells
+    again = (out / "report" / "report.md").read_text()
+    assert again.split("Time of the rlhf")[0] == text.split("Time of the rlhf")[0]

@@ -166,3 +166,16 @@ def test_an_experiments_directory_is_locked_while_it_runs_and_a_failed_start_lea
     with pytest.raises(RuntimeError, match="toy fails"):
         run_demo(tmp_path / "fresh", {"toy-page": ToySettings()}, echo=lambda _: None)
     assert not (tmp_path / "fresh" / "toy-page").exists()
+
+
+def test_a_report_that_starts_with_a_section_gets_a_title(toys, tmp_path):
+    """The toy section's experiment needs the page; registered without that need, it is the first and only one."""
+    experiments.register(dataclasses.replace(experiments.get("toy"), needs=(), run=_toy_alone))
+    report = run_demo(tmp_path / "demo", {"toy": ToySettings(n=1)}, echo=lambda _: None)
+    text = report.read_text()
+    assert text.startswith("# chipo lab: toy\n\n## Toy section\n\nThe sum of squares below 1: 7.")
+    assert "Time of the toy experiment:" in text
+
+
+def _toy_alone(context: Context, settings: ToySettings, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps({"sum of squares": 7}))

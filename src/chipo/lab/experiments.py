@@ -274,15 +274,20 @@ def insert_section(text: str, section: str) -> str:
 
 
 def compose_report(context: Context, names_: list[str]) -> Path:
-    """The report of a composed run: the first experiment's page (its render writes ``context.report_dir``:
-    report.md, plots, tables), then every other experiment's section with its recorded time, one loop."""
+    """The report of a composed run, one loop: the first experiment's page (its render writes
+    ``context.report_dir``: report.md, plots, tables; it states its own time), then every experiment's section with
+    its recorded time. A first experiment that renders a section, not a page, gets a title above it."""
     from chipo.io import atomic_write_text
 
-    first, *rest = names_
-    text = get(first).render(context.dir(first), context)
-    for name in rest:
+    text = ""
+    for name in names_:
         experiment = get(name)
         section = experiment.render(context.dir(name), context)
+        if not text and section.startswith("# "):
+            text = section
+            continue
+        if not text:
+            text = f"# chipo lab: {', '.join(names_)}\n"
         timing = timing_text(record(context.dir(name)).get("timing", {}))
         if timing:
             section = section.rstrip("\n") + f"\n\nTime of the {name} experiment: {timing}.\n"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from chipo.config import ConfigError
 from chipo.lab.online_protocol import SPECS as ONLINE_METHODS
 from chipo.lab.online_protocol import OnlineLabSettings
-from chipo.lab.protocol import DemoSettings
+from chipo.lab.protocol import DemoSettings, OfflineRuns
 from chipo.lab.rlhf import RLHFSettings
 
 OFFLINE = {"dpo": ("dpo", {}), "chipo": ("chipo", {}), "dpo+sft": ("dpo", {"sft_weight": 1}),
@@ -24,22 +24,15 @@ NO_BETA = ("bon",)  # best-of-n has no regularization strength
 
 
 @dataclass(frozen=True)
-class MethodTableSettings:
-    """Sizes of the method table. Everything shared with the demo, the online lab or RLHF defaults to theirs."""
+class MethodTableSettings(OfflineRuns):
+    """Sizes of the method table. Everything shared with the demo (``OfflineRuns``: seeds, betas, the label budget,
+    scale, epochs, optimizer, response length), the online lab or RLHF is theirs. Epochs stay the demo's 16 and RL
+    takes 150 steps (the demo's RLHF part: 300): the CPU budget of a shared 2-core machine (one seed at 32 epochs /
+    300 steps measured 224 CPU-s). Online runs keep their 48 steps: the label budget sets them."""
 
-    seeds: int = 8
-    betas: tuple[float, ...] = DemoSettings.betas
     methods: tuple[str, ...] = METHODS
-    pairs_per_prompt: int = DemoSettings.pairs_per_prompt  # the label budget: this x training prompts
-    scale: float = DemoSettings.scale
-    # 16 epochs and 150 RL steps (the demo had 32, RLHF has 300): the CPU budget of a shared 2-core machine (one
-    # seed at 32 epochs / 300 steps measured 224 CPU-s). Online runs keep their 48 steps: the label budget sets them.
-    epochs: int = 16
-    learning_rate: float = DemoSettings.learning_rate
-    batch_size: int = DemoSettings.batch_size
     num_samples: int = DemoSettings.num_samples
     max_eval_prompts: int | None = None
-    max_new_tokens: int = DemoSettings.max_new_tokens
     best_of_n: int = 32  # the largest n of the demo's best-of-n curve: where overoptimizing the proxy would show
     online: OnlineLabSettings = field(default_factory=OnlineLabSettings)
     rlhf: RLHFSettings = field(default_factory=lambda: RLHFSettings(steps=150))

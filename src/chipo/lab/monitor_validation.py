@@ -23,7 +23,7 @@ from pathlib import Path
 
 from chipo.io import write_json
 from chipo.lab.experiments import Context, Experiment, as_section
-from chipo.lab.protocol import DemoSettings
+from chipo.lab.protocol import DemoSettings, OfflineRuns
 from chipo.monitor import HeldoutPairs, MonitorSettings, OveroptimizationMonitor
 
 
@@ -39,19 +39,11 @@ def default_schedule(steps_per_epoch: int, epochs: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class ValidationSettings:
-    """The demo's design (``chipo.lab.protocol.DemoSettings``, whose values it takes) and the monitor's sampling."""
+class ValidationSettings(OfflineRuns):
+    """The demo's design (``OfflineRuns`` and the demo's losses and held-out pairs) and the monitor's sampling."""
 
-    seeds: int = DemoSettings.seeds
-    betas: tuple[float, ...] = DemoSettings.betas
     losses: tuple[str, ...] = DemoSettings.losses
-    epochs: int = DemoSettings.epochs
-    pairs_per_prompt: int = DemoSettings.pairs_per_prompt
     heldout_pairs_per_prompt: int = DemoSettings.heldout_pairs_per_prompt
-    scale: float = DemoSettings.scale
-    learning_rate: float = DemoSettings.learning_rate
-    batch_size: int = DemoSettings.batch_size
-    max_new_tokens: int = DemoSettings.max_new_tokens
     monitor: MonitorSettings = field(default_factory=lambda: MonitorSettings(num_samples=8, max_new_tokens=8))
     workers: int = DemoSettings.workers
     tune_seeds: int = 4  # seeds 0..tune_seeds-1 at tune_beta choose the stop rule; the others test it

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chipo.config import ConfigError
-from chipo.lab.protocol import DemoSettings
+from chipo.lab.protocol import PreferenceData
 
 # method name -> chipo online keys. chi-squared XPO = chiPO's pairwise loss + XPO's (KL-form) exploration bonus;
 # see chipo.losses.online for why the bonus stays KL-form. Both chi-squared methods take chipo online's defaults for
@@ -60,20 +60,15 @@ METRICS = ("gold", "win_rate_vs_ref", "kl", "sqrt_kl", "chi2", "mass_malformed")
 
 
 @dataclass(frozen=True)
-class OnlineLabSettings:
-    """Sizes of the online lab. Budget, scale, betas, learning rate and response length default to the offline
-    demo's (``DemoSettings``), so the two are compared at equal labels, noise, regularization and optimizer."""
+class OnlineLabSettings(PreferenceData):
+    """Sizes of the online lab. Budget, scale, betas, learning rate and response length are the offline demo's
+    (``PreferenceData``), so the two are compared at equal labels, noise, regularization and optimizer."""
 
     seeds: int = 3
-    betas: tuple[float, ...] = DemoSettings.betas
     methods: tuple[str, ...] = tuple(METHODS)
-    pairs_per_prompt: int = DemoSettings.pairs_per_prompt  # label budget = this x training prompts
     eval_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # of the budget, rounded to whole steps
-    scale: float = DemoSettings.scale
     prompts_per_step: int = 8
-    learning_rate: float = DemoSettings.learning_rate
     alpha: float = 1e-5  # XPO's coefficient: chipo online's (and TRL's) default
-    max_new_tokens: int = DemoSettings.max_new_tokens
     max_eval_prompts: int | None = None
 
     @staticmethod

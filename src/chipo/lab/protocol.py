@@ -27,22 +27,44 @@ FULL_EXPERIMENTS = ("offline", "rlhf", "online")
 
 
 @dataclass(frozen=True)
-class DemoSettings:
-    """Sizes of the demo; ``quick()`` is the CI smoke-test version."""
+class WorldProcess:
+    """What every lab experiment on the embedded world shares: the regularization strengths, the Bradley-Terry
+    scale of the labels (chiPO's r_max = scale x the gold range: the paper's R_max), the optimizer's constant
+    learning rate and the response length. Each experiment's settings subclass this and override only where its
+    protocol differs."""
 
-    seeds: int = 8
     betas: tuple[float, ...] = (0.05, 0.005)
-    losses: tuple[str, ...] = ("dpo", "chipo")
-    epochs: int = 16
-    eval_epochs: tuple[int, ...] | None = None  # None: 1, 2, 4, ... and the last (``sweep.default_eval_epochs``)
-    pairs_per_prompt: int = 8
-    heldout_pairs_per_prompt: int = 8
     scale: float = 5.0
     learning_rate: float = 1e-3
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class PreferenceData(WorldProcess):
+    """Experiments whose seeds each draw their own preference data: seeds and pairs per training prompt (the label
+    budget is pairs_per_prompt x training prompts)."""
+
+    seeds: int = 8
+    pairs_per_prompt: int = 8
+
+
+@dataclass(frozen=True)
+class OfflineRuns(PreferenceData):
+    """Experiments that train offline on those data: epochs (AdamW, the constant learning rate) and batch size."""
+
+    epochs: int = 16
     batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class DemoSettings(OfflineRuns):
+    """Sizes of the demo; ``quick()`` is the CI smoke-test version."""
+
+    losses: tuple[str, ...] = ("dpo", "chipo")
+    eval_epochs: tuple[int, ...] | None = None  # None: 1, 2, 4, ... and the last (``sweep.default_eval_epochs``)
+    heldout_pairs_per_prompt: int = 8
     num_samples: int = 64
     max_eval_prompts: int | None = None
-    max_new_tokens: int = 8
     workers: int = 2
     ablations: bool = False
 

@@ -42,21 +42,21 @@ from chipo.io import write_json, write_jsonl
 from chipo.lab.experiments import Context, Experiment
 from chipo.lab.generate import generate_preferences
 from chipo.lab.offline import data_dir
+from chipo.lab.protocol import WorldProcess
 from chipo.rewards import load_scorer
 
 
 @dataclass(frozen=True)
-class RLHFSettings:
-    """Sizes of the RLHF comparison; ``quick()`` is the smoke-test version."""
+class RLHFSettings(WorldProcess):
+    """Sizes of the RLHF comparison; ``quick()`` is the smoke-test version. Betas, Bradley-Terry scale, learning
+    rate and response length are the demo's (``WorldProcess``): the RM's reward is in BT units like DPO's implicit
+    reward."""
 
-    scale: float = 5.0  # Bradley-Terry scale, as the demo's preference data
     rm_pairs_per_prompt: int = 32
     rm_epochs: float = 6.0
     rm_learning_rate: float = 1e-3
     rm_batch_size: int = 32
-    betas: tuple[float, ...] = (0.05, 0.005)  # the demo's; the RM's reward is in BT units like DPO's implicit reward
     steps: int = 300
-    learning_rate: float = 1e-3
     k: int = 4
     prompts_per_step: int = 16
     eval_every: int = 25
@@ -65,7 +65,6 @@ class RLHFSettings:
     ns: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     pessimism_betas: tuple[float, ...] = (0.05, 0.5)  # in the proxy's units
     replicates: int = 16  # independent selections per prompt for select(); pool = replicates * (2 max n + 1)
-    max_new_tokens: int = 8
     seed: int = 0
     rl_seeds: int = 3  # RL runs per (regularizer, beta): seed, seed + 1, ...; the report tests chi2mix vs kl on them
 

@@ -151,3 +151,16 @@ def test_every_method_on_the_tiny_world_same_labels_report_resume_and_redo(tiny_
     assert all(r["train_cpu_s"] > 0 for r in again if r["method"] == "chipo")
     assert {r["method"] for r in read_results(out / "offline" / "results.superseded.jsonl")} == {"chipo"}
     assert np.isfinite([r["points"][-1]["gold"] for r in again]).all()
+
+    # The directory protocol: a table with other data settings is refused before anything runs, and so is a
+    # directory another process holds.
+    import fcntl
+
+    other = dataclasses.replace(quick, pairs_per_prompt=quick.pairs_per_prompt + 1)
+    with pytest.raises(ConfigError, match="holds a method table with other settings"):
+        run_method_table(world, out, other, workers=1, progress=False, echo=lambda *_: None)
+    with open(out / ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="in use by another run"):
+            run_method_table(world, out, quick, workers=1, progress=False, echo=lambda *_: None)
+    assert read_results(out / "results.jsonl") == again

@@ -85,33 +85,46 @@ def cell_key(row: dict) -> tuple:
 
 
 def run_method_table(world, out_dir, settings: MethodTableSettings | None = None, *, workers: int = 2,
-                     progress: bool = True, echo=print, redo=()) -> Path:
+                     progress: bool = True, echo=print, redo=(), overwrite: bool = False) -> Path:
     """Run every unfinished cell, then render the report; returns the path of ``report.md``.
 
     A cell is finished when ``results.jsonl`` has its row, made with the current settings of its family; ``redo``
     names methods to run again anyway (e.g. after a change to a trainer's code): their old rows move to
     ``results.superseded.jsonl``."""
     run_cells(world, Path(out_dir), settings or MethodTableSettings(), workers=workers, progress=progress, echo=echo,
-              redo=tuple(redo))
+              redo=tuple(redo), overwrite=overwrite)
     from chipo.lab.methods_report import write_report
 
     return write_report(out_dir)
 
 
 def run_cells(world, out: Path, settings: MethodTableSettings, *, workers: int = 2, progress: bool = True,
-              echo=print, redo: tuple[str, ...] = ()) -> None:
-    """Every unfinished cell into ``out/results.jsonl`` (``run_method_table``, without the report)."""
+              echo=print, redo: tuple[str, ...] = (), overwrite: bool = False) -> None:
+    """Every unfinished cell into ``out/results.jsonl`` (``run_method_table``, without the report), under the
+    directory protocol (``chipo.train.experiment_dir``): one table per directory at a time; the data, evaluation
+    and offline settings and the world must match the directory's (a family's other settings rerun its rows:
+    ``_current_rows``); ``overwrite`` clears it."""
     import torch
 
     from chipo.lab.runs import quiet_libraries
+    from chipo.train.experiment_dir import open_experiment
 
+    key = {"settings": settings.shared(), "world": str(world.root)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: parallelism is across processes
     try:
-        with quiet_libraries():
+        with quiet_libraries(), open_experiment(out, key, overwrite=overwrite, what="method table",
+                                                legacy_key=_table_key) as exp:
             _run(world, out, settings, max(1, workers), progress, echo, redo)
+            exp.finish({"cells": len(settings.cells())})
     finally:
         torch.set_num_threads(threads)
+
+
+def _table_key(out: Path) -> dict | None:
+    """The key a method table recorded in ``table.json`` before directories had a protocol marker."""
+    path = out / "table.json"
+    return json.loads(path.read_text()).get("key") if path.is_file() else None
 
 
 def _run(world, out: Path, settings: MethodTableSettings, workers: int, progress: bool, echo,
@@ -123,13 +136,9 @@ def _run(world, out: Path, settings: MethodTableSettings, workers: int, progress
     from chipo.lab.runs import append_row
 
     start, cpu_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
-    out.mkdir(parents=True, exist_ok=True)
-    key = {"settings": settings.shared(), "world": str(world.root)}
+    key = {"settings": settings.shared(), "world": str(world.root)}  # checked by run_cells' directory protocol
     meta_path = out / "table.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("key") not in (None, json.loads(json.dumps(key))):
-        raise ConfigError(f"{out} holds a method table with other data, evaluation or offline settings, or another "
-                          "world; use another directory or delete it")
     write_json(meta_path, {**meta, "key": key})
     echo("[1/3] preference data (the demo's process and seeds) and one reward model per seed")
     labels = _preference_data(world, out, settings)
@@ -226,6 +235,7 @@ class MethodTableConfig:
     quick: bool = _field(False, "Smoke-test size: one beta, a few steps per method.")
     workers: int = _field(2, "Parallel processes.")
     redo: list[str] | None = _field(None, "Methods to run again although finished (after a change to their code).")
+    overwrite: bool = _field(False, "Clear the directory's previous table and start again.")
     world_cache: str | None = _field(None, "World cache directory (default $CHIPO_CACHE/world).")
     progress: bool = _field(True, "Show progress.")
 
@@ -252,7 +262,7 @@ def run_methods_command(config: MethodTableConfig) -> Path:
 
     world = load_or_build_world(cache_dir=config.world_cache, quiet=True)
     report = run_method_table(world, config.out, config.settings(), workers=config.workers,
-                              progress=config.progress, redo=tuple(config.redo or ()))
+                              progress=config.progress, redo=tuple(config.redo or ()), overwrite=config.overwrite)
     print(f"report: {report}")
     return report
 
@@ -262,7 +272,7 @@ def run_methods_command(config: MethodTableConfig) -> Path:
 
 def run_experiment(context: Context, settings: MethodTableSettings, out_dir: Path) -> None:
     run_cells(context.world(), out_dir, settings, workers=context.workers, progress=context.progress,
-              echo=context.echo)
+              echo=context.echo, overwrite=context.overwrite)
 
 
 def render(out_dir: Path, context: Context) -> str:
@@ -275,6 +285,4 @@ def render(out_dir: Path, context: Context) -> str:
 EXPERIMENT = Experiment(
     name="methods", title="every method at one label budget, each tested against offline DPO over seeds",
     settings=MethodTableSettings, run=run_experiment, render=render,
-    # A method's rows made with other settings of its family are run again, not refused (``_current_rows``):
-    # only the settings every row depends on must match.
-    key=MethodTableSettings.shared)
+    owns_directory=True)  # run_cells applies the directory protocol: chipo lab methods runs it without chipo demo

@@ -179,3 +179,19 @@ def test_a_report_that_starts_with_a_section_gets_a_title(toys, tmp_path):
 
 def _toy_alone(context: Context, settings: ToySettings, out: Path) -> None:
     (out / "results.json").write_text(json.dumps({"sum of squares": 7}))
+
+
+def test_chipo_demo_names_its_experiments_and_sizes_only_the_offline_sweep():
+    from chipo.lab.configs import DemoConfig
+
+    assert DemoConfig().experiment_names() == ["offline"]
+    assert DemoConfig(full=True).experiment_names() == ["offline", "rlhf", "online"]
+    assert DemoConfig(experiments=["online"]).experiment_names() == ["online"]  # offline comes first: with_needs
+    assert experiments.with_needs(DemoConfig(experiments=["online"]).experiment_names()) == ["offline", "online"]
+    with pytest.raises(ConfigError, match="either --full or experiments="):
+        DemoConfig(full=True, experiments=["online"])
+    with pytest.raises(ConfigError, match="unknown experiment 'rhlf'"):
+        DemoConfig(experiments=["rhlf"])
+    assert DemoConfig(seeds=3, epochs=2, ablations=True).offline_changes() == {"seeds": 3, "epochs": 2,
+                                                                               "ablations": True}
+    assert DemoConfig(betas=[0.1]).offline_changes() == {"betas": (0.1,), "ablations": False}

@@ -2,7 +2,7 @@
 
 One experiment, the same for every method (fixed here, before any result; the report states it):
 
-* the world, its gold reward and the preference process of the offline demo (``chipo.lab.demo``): per seed, fresh
+* the world, its gold reward and the preference process of the offline demo (``chipo.lab.offline``): per seed, fresh
   pairs of pi_ref samples on the training prompts with Bradley-Terry labels sigmoid(s (r*(y1) - r*(y2))), the
   demo's seeds, pairs per prompt (8 x 48 prompts = 384 labels) and scale (Huang et al. 2024, arXiv 2407.13399,
   section 2). A seed is its own preference-data draw, so seeds are the unit of every test;

@@ -23,7 +23,7 @@ def cpu_seconds() -> float:
 
 
 def _preference_data(world, out: Path, settings: MethodTableSettings) -> int:
-    """The demo's data for every seed (same process and seeds: ``chipo.lab.demo``); returns the labels per seed."""
+    """The demo's data for every seed (same process and seeds: ``chipo.lab.offline``); returns the labels per seed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chipo.data.prompts import load_prompts

@@ -178,7 +178,8 @@ def check_changed_settings_are_refused_not_mixed(recipe: dict, capsys) -> None:
     code = tldr("generate", "--config", RECIPE / "generate.yaml", f"out_dir={out}",
                 f"prompts_dataset={recipe['tldr']}", "num_prompts=4", "max_new_tokens=9", "max_prompt_length=192")
     err = capsys.readouterr().err
-    assert code == 2 and "sampled with other settings (sampling)" in err and "regenerate=true" in err
+    assert code == 2 and "generate stage with other settings (max_new_tokens): max_new_tokens was 8" in err
+    assert "overwrite=true" in err and err.count("\n") == 1
 
 
 class FakeJudgeServer(ChatServer):

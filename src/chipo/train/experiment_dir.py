@@ -74,11 +74,14 @@ class Experiment:
         return self.path / MARKER
 
     def _write(self, finished: bool, summary: dict | None) -> None:
-        write_json(self.marker, {"what": self.what, "key": self.key, "finished": finished, "summary": summary,
-                                 "foreign": list(self.foreign)})
+        record = {"what": self.what, "key": self.key, "finished": finished, "summary": _normalised(summary),
+                  "foreign": list(self.foreign)}
+        if read_json(self.marker) != record:  # a rerun with nothing to do leaves the directory untouched
+            write_json(self.marker, record)
 
     def finish(self, summary: dict | None = None) -> None:
-        """Record that the experiment is complete for this key (with an optional summary for the caller)."""
+        """Record that the experiment is complete for this key, with an optional summary of what it holds (of the
+        directory, not of this process's work: a rerun with nothing to do then rewrites nothing)."""
         self._write(True, summary)
         self.finished, self.summary = True, summary
 
@@ -87,8 +90,14 @@ class Experiment:
         return [p for p in self.path.iterdir() if p.name not in (LOCK, MARKER, *self.foreign)]
 
     def started(self) -> bool:
-        """Whether anything worth keeping was written (any entry of ``entries``)."""
-        return bool(self.entries())
+        """Whether anything worth keeping was written: a file (or link) among ``entries``, at any depth (empty
+        folders, such as a run directory a failed first run removed again, are not results)."""
+        for entry in self.entries():
+            if entry.is_symlink() or not entry.is_dir():
+                return True
+            if any(files for _, _, files in os.walk(entry)):
+                return True
+        return False
 
     def clear(self, keep: Iterable[str] = ()) -> list[str]:
         """Remove what the experiment wrote (``entries``) except the names in ``keep``; returns the removed names."""
@@ -106,8 +115,8 @@ def _other_settings(exp: Experiment, old: dict, label: str, hint: str) -> Config
     """The one line refusing a key that differs from the marker's: the differing keys, the first one's values."""
     changed = sorted(k for k in set(old) | set(exp.key) if old.get(k) != exp.key.get(k))
     first = objective_difference(old, exp.key, changed, where=str(exp.marker))
-    return ConfigError(f"{exp.path} holds a {exp.what} with other settings ({', '.join(changed)}"
-                       f"{f'; {first}' if first else ''}); use another {label}, or overwrite=true {hint}")
+    return ConfigError(f"{exp.path} holds a {exp.what} with other settings ({', '.join(changed)})"
+                       f"{f': {first}' if first else ''}; use another {label}, or overwrite=true {hint}")
 
 
 def _lock(out: Path, *, shared: bool, overwrite: bool, label: str):
@@ -207,7 +216,7 @@ def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = Fals
     except BaseException:
         # Nothing written into a directory that was empty: remove it again, if no other participant is in it.
         if fresh and not exp.started() and try_lock(handle):
-            remove_entries(p for p in out.iterdir() if p.name in (LOCK, MARKER))
+            remove_entries(out.iterdir())  # it was empty (or new): lock, marker and empty folders
             if created:
                 with contextlib.suppress(OSError):
                     out.rmdir()

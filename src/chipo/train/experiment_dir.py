@@ -115,8 +115,20 @@ def _other_settings(exp: Experiment, old: dict, label: str, hint: str) -> Config
     """The one line refusing a key that differs from the marker's: the differing keys, the first one's values."""
     changed = sorted(k for k in set(old) | set(exp.key) if old.get(k) != exp.key.get(k))
     first = objective_difference(old, exp.key, changed, where=str(exp.marker))
-    return ConfigError(f"{exp.path} holds a {exp.what} with other settings ({', '.join(changed)})"
+    return ConfigError(f"{exp.path} holds {_a(exp.what)} with other settings ({', '.join(changed)})"
                        f"{f': {first}' if first else ''}; use another {label}, or overwrite=true {hint}")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _check_what(exp: Experiment, marker: dict, label: str) -> None:
+    """Another kind of experiment's directory is never resumed, re-keyed or cleared (a report pointed at the
+    directory of the sweep it reports on would otherwise clear the sweep)."""
+    if marker.get("what", exp.what) != exp.what:
+        raise ConfigError(f"{label} {exp.path} holds {_a(marker['what'])} ({exp.marker}), not {_a(exp.what)}; "
+                          f"choose another {label}")
 
 
 def _lock(out: Path, *, shared: bool, overwrite: bool, label: str):
@@ -161,10 +173,12 @@ def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, 
     if marker is None:
         others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if others and overwrite:
-            raise ConfigError(f"{label} {out} is not empty and has no {MARKER} (not a chipo {exp.what} directory): "
-                              f"refusing to clear it with overwrite; empty it yourself or choose another {label}")
+            raise ConfigError(f"{label} {out} is not empty and has no {MARKER} (not a chipo {exp.what} "
+                              f"directory): refusing to clear it with overwrite; empty it yourself or choose "
+                              f"another {label}")
         exp.foreign = tuple(others)
     else:
+        _check_what(exp, marker, label)
         exp.foreign = tuple(marker.get("foreign") or ())
         same = marker.get("key") == exp.key
         if not same and not overwrite and not replace_key:
@@ -208,6 +222,7 @@ def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = Fals
                 try_lock(handle, shared=True)  # let the other participants in
         else:
             marker = read_json(exp.marker) or {}
+            _check_what(exp, marker, label)
             if marker.get("key") != exp.key and not replace_key:
                 raise _other_settings(exp, marker.get("key") or {}, label, "when no other process is in it")
             exp.foreign = tuple(marker.get("foreign") or ())

@@ -1,11 +1,13 @@
 """The experiment-directory protocol (``chipo.train.experiment_dir``) under every command that fills a directory with
-many runs or results: ``chipo lab sweep``, ``chipo tldr sweep`` and ``chipo tldr generate``, through the CLI.
+many runs or results: ``chipo lab sweep``, ``chipo tldr sweep``, ``chipo tldr generate`` and ``chipo tldr judge``,
+through the CLI.
 
 Each case is one fault a user meets: a second process on a busy directory, overwrite=true after a finished
 experiment, a rerun with other settings, a rerun of a finished experiment (no training, no sampling), a failure
 before the first result (the same command must simply run again), and overwrite=true pointed at a folder that is
 not an experiment. Every run is tiny: the tiny Llama, one run of one epoch (2 optimizer steps) or one cell of
-2 prompts x 4 tokens.
+2 prompts x 4 tokens (judged by a tiny random reward model). The judge stage judges again, by design, when its
+judge changes, so it has no "other settings" case.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ class Command:
     work: str  # "module:attribute" called once per run / cell
     first: str  # called before the first result is written
     results: str  # glob (under the experiment directory) of the result files
+    directory: str = "."  # the experiment directory, relative to out_dir
+    needs_generations: bool = False
 
     def run(self, data: Path, out: Path, *extra: str) -> int:
         return main([*self.name.split(), *(a.format(data=data, out=out) for a in self.argv), *extra])
 
     def exp_dir(self, out: Path) -> Path:
-        return out / "generations" if self.name == "tldr generate" else out
+        return out / self.directory
 
 
 SMALL = ("max_length=64",)
@@ -71,8 +75,14 @@ COMMANDS = {
         ("out_dir={out}", "sft_model={data}/model", "prompts_dataset={data}/tldr", "num_prompts=2",
          "max_new_tokens=4", "batch_size=2", "backend=hf"),
         ("temperature=0.5", "temperature"), "chipo.recipes.tldr.generate:Generator.run",
-        "chipo.recipes.tldr.generate:Generator.run", "*.json*"),
+        "chipo.recipes.tldr.generate:Generator.run", "*_epoch*.json*", "generations"),
+    "tldr judge": Command(
+        "tldr judge",
+        ("out_dir={out}", "judge=reward-model", "reward_model.model={data}/rm"),
+        ("response_prefix=x", "response_prefix"), "chipo.recipes.tldr.judge:judge_cell",
+        "chipo.recipes.tldr.judge:judge_cell", "*_epoch*.json", "judgements/reward-model", needs_generations=True),
 }
+SETTINGS_CHECKED = [name for name in COMMANDS if name != "tldr judge"]
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +93,40 @@ def data(tiny_dir, tmp_path_factory):
     write_jsonl(root / "train.jsonl", rows)
     write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows[:2]])
     write_jsonl(root / "tldr" / "test.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[:2]])
+    _reward_model(tiny_dir / "model", root / "rm")
     return root
+
+
+def _reward_model(policy: Path, directory: Path) -> None:
+    """A tiny random Llama sequence classifier with one output and the policy's tokenizer (the judge)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
 def finished(data, tmp_path_factory):
     """One finished experiment per command, copied by the tests that need one."""
     done = {}
-    for name, command in COMMANDS.items():
+    for name, command in COMMANDS.items():  # generate before judge: the judge's directory starts from its samples
         out = tmp_path_factory.mktemp(name.replace(" ", "-")) / "out"
+        _prepare(command, done, out)
         assert command.run(data, out) == 0
         done[name] = out
     return done
+
+
+def _prepare(command: Command, finished: dict, out: Path) -> None:
+    """The judge stage needs a recipe directory with samples: the finished generate stage's."""
+    if command.needs_generations:
+        shutil.copytree(finished["tldr generate"] / "generations", out / "generations")
 
 
 def _target(monkeypatch, spec: str, replacement):
@@ -126,9 +158,10 @@ def _refuse_work(monkeypatch, command):
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_a_busy_directory_is_refused_in_one_line(name, data, tmp_path, monkeypatch, capsys):
+def test_a_busy_directory_is_refused_in_one_line(name, data, finished, tmp_path, monkeypatch, capsys):
     command = COMMANDS[name]
     out = tmp_path / "out"
+    _prepare(command, finished, out)
     directory = command.exp_dir(out)
     directory.mkdir(parents=True)
     monkeypatch.setattr(experiment_dir, "JOIN_WAIT_S", 0.2)  # the shared TL;DR sweep waits this long for a set-up
@@ -164,7 +197,7 @@ def test_overwrite_clears_the_experiment_and_runs_it_again(name, data, finished,
     assert list(command.exp_dir(out).glob(command.results))
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", SETTINGS_CHECKED)
 def test_other_settings_are_refused_naming_the_key_and_nothing_is_rewritten(name, data, finished, tmp_path,
                                                                              monkeypatch, capsys):
     command = COMMANDS[name]
@@ -194,9 +227,10 @@ def test_a_finished_experiment_resumes_to_nothing(name, data, finished, tmp_path
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_a_failure_before_the_first_result_leaves_nothing(name, data, tmp_path, monkeypatch, capsys):
+def test_a_failure_before_the_first_result_leaves_nothing(name, data, finished, tmp_path, monkeypatch, capsys):
     command = COMMANDS[name]
     out = tmp_path / "out"
+    _prepare(command, finished, out)
 
     def interrupt(original):
         def interrupted(*args, **kwargs):
@@ -212,9 +246,10 @@ def test_a_failure_before_the_first_result_leaves_nothing(name, data, tmp_path, 
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_overwrite_refuses_a_folder_that_is_not_an_experiment(name, data, tmp_path, monkeypatch, capsys):
+def test_overwrite_refuses_a_folder_that_is_not_an_experiment(name, data, finished, tmp_path, monkeypatch, capsys):
     command = COMMANDS[name]
     out = tmp_path / "out"
+    _prepare(command, finished, out)
     directory = command.exp_dir(out)
     directory.mkdir(parents=True)
     (directory / "thesis.tex").write_text("years of work")

@@ -55,7 +55,7 @@ _HELD: set[str] = set()  # directories this process has open: flock would refuse
 
 
 @dataclass
-class Experiment:
+class ExperimentDir:
     """An open experiment directory. ``finished``/``summary``: the state recorded by an earlier ``finish`` with
     the same key (a caller whose key leaves part of the work out, such as a sweep's grid, checks its results too)."""
 
@@ -111,7 +111,7 @@ def _normalised(key: dict) -> dict:
     return json.loads(json.dumps(key, default=json_default))
 
 
-def _other_settings(exp: Experiment, old: dict, label: str, hint: str) -> ConfigError:
+def _other_settings(exp: ExperimentDir, old: dict, label: str, hint: str) -> ConfigError:
     """The one line refusing a key that differs from the marker's: the differing keys, the first one's values."""
     changed = sorted(k for k in set(old) | set(exp.key) if old.get(k) != exp.key.get(k))
     first = objective_difference(old, exp.key, changed, where=str(exp.marker))
@@ -123,7 +123,7 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def _check_what(exp: Experiment, marker: dict, label: str) -> None:
+def _check_what(exp: ExperimentDir, marker: dict, label: str) -> None:
     """Another kind of experiment's directory is never resumed, re-keyed or cleared (a report pointed at the
     directory of the sweep it reports on would otherwise clear the sweep)."""
     if marker.get("what", exp.what) != exp.what:
@@ -156,7 +156,7 @@ def _lock(out: Path, *, shared: bool, overwrite: bool, label: str):
         raise
 
 
-def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, owned, label: str) -> None:
+def _set_up(exp: ExperimentDir, *, overwrite: bool, replace_key: bool, legacy_key, owned, label: str) -> None:
     """Under the exclusive lock: clean, check the marker against the key, clear on overwrite, write the marker."""
     out = exp.path
     clean_stale(out)
@@ -194,7 +194,7 @@ def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, 
 def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = False, what: str = "experiment",
                     shared: bool = False, replace_key: bool = False,
                     legacy_key: Callable[[Path], dict | None] | None = None, owned: Iterable[str] | None = None,
-                    label: str = "out_dir") -> Iterator[Experiment]:
+                    label: str = "out_dir") -> Iterator[ExperimentDir]:
     """Open ``out`` for an experiment whose results depend on ``key`` (see the module docstring).
 
     ``what`` names the experiment in messages ("sweep"); ``label`` is the config key of the directory
@@ -212,7 +212,7 @@ def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     fresh = created or all(p.name == LOCK for p in out.iterdir())
     handle, exclusive = _lock(out, shared=shared, overwrite=overwrite, label=label)
-    exp = Experiment(out, _normalised(key), what, fresh=fresh, created=created, _handle=handle)
+    exp = ExperimentDir(out, _normalised(key), what, fresh=fresh, created=created, _handle=handle)
     _HELD.add(real)
     try:
         if exclusive:

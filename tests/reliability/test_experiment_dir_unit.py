@@ -22,7 +22,7 @@ def names(path):
 
 def test_new_directory_records_the_key_and_a_finish(tmp_path):
     out = tmp_path / "exp"
-    with open_experiment(out, KEY, what="sweep") as exp:
+    with open_experiment(out, KEY) as exp:
         assert exp.created and exp.fresh and not exp.finished
         (out / "results.jsonl").write_text("{}\n")
         exp.finish({"rows": 1})
@@ -33,17 +33,17 @@ def test_new_directory_records_the_key_and_a_finish(tmp_path):
 
 
 def test_changed_settings_are_refused_naming_the_keys_and_the_file(tmp_path):
-    with open_experiment(tmp_path, KEY) as exp:
+    with open_experiment(tmp_path, KEY, what="sweep") as exp:
         (tmp_path / "results.jsonl").write_text("{}\n")
         exp.finish()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(ConfigError) as err, open_experiment(tmp_path, {**KEY, "lr": 0.01, "epochs": 8}, what="sweep"):
         pytest.fail("must not enter")
     message = str(err.value)
-    assert "\n" not in message and "sweep with other settings (epochs, lr;" in message
+    assert "\n" not in message and "sweep with other settings (epochs, lr): " in message
     assert f"epochs was 4 in {tmp_path / MARKER}, now 8" in message and "overwrite=true" in message
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing rewritten
-    with open_experiment(tmp_path, KEY) as exp:  # the refusal released the lock
+    with open_experiment(tmp_path, KEY, what="sweep") as exp:  # the refusal released the lock
         assert exp.finished
 
 
@@ -105,6 +105,7 @@ def test_failure_before_any_result_leaves_nothing(tmp_path, error):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(type(error)), open_experiment(empty, KEY):
+        (empty / "runs" / "a").mkdir(parents=True)  # folders without a file in them are no result
         raise error
     assert empty.is_dir() and names(empty) == []  # it was there before: kept, emptied of what we wrote
 
@@ -180,3 +181,16 @@ def test_legacy_directory_keeps_what_is_not_the_callers(tmp_path):
                          legacy_key=lambda out: json.loads((out / "sweep.json").read_text())["results_key"]) as exp:
         assert exp.foreign == ("sft",)
     assert names(tmp_path) == [".lock", MARKER, "sft"]
+
+
+def test_another_kind_of_experiment_is_never_taken_over(tmp_path):
+    """A report pointed at its sweep's directory must not re-key (replace_key) or clear (overwrite) the sweep."""
+    with open_experiment(tmp_path, KEY, what="sweep") as exp:
+        (tmp_path / "results.jsonl").write_text("{}\n")
+        exp.finish()
+    for kwargs in ({"replace_key": True}, {"overwrite": True}):
+        with pytest.raises(ConfigError, match=f"holds a sweep \\({tmp_path / MARKER}\\), not a report"), \
+                open_experiment(tmp_path, {"tag": "x"}, what="report", **kwargs):
+            pytest.fail("must not enter")
+    assert names(tmp_path) == [".lock", MARKER, "results.jsonl"]
+    assert json.loads((tmp_path / MARKER).read_text())["key"] == KEY

@@ -55,7 +55,7 @@ _HELD: set[str] = set()  # directories this process has open: flock would refuse
 
 
 @dataclass
-class Experiment:
+class ExperimentDir:
     """An open experiment directory. ``finished``/``summary``: the state recorded by an earlier ``finish`` with
     the same key (a caller whose key leaves part of the work out, such as a sweep's grid, checks its results too)."""
 
@@ -74,11 +74,14 @@ class Experiment:
         return self.path / MARKER
 
     def _write(self, finished: bool, summary: dict | None) -> None:
-        write_json(self.marker, {"what": self.what, "key": self.key, "finished": finished, "summary": summary,
-                                 "foreign": list(self.foreign)})
+        record = {"what": self.what, "key": self.key, "finished": finished, "summary": _normalised(summary),
+                  "foreign": list(self.foreign)}
+        if read_json(self.marker) != record:  # a rerun with nothing to do leaves the directory untouched
+            write_json(self.marker, record)
 
     def finish(self, summary: dict | None = None) -> None:
-        """Record that the experiment is complete for this key (with an optional summary for the caller)."""
+        """Record that the experiment is complete for this key, with an optional summary of what it holds (of the
+        directory, not of this process's work: a rerun with nothing to do then rewrites nothing)."""
         self._write(True, summary)
         self.finished, self.summary = True, summary
 
@@ -87,8 +90,14 @@ class Experiment:
         return [p for p in self.path.iterdir() if p.name not in (LOCK, MARKER, *self.foreign)]
 
     def started(self) -> bool:
-        """Whether anything worth keeping was written (any entry of ``entries``)."""
-        return bool(self.entries())
+        """Whether anything worth keeping was written: a file (or link) among ``entries``, at any depth (empty
+        folders, such as a run directory a failed first run removed again, are not results)."""
+        for entry in self.entries():
+            if entry.is_symlink() or not entry.is_dir():
+                return True
+            if any(files for _, _, files in os.walk(entry)):
+                return True
+        return False
 
     def clear(self, keep: Iterable[str] = ()) -> list[str]:
         """Remove what the experiment wrote (``entries``) except the names in ``keep``; returns the removed names."""
@@ -102,12 +111,24 @@ def _normalised(key: dict) -> dict:
     return json.loads(json.dumps(key, default=json_default))
 
 
-def _other_settings(exp: Experiment, old: dict, label: str, hint: str) -> ConfigError:
+def _other_settings(exp: ExperimentDir, old: dict, label: str, hint: str) -> ConfigError:
     """The one line refusing a key that differs from the marker's: the differing keys, the first one's values."""
     changed = sorted(k for k in set(old) | set(exp.key) if old.get(k) != exp.key.get(k))
     first = objective_difference(old, exp.key, changed, where=str(exp.marker))
-    return ConfigError(f"{exp.path} holds a {exp.what} with other settings ({', '.join(changed)}"
-                       f"{f'; {first}' if first else ''}); use another {label}, or overwrite=true {hint}")
+    return ConfigError(f"{exp.path} holds {_a(exp.what)} with other settings ({', '.join(changed)})"
+                       f"{f': {first}' if first else ''}; use another {label}, or overwrite=true {hint}")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _check_what(exp: ExperimentDir, marker: dict, label: str) -> None:
+    """Another kind of experiment's directory is never resumed, re-keyed or cleared (a report pointed at the
+    directory of the sweep it reports on would otherwise clear the sweep)."""
+    if marker.get("what", exp.what) != exp.what:
+        raise ConfigError(f"{label} {exp.path} holds {_a(marker['what'])} ({exp.marker}), not {_a(exp.what)}; "
+                          f"choose another {label}")
 
 
 def _lock(out: Path, *, shared: bool, overwrite: bool, label: str):
@@ -135,7 +156,7 @@ def _lock(out: Path, *, shared: bool, overwrite: bool, label: str):
         raise
 
 
-def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, owned, label: str) -> None:
+def _set_up(exp: ExperimentDir, *, overwrite: bool, replace_key: bool, legacy_key, owned, label: str) -> None:
     """Under the exclusive lock: clean, check the marker against the key, clear on overwrite, write the marker."""
     out = exp.path
     clean_stale(out)
@@ -152,10 +173,12 @@ def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, 
     if marker is None:
         others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if others and overwrite:
-            raise ConfigError(f"{label} {out} is not empty and has no {MARKER} (not a chipo {exp.what} directory): "
-                              f"refusing to clear it with overwrite; empty it yourself or choose another {label}")
+            raise ConfigError(f"{label} {out} is not empty and has no {MARKER} (not a chipo {exp.what} "
+                              f"directory): refusing to clear it with overwrite; empty it yourself or choose "
+                              f"another {label}")
         exp.foreign = tuple(others)
     else:
+        _check_what(exp, marker, label)
         exp.foreign = tuple(marker.get("foreign") or ())
         same = marker.get("key") == exp.key
         if not same and not overwrite and not replace_key:
@@ -171,7 +194,7 @@ def _set_up(exp: Experiment, *, overwrite: bool, replace_key: bool, legacy_key, 
 def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = False, what: str = "experiment",
                     shared: bool = False, replace_key: bool = False,
                     legacy_key: Callable[[Path], dict | None] | None = None, owned: Iterable[str] | None = None,
-                    label: str = "out_dir") -> Iterator[Experiment]:
+                    label: str = "out_dir") -> Iterator[ExperimentDir]:
     """Open ``out`` for an experiment whose results depend on ``key`` (see the module docstring).
 
     ``what`` names the experiment in messages ("sweep"); ``label`` is the config key of the directory
@@ -189,7 +212,7 @@ def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     fresh = created or all(p.name == LOCK for p in out.iterdir())
     handle, exclusive = _lock(out, shared=shared, overwrite=overwrite, label=label)
-    exp = Experiment(out, _normalised(key), what, fresh=fresh, created=created, _handle=handle)
+    exp = ExperimentDir(out, _normalised(key), what, fresh=fresh, created=created, _handle=handle)
     _HELD.add(real)
     try:
         if exclusive:
@@ -199,6 +222,7 @@ def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = Fals
                 try_lock(handle, shared=True)  # let the other participants in
         else:
             marker = read_json(exp.marker) or {}
+            _check_what(exp, marker, label)
             if marker.get("key") != exp.key and not replace_key:
                 raise _other_settings(exp, marker.get("key") or {}, label, "when no other process is in it")
             exp.foreign = tuple(marker.get("foreign") or ())
@@ -207,7 +231,7 @@ def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = Fals
     except BaseException:
         # Nothing written into a directory that was empty: remove it again, if no other participant is in it.
         if fresh and not exp.started() and try_lock(handle):
-            remove_entries(p for p in out.iterdir() if p.name in (LOCK, MARKER))
+            remove_entries(out.iterdir())  # it was empty (or new): lock, marker and empty folders
             if created:
                 with contextlib.suppress(OSError):
                     out.rmdir()

@@ -11,6 +11,10 @@ for a finished run instead of training past ``max_steps``. Which config keys def
 (``objective_keys``). A run that fails before its first step in a directory it found empty removes it again
 (``RunDir.discard_if_unstarted``), so the same command can be rerun. Functions here touch only the run directory;
 ``open_run`` puts them in order.
+
+Directories that hold many runs or results (``chipo lab sweep``, the lab's experiments, the TL;DR recipe's sweep,
+generate, judge and report stages) follow the same protocol through ``chipo.train.experiment_dir.open_experiment``,
+which reuses the lock, the cleaning and the objective comparison here.
 """
 
 from __future__ import annotations

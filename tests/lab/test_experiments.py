@@ -195,3 +195,17 @@ def test_chipo_demo_names_its_experiments_and_sizes_only_the_offline_sweep():
     assert DemoConfig(seeds=3, epochs=2, ablations=True).offline_changes() == {"seeds": 3, "epochs": 2,
                                                                                "ablations": True}
     assert DemoConfig(betas=[0.1]).offline_changes() == {"betas": (0.1,), "ablations": False}
+
+
+def test_report_templates_are_package_data_read_through_importlib_resources():
+    """Every template is found through importlib.resources (as an installed package reads it: pyproject ships
+    chipo/lab/templates/*.md) and fills without a missing placeholder; the offline texts name the paper."""
+    from importlib.resources import files
+
+    names = sorted(p.name for p in files("chipo.lab").joinpath("templates").iterdir() if p.name.endswith(".md"))
+    assert names == ["offline_analysis.md", "offline_summary.md"]
+    for name in names:
+        text = experiments.template(name.removesuffix(".md"))
+        assert text and not text.endswith("\n")
+    assert "Huang et al. 2024" in experiments.template("offline_summary")
+    assert "Limits of this world" in experiments.template("offline_analysis")

@@ -190,7 +190,8 @@ def timing_text(timing: dict) -> str:
     if not timing:
         return ""
     return (f"{timing['wall_s']:.0f} s ({timing['wall_s'] / 60:.1f} min), CPU time of all its processes "
-            f"{timing['cpu_s']:.0f} s (user + system, workers included); load average at the start "
+            f"{timing['cpu_s']:.0f} s (user + system, workers included, from the experiment's start: the command's "
+            f"start-up, a few seconds, is not counted); load average at the start "
             f"{timing['load_at_start']}")
 
 
@@ -241,6 +242,16 @@ def run_all(context: Context, settings: dict[str, Any]) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------- the report
+
+
+def template(name: str, **values) -> str:
+    """The report text ``chipo/lab/templates/<name>.md`` (package data), its ``$key`` placeholders filled from
+    ``values`` (``string.Template``; a missing value is an error, not a silent gap)."""
+    from importlib.resources import files
+    from string import Template
+
+    text = files("chipo.lab").joinpath("templates", f"{name}.md").read_text(encoding="utf-8")
+    return Template(text).substitute(values).rstrip("\n")
 
 
 def demote(text: str) -> str:

@@ -14,7 +14,8 @@ width r_max, so relative to its middle it lies within +- r_max / 2).
 
 As an experiment (``chipo.lab.experiments``): ``run`` writes ``data/`` and ``plan.json`` beside its directory (the
 preference data are shared: the RLHF experiment trains its reward model on them) and the sweep's
-``results.jsonl`` and ``meta.json`` in it; ``render`` writes the report directory from those files.
+``results.jsonl`` and ``meta.json`` in it; ``render`` writes the report directory from those files. Its static
+prose (the summary, why the losses can differ and the world's limits) is in ``templates/offline_*.md``.
 """
 
 from __future__ import annotations
@@ -28,32 +29,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from chipo.io import write_json
-from chipo.lab.experiments import Context, Experiment, load_average, record, timing_text
+from chipo.lab.experiments import Context, Experiment, load_average, record, template, timing_text
 from chipo.lab.protocol import DemoSettings
-
-SUMMARY = ("pi_ref is a tiny language model that speaks a synthetic language; a gold judge scores its answers and "
-           "gives the lowest score to anything outside the language. DPO and chiPO are trained on preference pairs "
-           "sampled from pi_ref and labelled by the judge (the data process of Huang et al. 2024, arXiv "
-           "2407.13399), then their own samples are judged. "
-           "Overoptimization shows as a falling win rate against pi_ref while the policy drifts away from it.")
-
-ANALYSIS = (
-    "Why chiPO and DPO can differ (Huang et al. 2024, section 3; an explanation to check against the "
-    "verdicts and the mass table above, not a finding). Both losses see the same pairs and fit the same "
-    "labels; they differ in how far from pi_ref they must move to express a reward margin. DPO's implicit "
-    "reward is beta log(pi/pi_ref): at small beta a margin of a few nats needs log-ratio gaps of hundreds, so "
-    "the logistic loss keeps pushing long after the data are fitted. chiPO's link z + log z grows linearly in "
-    "the ratio z, so a ratio of about margin/beta already expresses the margin (the optimum of its regulariser "
-    "has pi/pi_ref <= 1 + R_max/beta), and its margin clip at 2 r_max stops the gradient of fitted pairs. The "
-    "push-down side is log z for both, unbounded below: mass taken from rejected responses can go anywhere, "
-    "including text outside the language, which the judge scores 0. The remedies act there: RPO's SFT term "
-    "pulls mass back to the chosen responses; a reward bound stops the push-down once a rejected response's "
-    "implicit reward reaches -bound (the clip % column shows how often that happened in this run)."
-    "\n\nLimits of this world: a constant learning rate of 1e-3 on a 0.1M-parameter model moves far in one "
-    "epoch, so 'epochs' here compress the paper's time scale; evaluation uses 16 held-out prompts and seeds "
-    "differ in their preference data, so a few seeds detect only large differences (see the 'detectable' "
-    "column); the chi-squared columns are lower bounds (partition) or heavy-tailed estimates (Monte Carlo), so "
-    "compare them in order of magnitude only.")
 
 
 def data_dir(context: Context) -> Path:
@@ -124,8 +101,8 @@ def run(context: Context, settings: DemoSettings, out_dir: Path) -> None:
     write_json(out_dir / "meta.json", {
         "title": "chipo demo: DPO vs chiPO on the embedded world" + (" with remedies" if settings.ablations else "")
                  + (" (quick)" if settings.epochs < 8 else ""),
-        "summary": SUMMARY, "setup": setup(world, settings, prompts, config.r_max), "timing": timing,
-        "sweep_config": asdict(config), "data": data_stats, "plan": plan})
+        "summary": template("offline_summary"), "setup": setup(world, settings, prompts, config.r_max),
+        "timing": timing, "sweep_config": asdict(config), "data": data_stats, "plan": plan})
 
 
 def preference_data(context: Context, settings: DemoSettings) -> tuple[dict, tuple[list[str], list[str]]]:
@@ -265,7 +242,8 @@ def render(out_dir: Path, context: Context) -> str:
     timing = timing_text(record(out_dir).get("timing", {}))
     meta["machine"] = machine_info()
     meta["timing"] = {**({"wall time (this run)": timing} if timing else {}), **meta.get("timing", {})}
-    return write_report(out_dir, context.report_dir, meta=meta, analysis=ANALYSIS, extra=PAPER).read_text()
+    return write_report(out_dir, context.report_dir, meta=meta, analysis=template("offline_analysis"),
+                        extra=PAPER).read_text()
 
 
 EXPERIMENT = Experiment(

@@ -203,9 +203,13 @@ def test_report_templates_are_package_data_read_through_importlib_resources():
     from importlib.resources import files
 
     names = sorted(p.name for p in files("chipo.lab").joinpath("templates").iterdir() if p.name.endswith(".md"))
-    assert names == ["offline_analysis.md", "offline_summary.md"]
+    assert names == ["offline_analysis.md", "offline_summary.md", "rlhf_axes.md", "rlhf_inference.md", "rlhf_rl.md"]
+    values = {"k": 4, "prompts_per_step": 16, "steps": 300, "learning_rate": 0.001, "betas": [0.05], "eval_every": 25,
+              "eval_samples": 32, "pool": 528, "prompts": 16, "ns": [1, 2], "r_max": "1.00"}
     for name in names:
-        text = experiments.template(name.removesuffix(".md"))
-        assert text and not text.endswith("\n")
+        text = experiments.template(name.removesuffix(".md"), **values)
+        assert text and not text.endswith("\n") and "$" not in text
+    with pytest.raises(KeyError):
+        experiments.template("rlhf_rl")  # a missing value is an error, not a gap in the report
     assert "Huang et al. 2024" in experiments.template("offline_summary")
     assert "Limits of this world" in experiments.template("offline_analysis")

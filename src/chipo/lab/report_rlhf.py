@@ -16,7 +16,7 @@ import numpy as np
 
 from chipo import stats
 from chipo.lab import tables
-from chipo.lab.experiments import insert_section
+from chipo.lab.experiments import insert_section, template
 from chipo.markdown import markdown_table
 
 RLHF_BEGIN, RLHF_END = "<!-- rlhf-section -->", "<!-- /rlhf-section -->"
@@ -168,32 +168,18 @@ def _reward_model_lines(s: dict, rms: dict) -> list[str]:
 
 
 def _method_lines(s: dict, inf: dict) -> list[str]:
-    """How RL, best-of-n and pessimism were run, and what the x axis measures."""
+    """How RL, best-of-n and pessimism were run, and what the x axis measures (``templates/rlhf_*.md``)."""
     out = []
     if inf:
         out.append(f"- The RL runs, best-of-n and pessimism all use RM `rm`. Its correlation with the gold reward on "
                    f"pi_ref's samples: {inf['proxy_gold_correlation']:.2f}.")
-    out.append(f"- RL: `chipo rl` (RLOO, k {s.get('k')}, {s.get('prompts_per_step')} prompts per step, "
-               f"{s.get('steps')} steps, constant lr {s.get('learning_rate')}, betas {list(s.get('betas', []))}, "
-               "estimator k1) with `regularizer=kl` and `regularizer=chi2mix`, everything else identical; evaluated "
-               f"every {s.get('eval_every')} steps on the held-out prompts: proxy reward on {s.get('eval_samples')} "
-               "samples per prompt, gold reward exact over the enumerable response space.")
+    out.append(template("rlhf_rl", k=s.get("k"), prompts_per_step=s.get("prompts_per_step"), steps=s.get("steps"),
+                        learning_rate=s.get("learning_rate"), betas=list(s.get("betas", [])),
+                        eval_every=s.get("eval_every"), eval_samples=s.get("eval_samples")))
     if inf:
-        out.append(f"- best-of-n and pessimism (`chipo.inference.select`): one pool of {inf['pool_per_prompt']} pi_ref "
-                   f"samples per held-out prompt ({inf['prompts']} prompts), n in {list(s.get('ns', []))}; the "
-                   "curves are the methods' output laws over the pool (`best_of_n_distribution`, "
-                   "`pessimism_distribution` with the population normaliser and R_max = the largest proxy reward in "
-                   f"the pool, {inf['r_max']:.2f}); the selections actually drawn agree within their standard errors "
-                   "(table). Pessimism betas are in the proxy's units. Samples drawn: one selection of best-of-n "
-                   "uses n samples and one of pessimism 2n + 1 (n more to estimate its normaliser), so the table's "
-                   "selections compare them at those sample counts; the curves use the same pool for both, i.e. at "
-                   "equal samples drawn.")
-    out.append("- The curves are the first seed's runs; the table below the figure tests the final gold reward over "
-               "every seed.")
-    out.append("- x axis: sqrt of KL(pi || pi_ref). Trained policies (RL, DPO, chiPO): KL over the exact partition "
-               "of responses (a lower bound, tight except in lumped cells); best-of-n / pessimism: KL of the output "
-               "law relative to the pool (best-of-n agrees with log n - (n - 1)/n, see table).")
-    return out
+        out.append(template("rlhf_inference", pool=inf["pool_per_prompt"], prompts=inf["prompts"],
+                            ns=list(s.get("ns", [])), r_max=f"{inf['r_max']:.2f}"))
+    return out + template("rlhf_axes").split("\n")
 
 
 _READINGS = {"yes": ". Overoptimization in the Gao et al. sense: the proxy kept rising while the gold turned down.",

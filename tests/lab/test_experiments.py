@@ -76,6 +76,10 @@ def _page_render(out: Path, context: Context) -> str:
     return text
 
 
+def _page_headline(out: Path) -> str:
+    return f"toy rows: {len((out / 'rows.jsonl').read_text().splitlines())}"
+
+
 def _toy_run(context: Context, settings: ToySettings, out: Path) -> None:
     CALLS.append(("toy", settings.n))
     squares = [json.loads(line)["square"] for line in (context.dir("toy-page") / "rows.jsonl").read_text().splitlines()]
@@ -91,7 +95,8 @@ def _toy_render(out: Path, context: Context) -> str:
 @pytest.fixture
 def toys():
     CALLS.clear()
-    page = experiments.register(Experiment("toy-page", "a page of rows", ToySettings, _page_run, _page_render))
+    page = experiments.register(Experiment("toy-page", "a page of rows", ToySettings, _page_run, _page_render,
+                                           headline=_page_headline))
     toy = experiments.register(Experiment("toy", "a section from the page's rows", ToySettings, _toy_run, _toy_render,
                                           needs=("toy-page",)))
     yield page, toy
@@ -99,13 +104,15 @@ def toys():
         experiments._REGISTRY.pop(name, None)
 
 
-def test_a_registered_experiment_runs_through_chipo_demo_and_its_section_lands_in_the_report(toys, tmp_path):
+def test_a_registered_experiment_runs_through_chipo_demo_and_its_section_lands_in_the_report(toys, tmp_path, capsys):
     out = tmp_path / "demo"
     assert "toy" in experiments.names()
     # 0 + 1 + 4 + 9 + 16 = 30 at the protocol's size (n = 5); --quick takes quick(): n = 2, 0 + 1 = 1.
     assert demo([f"out={out}", "experiments=toy", "--no-progress"]) == 0
     text = (out / "report" / "report.md").read_text()
     assert CALLS == [("toy-page", 5), ("toy", 5)]
+    printed = capsys.readouterr().out
+    assert "[+] toy: a section from the page's rows" in printed and "toy rows: 5\n\nDone in" in printed
     assert text.index("# Toy page") < text.index("## Toy section") < text.index("## Machine, versions, time")
     assert "sum of squares below 5: 30." in text and "Time of the toy experiment:" in text
     assert "CPU time of all its processes" in text

@@ -42,23 +42,12 @@ def run_demo(out_dir: str | os.PathLike, settings: dict | None = None, progress:
             report = experiments.compose_report(context, list(settings))
     finally:
         torch.set_num_threads(threads)
-    from chipo.lab.sweep import read_results
-
-    if "offline" in settings:
-        echo_summary(read_results(context.dir("offline") / "results.jsonl"), report, time.perf_counter() - start,
-                     echo, cpu_seconds() - cpu_start)
+    for name in settings:  # each experiment's few lines for the terminal, from its results on disk
+        headline = experiments.get(name).headline
+        text = headline(context.dir(name)) if headline else ""
+        if text:
+            echo("")
+            echo(text)
+    echo(f"\nDone in {time.perf_counter() - start:.0f} s, {cpu_seconds() - cpu_start:.0f} CPU-s in all processes, load "
+         f"average now {load_average()}. Report: {report}  (verdicts, plots and results.json beside it)")
     return report
-
-
-def echo_summary(rows: list[dict], report: Path, wall: float, echo=print, cpu: float | None = None) -> None:
-    from chipo.lab import tables
-    from chipo.lab.report_paper import table1
-
-    df = tables.results_table(rows)
-    keys = tables.headline(df)
-    echo("")
-    if {"dpo", "chipo"} <= set(tables.methods(df)):
-        echo("Gold win rate against pi_ref, % (chiPO vs DPO), mean over seeds:")
-        echo(table1(df, keys))
-    cpu_text = f", {cpu:.0f} CPU-s in all processes, load average now {load_average()}" if cpu is not None else ""
-    echo(f"\nDone in {wall:.0f} s{cpu_text}. Report: {report}  (verdicts, plots and results.json beside it)")

@@ -72,7 +72,8 @@ class Context:
 class Experiment:
     """One experiment of the lab (module docstring). ``directory``: under the run's root (default: the name).
     ``key``: the settings that must match to resume (default: all of them). ``owns_directory``: the run applies
-    the directory protocol itself (the offline sweep: ``chipo.lab.sweep.Sweep``), so the runner does not."""
+    the directory protocol itself (the offline sweep: ``chipo.lab.sweep.Sweep``), so the runner does not.
+    ``headline(out_dir)``: a few lines for the terminal after the run, from its results on disk."""
 
     name: str
     title: str
@@ -83,6 +84,7 @@ class Experiment:
     directory: str = ""
     key: Callable[[Any], dict] | None = None
     owns_directory: bool = False
+    headline: Callable[[Path], str] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9-]*", self.name):

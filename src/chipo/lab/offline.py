@@ -246,7 +246,19 @@ def render(out_dir: Path, context: Context) -> str:
                         extra=PAPER).read_text()
 
 
+def headline(out_dir: Path) -> str:
+    """The paper's Table 1 layout for the terminal: gold win rate against pi_ref, chiPO vs DPO."""
+    from chipo.lab import tables
+    from chipo.lab.report_paper import table1
+    from chipo.lab.sweep import read_results
+
+    df = tables.results_table(read_results(out_dir / "results.jsonl"))
+    if not {"dpo", "chipo"} <= set(tables.methods(df)):
+        return ""
+    return "Gold win rate against pi_ref, % (chiPO vs DPO), mean over seeds:\n" + table1(df, tables.headline(df))
+
+
 EXPERIMENT = Experiment(
     name="offline", title="DPO and chiPO on preference data from pi_ref (Huang et al. 2024, arXiv 2407.13399)",
-    settings=DemoSettings, run=run, render=render, directory="sweep",
+    settings=DemoSettings, run=run, render=render, directory="sweep", headline=headline,
     owns_directory=True)  # chipo.lab.sweep.Sweep applies the directory protocol to sweep/ itself

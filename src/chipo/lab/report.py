@@ -25,6 +25,7 @@ from chipo.lab import tables, verdicts
 from chipo.lab.plots import plot_all
 from chipo.lab.report_rlhf import rlhf_curves, rlhf_text, write_rlhf_section  # noqa: F401 -- public API
 from chipo.lab.sweep import read_results
+from chipo.markdown import markdown_table
 
 ALPHA = 0.05
 
@@ -123,6 +124,30 @@ def _sd_ratio_range(n: int) -> str:
     return f"x{lo:.2f} to x{hi:.2f}"
 
 
+def _claim_row(df: pd.DataFrame, c: verdicts.Claim, level: float) -> list[str]:
+    """One claim's cells: estimate, p, Holm p, word, detectable difference at ``level``, power, the halves' tests."""
+    v = c.verdict
+    halves = verdicts.split_half(df, c, ALPHA)
+    unit = f" {c.unit}" if c.unit else ""
+    detectable, detectable_sd = c.detectable(level), c.detectable_sd(level)
+    if math.isnan(detectable_sd):
+        detect_text = "n/a (needs 2 seeds)"
+    else:
+        detect_text = f"{detectable_sd:.2f} sd" + ("" if math.isnan(detectable) else
+                                                    f" = {detectable * c.scale:.3g}{unit}")
+    power = c.power(verdicts.STATED_EFFECT_SD, level)
+    return [v.claim, "n/a" if math.isnan(v.estimate) else f"{v.estimate * c.scale:+.3g}{unit}", _p(v.p),
+            _p(v.p_adjusted), v.word(), detect_text, "n/a" if math.isnan(power) else f"{power:.2f}",
+            "n/a" if halves is None else " / ".join("pass" if h else "no" for h in halves)]
+
+
+def claims_table(df: pd.DataFrame, claims: list[verdicts.Claim], level: float) -> str:
+    """Every claim's test, in the family's order; 'detectable' and 'power' at Holm's first level ``level``."""
+    head = ["claim", "estimate", "p", "Holm p", "verdict", "detectable at alpha/m",
+            f"power at {verdicts.STATED_EFFECT_SD:g} sd", "halves"]
+    return markdown_table(head, (_claim_row(df, c, level) for c in claims))
+
+
 def claims_section(df: pd.DataFrame, claims: list[verdicts.Claim]) -> list[str]:
     from chipo import stats
 
@@ -141,24 +166,7 @@ def claims_section(df: pd.DataFrame, claims: list[verdicts.Claim]) -> list[str]:
               if n_seeds > 2 else "") + f"). 'Power at {effect:g} sd': the probability the claim passes at "
            f"alpha/m when its true effect is {effect:g} standard deviations (noncentral t). 'Halves': the same "
            "test on the first half of the seeds / on the rest (5%, no Holm): how stable the verdict is; a half of "
-           "one seed can never pass.", "",
-           f"| claim | estimate | p | Holm p | verdict | detectable at alpha/m | power at {effect:g} sd | halves |",
-           "|---|---|---|---|---|---|---|---|"]
-    for c in claims:
-        v = c.verdict
-        halves = verdicts.split_half(df, c, ALPHA)
-        half_text = "n/a" if halves is None else " / ".join("pass" if h else "no" for h in halves)
-        unit = f" {c.unit}" if c.unit else ""
-        detectable, detectable_sd = c.detectable(level), c.detectable_sd(level)
-        if math.isnan(detectable_sd):
-            detect_text = "n/a (needs 2 seeds)"
-        else:
-            detect_text = f"{detectable_sd:.2f} sd" + ("" if math.isnan(detectable) else
-                                                        f" = {detectable * c.scale:.3g}{unit}")
-        power = c.power(effect, level)
-        estimate = "n/a" if math.isnan(v.estimate) else f"{v.estimate * c.scale:+.3g}{unit}"
-        out.append(f"| {v.claim} | {estimate} | {_p(v.p)} | {_p(v.p_adjusted)} | {v.word()} | {detect_text} | "
-                   f"{'n/a' if math.isnan(power) else f'{power:.2f}'} | {half_text} |")
+           "one seed can never pass.", "", claims_table(df, claims, level)]
     shown = [c.statement() for c in claims if c.statement()]
     out += ["", "What the data show (claims that pass):", ""]
     out += [f"- {s}" for s in shown] or [f"- None: no claim passes at 5% after Holm's adjustment with {n_seeds} "
@@ -175,13 +183,13 @@ language into a few cells (it understates distance most where mass leaves the la
 matched partition KL favours the method that pushes more mass out)."""
 
 
-def _frontier_table(df: pd.DataFrame, keys: dict, beta: float, kl: str, with_mass: bool) -> list[str]:
+def _frontier_table(df: pd.DataFrame, keys: dict, beta: float, kl: str, with_mass: bool) -> str:
     keyed = {**keys, "kl": kl}
     levels = tables.distance_levels(df, beta, kl)
     head = ["method", "best gold (mean epoch)"] + [f"gold at sqrt KL {lv:.3g}" for lv in levels] + \
         ["final gold", "final sqrt KL"] + (["final sqrt KL, other estimate", "final out of language %"]
                                            if with_mass else [])
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     other = MC_KL if kl != MC_KL else keys["kl"]
     for m in tables.methods(df):
         f = tables.frontier(df, m, beta, keyed, levels)
@@ -192,8 +200,8 @@ def _frontier_table(df: pd.DataFrame, keys: dict, beta: float, kl: str, with_mas
             last = tables.epochs(df)[-1]
             cells += [fmt_g(*tables.mean_and_se(np.sqrt(np.clip(tables.at_epoch(df, m, beta, other, last), 0, None)))),
                       fmt(*tables.mean_and_se(tables.at_epoch(df, m, beta, "exact.mass_malformed", last)), 100)]
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    return out
+        rows.append([m, *cells])
+    return markdown_table(head, rows)
 
 
 def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim]) -> list[str]:
@@ -215,10 +223,10 @@ def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim])
     out.append("")
     for beta in tables.betas(df):
         out += [f"beta {beta:g}, distance = partition KL (the tests' distance):" if side_by_side else f"beta {beta:g}:",
-                ""] + _frontier_table(df, keys, beta, keys["kl"], side_by_side)
+                "", _frontier_table(df, keys, beta, keys["kl"], side_by_side)]
         if side_by_side:
             out += ["", f"beta {beta:g}, distance = Monte-Carlo KL (k3):", ""]
-            out += _frontier_table(df, keys, beta, MC_KL, True)
+            out.append(_frontier_table(df, keys, beta, MC_KL, True))
         out += ["", "Which the data support (better frontier = higher gold at the largest matched sqrt KL; slower "
                 "drift = closer to pi_ref at the last epoch; each only when its test passes after Holm):", ""]
         for a, b in verdicts.comparisons(df):
@@ -227,22 +235,11 @@ def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim])
     return out
 
 
-def mechanism_section(df: pd.DataFrame, files: list[str]) -> list[str]:
-    if "mass.mass_chosen" not in df:
-        return []
-    last = tables.epochs(df)[-1]
-    runs = tables.with_start(df)
-    out = ["## Where the probability goes", "",
-           "On the training prompts, the policy's probability of: the responses chosen in its training pairs; "
-           "those rejected (and never chosen); every other response of the language; text outside the language "
-           "(gold reward 0). The four sum to 1. 'clip %': training pairs the loss clips, so they give no gradient "
-           "(a margin clip at 2 r_max, or a reward bound; 0 for losses without either). Implicit "
-           "accuracy: pairs the implicit reward beta * link(pi/pi_ref) orders like the label, on the training "
-           f"pairs and on held-out pairs. pi_ref (epoch 0) and epoch {last}, mean ± s.e. over seeds.", "",
-           "| method | beta | epoch | chosen % | rejected % | other in-language % | out of language % | clip % | "
-           "implicit acc train % | held-out % |", "|---|---|---|---|---|---|---|---|---|---|"]
+def mechanism_table(df: pd.DataFrame, last: int) -> str:
+    """Per method and beta: pi_ref's row (once, epoch 0) and the last epoch's, mean ± s.e. in percent."""
     names = [f"mass.{p}" for p in tables.MASS_PARTS] + ["clip_frac", "train_acc_exact", "implicit_acc"]
-    agg = tables.aggregate(runs, names)
+    agg = tables.aggregate(tables.with_start(df), names)
+    rows = []
     for beta in tables.betas(df):
         for m in tables.methods(df):
             for epoch in (0, last):
@@ -250,23 +247,39 @@ def mechanism_section(df: pd.DataFrame, files: list[str]) -> list[str]:
                 if g.empty or (epoch == 0 and m != tables.methods(df)[0]):
                     continue
                 r = g.iloc[0]
-                cells = [fmt(r[n], r[f"{n}_se"], 100) for n in names]
-                out.append(f"| {'pi_ref' if epoch == 0 else m} | {beta:g} | {epoch} | " + " | ".join(cells) + " |")
+                rows.append(["pi_ref" if epoch == 0 else m, f"{beta:g}", epoch,
+                             *(fmt(r[n], r[f"{n}_se"], 100) for n in names)])
+    return markdown_table(["method", "beta", "epoch", "chosen %", "rejected %", "other in-language %",
+                           "out of language %", "clip %", "implicit acc train %", "held-out %"], rows)
+
+
+def mechanism_section(df: pd.DataFrame, files: list[str]) -> list[str]:
+    if "mass.mass_chosen" not in df:
+        return []
+    last = tables.epochs(df)[-1]
+    out = ["## Where the probability goes", "",
+           "On the training prompts, the policy's probability of: the responses chosen in its training pairs; "
+           "those rejected (and never chosen); every other response of the language; text outside the language "
+           "(gold reward 0). The four sum to 1. 'clip %': training pairs the loss clips, so they give no gradient "
+           "(a margin clip at 2 r_max, or a reward bound; 0 for losses without either). Implicit "
+           "accuracy: pairs the implicit reward beta * link(pi/pi_ref) orders like the label, on the training "
+           f"pairs and on held-out pairs. pi_ref (epoch 0) and epoch {last}, mean ± s.e. over seeds.", "",
+           mechanism_table(df, last)]
     out += [""] + [f"![{f}]({f})" for f in files if f.startswith("mechanism")]
     return out
 
 
 def per_seed_table(df: pd.DataFrame, keys: dict) -> str:
     es = tables.epochs(df)
-    lines = ["| method | beta | seed | " + " | ".join(f"epoch {e}" for e in es) + " |", "|" + "---|" * (len(es) + 3)]
+    rows = []
     for beta in tables.betas(df):
         for m in tables.methods(df):
             seeds = tables.seeds(df)
             got, values = tables.seed_matrix(df, m, beta, keys["win"], seeds)
             for i, seed in enumerate(seeds):
                 cells = [fmt(values[i, got.index(e)] if e in got else math.nan, scale=100) for e in es]
-                lines.append(f"| {m} | {beta:g} | {seed} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                rows.append([m, f"{beta:g}", seed, *cells])
+    return markdown_table(["method", "beta", "seed", *(f"epoch {e}" for e in es)], rows)
 
 
 def metrics_table(df: pd.DataFrame, keys: dict) -> str:
@@ -281,7 +294,7 @@ def metrics_table(df: pd.DataFrame, keys: dict) -> str:
         runs = runs.assign(sqrt_kl_mc=np.sqrt(runs[MC_KL].astype(float).clip(lower=0)))
     cols = [c for c in cols if c[1] in runs]
     agg = tables.aggregate(runs, [c[1] for c in cols])
-    lines = ["| method | beta | epoch | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    rows = []
     first = tables.methods(df)[0]
     for beta in tables.betas(df):
         for m in tables.methods(df):
@@ -289,9 +302,8 @@ def metrics_table(df: pd.DataFrame, keys: dict) -> str:
                 if r["epoch"] == 0 and m != first:
                     continue
                 cells = [fmt(r[n], r[f"{n}_se"], s) if s else fmt_g(r[n], r[f"{n}_se"]) for _, n, s in cols]
-                who = "pi_ref" if r["epoch"] == 0 else m
-                lines.append(f"| {who} | {beta:g} | {int(r['epoch'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                rows.append(["pi_ref" if r["epoch"] == 0 else m, f"{beta:g}", int(r["epoch"]), *cells])
+    return markdown_table(["method", "beta", "epoch", *(c[0] for c in cols)], rows)
 
 
 def how_to_read(keys: dict) -> list[str]:
@@ -338,13 +350,11 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     return final / "report.md"
 
 
-def render_markdown(df, keys, claims, files, meta, analysis, extra: Extra | None, rows: list[dict]) -> str:
+def setup_section(df: pd.DataFrame, meta: dict) -> list[str]:
+    """What ran: the caller's setup lines, the methods, betas, seeds, epochs, training and evaluation settings."""
     ref = df[df["method"] == "pi_ref"]
     config = meta.get("sweep_config", {})
-    out = [f"# {meta.get('title', 'chipo overoptimization lab report')}", ""]
-    if meta.get("summary"):
-        out += [meta["summary"], ""]
-    out += ["## Setup", ""]
+    out = ["## Setup", ""]
     out += [f"- {key}: {value}" for key, value in meta.get("setup", {}).items()]
     described = df[df["method"] != "pi_ref"].groupby("method", sort=False)[["loss", "options"]].first()
     out.append("- methods: " + "; ".join(f"{m} = {r['loss']}" + (f" with {r['options']}" if r["options"] else "")
@@ -360,7 +370,14 @@ def render_markdown(df, keys, claims, files, meta, analysis, extra: Extra | None
         r = ref.iloc[0]
         out.append(f"- evaluation: {int(r['n_prompts'])} held-out prompts x "
                    f"{int(r['n_samples']) // max(int(r['n_prompts']), 1)} samples per policy")
-    out += [""] + how_to_read(keys) + [""]
+    return out
+
+
+def render_markdown(df, keys, claims, files, meta, analysis, extra: Extra | None, rows: list[dict]) -> str:
+    out = [f"# {meta.get('title', 'chipo overoptimization lab report')}", ""]
+    if meta.get("summary"):
+        out += [meta["summary"], ""]
+    out += setup_section(df, meta) + [""] + how_to_read(keys) + [""]
     out += plan_section(df, meta, extra, claims) + [""]
     if extra:
         out += extra.sections(df, keys, claims) + [""]

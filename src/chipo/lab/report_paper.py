@@ -19,8 +19,9 @@ import math
 import pandas as pd
 
 from chipo.lab import tables, verdicts
-from chipo.lab.report import Extra, fmt
+from chipo.lab.report import Extra
 from chipo.lab.report_monitor import when_to_stop_lines
+from chipo.lab.report_tables import fmt
 from chipo.markdown import markdown_table
 
 A, B = "chipo", "dpo"

@@ -262,24 +262,27 @@ def render(summ: pd.DataFrame, tests: pd.DataFrame, meta: dict, image: str) -> s
     text += [protocol(settings, meta.get("labels")), ""]
     for beta in sorted(summ.beta.dropna().unique(), reverse=True):
         text += [f"## beta = {beta:g}", "", method_table(summ, tests, beta, meta.get("pi_ref")), ""]
-    passed = tests[tests.verdict != "not shown"] if len(tests) else tests
-    text += ["## What the tests show", ""]
-    if len(passed):
-        for t in passed.itertuples():
-            own = "" if pd.isna(t.beta) else f", beta {t.beta:g}"
-            text.append(f"- {LABELS.get(t.method, t.method)} ({t.rule}{own})"
-                        f": {t.verdict} at beta {t.dpo_beta:g} (gap {t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}, Holm "
-                        f"p {t.p_holm:.3g}).")
-    else:
-        text.append("No comparison with DPO passes after Holm's correction.")
+    text += ["## What the tests show", ""] + findings(tests)
     text += ["", f"![gold vs sqrt KL]({image})", "", "## Settings", "", "```json",
-             json.dumps(settings, indent=1, default=str), "```", ""]
-    totals = meta.get("cpu_totals") or {}
-    if totals:
-        text.append("CPU time summed over the runs (each measured in the process that ran it): "
-                    + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items()) + ".")
-    for t in meta.get("timing", []):
-        text.append(f"Run: {t['runs']} runs in {t['wall_s']:.0f} s wall with {t['workers']} process(es); load "
-                    f"average {', '.join(f'{x:.1f}' for x in t['load_at_start'])} at the start, "
-                    f"{', '.join(f'{x:.1f}' for x in t['load_at_end'])} at the end.")
+             json.dumps(settings, indent=1, default=str), "```", ""] + cost_lines(meta)
     return "\n".join(text) + "\n"
+
+
+def findings(tests: pd.DataFrame) -> list[str]:
+    """One line per comparison with DPO that passes after Holm, or one line saying none does."""
+    passed = tests[tests.verdict != "not shown"] if len(tests) else tests
+    if not len(passed):
+        return ["No comparison with DPO passes after Holm's correction."]
+    return [f"- {LABELS.get(t.method, t.method)} ({t.rule}{'' if pd.isna(t.beta) else f', beta {t.beta:g}'})"
+            f": {t.verdict} at beta {t.dpo_beta:g} (gap {t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}, Holm "
+            f"p {t.p_holm:.3g})." for t in passed.itertuples()]
+
+
+def cost_lines(meta: dict) -> list[str]:
+    """The CPU seconds summed over the runs, and each invocation's wall time and machine load."""
+    totals = meta.get("cpu_totals") or {}
+    out = ["CPU time summed over the runs (each measured in the process that ran it): "
+           + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items()) + "."] if totals else []
+    return out + [f"Run: {t['runs']} runs in {t['wall_s']:.0f} s wall with {t['workers']} process(es); load "
+                  f"average {', '.join(f'{x:.1f}' for x in t['load_at_start'])} at the start, "
+                  f"{', '.join(f'{x:.1f}' for x in t['load_at_end'])} at the end." for t in meta.get("timing", [])]

@@ -178,23 +178,24 @@ def tests(per_run: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     return df
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def number(x: float, spec: str = ".3f") -> str:
+    """A table cell of a number (``format(x, spec)``), "n/a" where there is none (None or NaN)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def signals_markdown(signals: pd.DataFrame) -> str:
     """``signal_table`` in markdown: each signal's tuned rule, rank correlation with gold, regrets and lead."""
-    rows = [[s["signal"], f"`{s['rule']}`", f"{_fmt(s['rho_mean'], 2)} +- {_fmt(s['rho_se'], 2)}",
-             _fmt(s["tuning_regret"]), _fmt(s["test_regret"]), f"{100 * s['fired']:.0f}%", _fmt(s["lead_median"], 2),
-             f"{100 * s['before_peak']:.0f}%"] for _, s in signals.iterrows()]
+    rows = [[s["signal"], f"`{s['rule']}`", f"{number(s['rho_mean'], '.2f')} +- {number(s['rho_se'], '.2f')}",
+             number(s["tuning_regret"]), number(s["test_regret"]), f"{100 * s['fired']:.0f}%",
+             number(s["lead_median"], ".2f"), f"{100 * s['before_peak']:.0f}%"] for _, s in signals.iterrows()]
     return markdown_table(["signal", "rule (tuned)", "rank corr. with gold", "tuning regret", "test regret",
                            "fired (test)", "median lead, epochs", "alarm before peak"], rows)
 
 
 def regrets_markdown(per_run: pd.DataFrame) -> str:
     """Mean regret of the monitor, the last evaluation and the fixed step per (loss, beta, split)."""
-    rows = [[loss, f"{beta:g}", split, len(g), _fmt(g["gold_peak"].mean()), _fmt(g["monitor_regret"].mean()),
-             _fmt(g["regret_last"].mean()), _fmt(g["regret_fixed"].mean())]
+    rows = [[loss, f"{beta:g}", split, len(g), number(g["gold_peak"].mean()), number(g["monitor_regret"].mean()),
+             number(g["regret_last"].mean()), number(g["regret_fixed"].mean())]
             for (loss, beta, split), g in per_run.groupby(["loss", "beta", "split"])]
     return markdown_table(["loss", "beta", "split", "seeds", "gold peak", "monitor", "last evaluation",
                            "fixed step"], rows)
@@ -202,8 +203,8 @@ def regrets_markdown(per_run: pd.DataFrame) -> str:
 
 def tests_markdown(tested: pd.DataFrame) -> str:
     """``tests`` in markdown: one row per test group and baseline, Holm-adjusted p, shown or not."""
-    rows = [[t["loss"], f"{t['beta']:g}", t["split"], t["versus"], t["seeds"], _fmt(t["difference"]), _fmt(t["se"]),
-             _fmt(t["p"], 4), _fmt(t["p_holm"], 4), "yes" if t["passed"] else "not shown"]
+    rows = [[t["loss"], f"{t['beta']:g}", t["split"], t["versus"], t["seeds"], number(t["difference"]),
+             number(t["se"]), number(t["p"], ".4f"), number(t["p_holm"], ".4f"), "yes" if t["passed"] else "not shown"]
             for _, t in tested.iterrows()]
     return markdown_table(["loss", "beta", "split", "versus", "seeds", "difference", "se", "p", "p (Holm)",
                            "shown"], rows)

@@ -16,11 +16,9 @@ monitor's regret smaller), Holm over every held-out group and baseline (``chipo.
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
-from chipo.lab.monitor_analysis import at_step, fixed_step, outcome, tests
+from chipo.lab.monitor_analysis import at_step, fixed_step, number, outcome, tests
 from chipo.markdown import markdown_table
 from chipo.monitor.alarm import DEFAULT_RULES
 
@@ -64,14 +62,10 @@ def per_run_regrets(runs: dict[tuple, pd.DataFrame]) -> tuple[pd.DataFrame, int]
     return pd.DataFrame(rows), stop
 
 
-def _f(x: float, spec: str = ".3f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def regret_table(per_run: pd.DataFrame) -> str:
     """Mean regret of each stopping choice per (loss, beta, split), and how often the alarm fired."""
-    rows = [[loss, f"{beta:g}", len(g), split, _f(g["gold_peak"].mean()), _f(g["monitor_regret"].mean()),
-             _f(g["regret_last"].mean()), _f(g["regret_fixed"].mean()), f"{int(g['alarm'].sum())}/{len(g)}"]
+    rows = [[loss, f"{beta:g}", len(g), split, number(g["gold_peak"].mean()), number(g["monitor_regret"].mean()),
+             number(g["regret_last"].mean()), number(g["regret_fixed"].mean()), f"{int(g['alarm'].sum())}/{len(g)}"]
             for (loss, beta, split), g in per_run.groupby(["loss", "beta", "split"])]
     return markdown_table(["loss", "beta", "runs", "split", "gold peak", "monitor", "last epoch", "fixed epoch",
                            "alarm fired"], rows)
@@ -79,8 +73,8 @@ def regret_table(per_run: pd.DataFrame) -> str:
 
 def tests_table(tested: pd.DataFrame) -> str:
     """The held-out runs' paired tests (``chipo.lab.monitor_analysis.tests``), one row per group and baseline."""
-    rows = [[t["loss"], f"{t['beta']:g}", t["split"], f"{t['versus']} epoch", t["seeds"], _f(t["regret_monitor"]),
-             _f(t["regret_baseline"]), _f(t["p"], ".2g"), _f(t["p_holm"], ".2g"),
+    rows = [[t["loss"], f"{t['beta']:g}", t["split"], f"{t['versus']} epoch", t["seeds"], number(t["regret_monitor"]),
+             number(t["regret_baseline"]), number(t["p"], ".2g"), number(t["p_holm"], ".2g"),
              "shown" if t["passed"] else "not shown"] for _, t in tested.iterrows()]
     return markdown_table(["loss", "beta", "split", "versus", "seeds", "regret: monitor", "baseline", "p",
                            "p (Holm)", "verdict"], rows)
@@ -112,8 +106,8 @@ def when_to_stop_lines(df: pd.DataFrame, keys: dict) -> list[str]:
     out.append("")
     for _, t in shown.iterrows():
         out.append(f"- {t['loss']} at beta {t['beta']:g} ({t['split']}): stopping where the monitor says lost "
-                   f"{_f(t['regret_monitor'])} gold against oracle early stopping, less than the "
-                   f"{_f(t['regret_baseline'])} of the {t['versus']} epoch (p {t['p_holm']:.2g} after Holm).")
+                   f"{number(t['regret_monitor'])} gold against oracle early stopping, less than the "
+                   f"{number(t['regret_baseline'])} of the {t['versus']} epoch (p {t['p_holm']:.2g} after Holm).")
     if len(shown) < len(tested):
         out.append(f"- {len(tested) - len(shown)} of {len(tested)} comparisons are not shown at this seed count "
                    "(which does not mean the monitor is worse there).")

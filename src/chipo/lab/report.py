@@ -1,7 +1,8 @@
 """The sweep report: ``report.md``, PNG plots (``chipo.lab.plots``), the raw results as JSON and CSV.
 
 Generic over whatever the sweep ran (any losses, links and options as methods): every number comes from the
-results table (``chipo.lab.tables``) and every claim from a verdict function (``chipo.lab.verdicts``) that states
+results table (``chipo.lab.tables``; its markdown tables are ``chipo.lab.report_tables``, this module writes the
+prose around them) and every claim from a verdict function (``chipo.lab.verdicts``) that states
 its sentence only when its paired test across seeds passes after Holm's adjustment over all of the report's
 claims. A caller (``chipo demo``) adds its own claims and sections through ``Extra``; they join the same Holm
 family. The report is written to a temporary directory and renamed into place, so a reader never sees half a

@@ -12,6 +12,7 @@ import math
 import pytest
 
 from chipo.cli.lab import demo
+from markdown_checks import assert_tables_well_formed
 
 
 @pytest.mark.slow
@@ -102,6 +103,7 @@ def test_quick_full_demo_composes_offline_rlhf_and_online_and_a_rerun_has_nothin
                 "## Online preference optimization", "## Machine, versions, time")
     assert [text.index(h) for h in headings] == sorted(text.index(h) for h in headings)
     assert "Time of the rlhf experiment:" in text and "Time of the online experiment:" in text
+    assert assert_tables_well_formed(text) >= 8  # the offline page's, RL over seeds, RL steps, best-of-n, online
     assert (out / "report" / "rlhf_gold_vs_sqrt_kl.png").is_file()
     assert "](../online/online_gold_vs_sqrt_kl.png)" in text
     assert (out / "online" / "online_gold_vs_sqrt_kl.png").is_file()

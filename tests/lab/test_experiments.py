@@ -210,9 +210,11 @@ def test_report_templates_are_package_data_read_through_importlib_resources():
     from importlib.resources import files
 
     names = sorted(p.name for p in files("chipo.lab").joinpath("templates").iterdir() if p.name.endswith(".md"))
-    assert names == ["offline_analysis.md", "offline_summary.md", "rlhf_axes.md", "rlhf_inference.md", "rlhf_rl.md"]
+    assert names == ["offline_analysis.md", "offline_summary.md", "online_section.md", "online_settings.md",
+                     "rlhf_axes.md", "rlhf_inference.md", "rlhf_rl.md"]
     values = {"k": 4, "prompts_per_step": 16, "steps": 300, "learning_rate": 0.001, "betas": [0.05], "eval_every": 25,
-              "eval_samples": 32, "pool": 528, "prompts": 16, "ns": [1, 2], "r_max": "1.00"}
+              "eval_samples": 32, "pool": 528, "prompts": 16, "ns": [1, 2], "r_max": "1.00", "link": "../online",
+              "scale": 5, "max_new_tokens": 8, "alpha": 1e-5, "seeds": 3, "budget": 384}
     for name in names:
         text = experiments.template(name.removesuffix(".md"), **values)
         assert text and not text.endswith("\n") and "$" not in text

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from chipo.io import atomic_write_text
+from chipo.lab.experiments import template
 from chipo.lab.online_protocol import COLORS, LABELS, METRICS, OnlineLabSettings
 from chipo.markdown import markdown_table
 
@@ -56,13 +57,10 @@ def summary_table(summary: list[dict]) -> str:
 
 
 def settings_text(settings: OnlineLabSettings, budget: int) -> str:
-    """The judge, the optimizer and what the offline rows are."""
-    return (f"Judge: Bradley-Terry labels sigmoid({settings.scale:g} (r*(y_a) - r*(y_b))) from the gold reward, as "
-            f"the offline demo's data (Huang et al. 2024, arXiv 2407.13399). {settings.prompts_per_step} prompts "
-            f"(pairs, labels) per step, AdamW lr {settings.learning_rate:g}, responses up to "
-            f"{settings.max_new_tokens} tokens, XPO alpha {settings.alpha:g}, {settings.seeds} seed(s). Metrics "
-            "are exact over the world's response partition on the held-out prompts (KL: a lower bound). Offline "
-            f"rows: the demo's DPO / chiPO, trained for several epochs on {budget} pairs from pi_ref.")
+    """The judge, the optimizer and what the offline rows are (``templates/online_settings.md``)."""
+    return template("online_settings", scale=f"{settings.scale:g}", prompts_per_step=settings.prompts_per_step,
+                    learning_rate=f"{settings.learning_rate:g}", max_new_tokens=settings.max_new_tokens,
+                    alpha=f"{settings.alpha:g}", seeds=settings.seeds, budget=budget)
 
 
 def write_outputs(rows: list[dict], out: Path, settings: OnlineLabSettings,
@@ -83,10 +81,8 @@ def section(out: Path, link: str) -> str:
     """``online_lab.md`` as a section of another report: its title becomes the section's, figures linked through
     ``link`` (the online directory relative to that report)."""
     body = (out / "online_lab.md").read_text().split("\n", 1)[1]
-    return "\n".join(["## Online preference optimization (`chipo demo --full`)", "",
-                      "The same world, judge noise and label budget as the offline runs above, with the labels asked "
-                      "for pairs the policy samples as it trains (`chipo online`; details and plots in "
-                      f"`{link}/`).", "", body.replace("](online_", f"]({link}/online_").strip("\n"), ""])
+    return "\n".join([template("online_section", link=link), "",
+                      body.replace("](online_", f"]({link}/online_").strip("\n"), ""])
 
 
 def plot(summary: list[dict], out: Path) -> list[str]:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 
 def run(out: str, methods: str, betas: str, seeds: str, factor: str = "1") -> None:
-    import chipo.lab  # noqa: F401  (registers the world's scorers)
     from chipo.lab.online import OnlineLabSettings, run_online_lab
     from chipo.lab.world import load_or_build_world
 

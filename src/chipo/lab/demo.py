@@ -38,7 +38,7 @@ def run_demo(out_dir: str | os.PathLike, settings: dict | None = None, progress:
     try:
         with quiet_libraries():
             experiments.run_all(context, settings)
-            echo("[4/4] report")
+            echo(f"[report] {', '.join(settings)}")
             report = experiments.compose_report(context, list(settings))
     finally:
         torch.set_num_threads(threads)

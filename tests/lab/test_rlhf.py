@@ -3,12 +3,14 @@ pessimism curves in a JSON file with finite numbers, the report section and plot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 
 import pytest
 
+from chipo.config import ConfigError
 from chipo.lab.report import write_rlhf_section
 from chipo.lab.rlhf import RLHFSettings, run_rlhf
 from chipo.lab.world import Language, World
@@ -61,13 +63,21 @@ def test_rlhf_pipeline_writes_curves_report_and_resumes(tiny_world, tmp_path):
     assert text.index("## Standard RLHF") < text.index("## Machine, versions, time")
     assert (report / "rlhf_gold_vs_sqrt_kl.png").stat().st_size > 0
 
-    # A rerun skips every finished part: nothing is retrained, no file but rlhf.json is touched.
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "rlhf.json"}
+    # A rerun skips every finished part: nothing is retrained, no file but rlhf.json and the directory's record
+    # (experiment.json, rewritten under the lock) is touched.
+    records = ("rlhf.json", "experiment.json")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in records}
     messages.clear()
     run_rlhf(world, out, SETTINGS, echo=messages.append)
     assert messages == []
     assert json.loads(path.read_text())["rl"] == results["rl"]
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "rlhf.json"} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in records} == before
+    # Other settings in the same directory: one line naming the key, nothing rewritten (the directory protocol,
+    # with or without chipo demo); it used to start the RLHF part afresh silently.
+    saved = path.read_text()
+    with pytest.raises(ConfigError, match="other settings.*steps"):
+        run_rlhf(world, out, dataclasses.replace(SETTINGS, steps=6), echo=messages.append)
+    assert path.read_text() == saved
 
 
 def test_rl_seed_claims_are_paired_t_tests_with_holm():

@@ -94,28 +94,52 @@ def labels_done(rows: list[dict], method: str, beta: float, seed: int) -> set[in
 
 
 def run_online_lab(world: World, out_dir, settings: OnlineLabSettings | None = None, *,
-                   offline_results: list[dict] | None = None, progress: bool = True, echo=print) -> list[dict]:
+                   offline_results: list[dict] | None = None, progress: bool = True, echo=print,
+                   overwrite: bool = False) -> list[dict]:
     """Train and evaluate every unfinished run, write plots and ``online_lab.md``; returns all result rows.
 
-    ``offline_results``: rows of the offline demo's ``sweep/results.jsonl`` (loss dpo / chipo, beta, seed, epoch,
+    ``offline_results``: rows of the offline demo's ``sweep/results.jsonl`` (loss dpo / chiPO, beta, seed, epoch,
     an ``exact`` block), drawn beside the online runs. Rows are flat: method, loss, exploration, beta, seed,
     labels, step, the exact metrics (gold, win_rate_vs_ref, kl, sqrt_kl, chi2, mass_malformed, total_mass) and the
     trainer's own log at that step (train_loss, train_acc, train_kl: Monte-Carlo KL of the step's samples).
+    ``out_dir`` is opened under the experiment-directory protocol (``run_in_directory``).
     """
-    import torch
-
     settings = settings or OnlineLabSettings()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rows = run_in_directory(world, out, settings, progress=progress, echo=echo, overwrite=overwrite)
+    write_outputs(rows, out, settings, offline_results)
+    return rows
+
+
+def run_in_directory(world: World, out: Path, settings: OnlineLabSettings, *, progress: bool, echo,
+                     overwrite: bool) -> list[dict]:
+    """Every run into ``out`` under ``chipo.train.experiment_dir.open_experiment`` (one online lab per directory
+    at a time; the settings, world and evaluated label counts checked against ``experiment.json``, or the
+    ``online_lab.json`` of a directory made before it; ``overwrite`` starts again), with or without
+    ``chipo demo``."""
+    import torch
+
+    from chipo.train.experiment_dir import open_experiment
+
+    train_prompts, _ = load_prompts(world.train_prompts_path)
+    key = {"settings": dataclasses.asdict(settings), "world": str(world.root),
+           "eval_labels": settings.eval_labels(len(train_prompts))}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 0.1M-parameter model: threads cost more than they give
     try:
-        with quiet_libraries():
+        with quiet_libraries(), open_experiment(out, key, overwrite=overwrite, what="online lab",
+                                                legacy_key=_recorded_key, label="out") as exp:
             rows = _run(world, out, settings, progress, echo)
+            exp.finish({"rows": len(rows)})
     finally:
         torch.set_num_threads(threads)
-    write_outputs(rows, out, settings, offline_results)
     return rows
+
+
+def _recorded_key(out: Path) -> dict | None:
+    """The key an online lab recorded in ``online_lab.json`` before directories had a protocol marker."""
+    path = out / "online_lab.json"
+    return json.loads(path.read_text()).get("key") if path.is_file() else None
 
 
 def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, echo) -> list[dict]:
@@ -126,12 +150,10 @@ def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, e
 
     train_prompts, _ = load_prompts(world.train_prompts_path)
     budget_labels = settings.eval_labels(len(train_prompts))
+    # checked by run_in_directory's directory protocol; the report reads the settings back from here
     key = {"settings": dataclasses.asdict(settings), "world": str(world.root), "eval_labels": budget_labels}
-    meta = out / "online_lab.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("key") != json.loads(json.dumps(key)):
-        raise ConfigError(f"{out} holds an online lab run with other settings or another world; use another "
-                          "directory or delete it")
-    write_json(meta, {"key": key, "train_prompts": len(train_prompts), "label_budget": budget_labels[-1]})
+    write_json(out / "online_lab.json", {"key": key, "train_prompts": len(train_prompts),
+                                         "label_budget": budget_labels[-1]})
 
     tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
     ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
@@ -241,7 +263,8 @@ def _load_checkpoint(world: World, checkpoint: Path):
 
 def run_experiment(context: Context, settings: OnlineLabSettings, out_dir: Path) -> None:
     """Every run of the online lab into ``out_dir`` (its report is rendered from the rows on disk)."""
-    _run(context.world(), out_dir, settings, context.progress, context.echo)
+    run_in_directory(context.world(), out_dir, settings, progress=context.progress, echo=context.echo,
+                     overwrite=context.overwrite)
 
 
 def render(out_dir: Path, context: Context) -> str:
@@ -260,4 +283,5 @@ def render(out_dir: Path, context: Context) -> str:
 
 EXPERIMENT = Experiment(
     name="online", title="online DPO / chiPO, XPO and chi-squared XPO at the offline demo's label budget",
-    settings=OnlineLabSettings, run=run_experiment, render=render, needs=("offline",))
+    settings=OnlineLabSettings, run=run_experiment, render=render, needs=("offline",),
+    owns_directory=True)  # run_in_directory applies the directory protocol: run_online_lab gets it without the runner

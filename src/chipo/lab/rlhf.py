@@ -82,18 +82,36 @@ def _prompts(path: str, limit: int | None = None) -> list[str]:
 
 
 def run_rlhf(world, out_dir: str | Path, settings: RLHFSettings | None = None, *, demo_pairs: str | None = None,
-             heldout_pairs: str | None = None, echo=print) -> Path:
-    """Run (or resume) every part; returns the path of ``rlhf.json``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+             heldout_pairs: str | None = None, echo=print, overwrite: bool = False) -> Path:
+    """Run (or resume) every part; returns the path of ``rlhf.json``. ``out_dir`` is opened under the
+    experiment-directory protocol (``chipo.train.experiment_dir.open_experiment``: one run at a time, the settings
+    and world checked against ``experiment.json`` -- or the ``rlhf.json`` of a directory made before it -- and
+    refused when they differ unless ``overwrite``), with or without ``chipo demo``."""
+    from chipo.train.experiment_dir import open_experiment
 
     settings = settings or RLHFSettings()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    key = {"settings": asdict(settings), "world": str(world.root)}
+    with open_experiment(out, key, overwrite=overwrite, what="RLHF experiment",
+                         legacy_key=lambda d: _recorded_key(d, world), label="out") as exp:
+        path = _run(world, out, settings, demo_pairs, heldout_pairs, echo)
+        exp.finish({"results": path.name})
+    return path
+
+
+def _recorded_key(out: Path, world) -> dict | None:
+    """The key of a directory made before the protocol marker: ``rlhf.json``'s settings (it did not record its
+    world: taken to be this one, as that code assumed)."""
+    path = out / "rlhf.json"
+    saved = json.loads(path.read_text()).get("settings") if path.is_file() else None
+    return None if saved is None else {"settings": saved, "world": str(world.root)}
+
+
+def _run(world, out: Path, settings: RLHFSettings, demo_pairs: str | None, heldout_pairs: str | None, echo) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = out / "rlhf.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    if results.get("settings") and results["settings"] != json.loads(json.dumps(asdict(settings))):
-        echo("      settings changed since the last run: starting the RLHF part afresh")
-        results = {}
     results["settings"] = asdict(settings)
     results.setdefault("timing", {})
 
@@ -327,7 +345,7 @@ def run_experiment(context: Context, settings: RLHFSettings, out_dir: Path) -> N
     pairs and its held-out pairs the offline experiment's."""
     data = data_dir(context)
     run_rlhf(context.world(), out_dir, settings, echo=context.echo, demo_pairs=str(data / "train_seed0.jsonl"),
-             heldout_pairs=str(data / "heldout.jsonl"))
+             heldout_pairs=str(data / "heldout.jsonl"), overwrite=context.overwrite)
 
 
 def render(out_dir: Path, context: Context) -> str:
@@ -342,4 +360,5 @@ def render(out_dir: Path, context: Context) -> str:
 
 EXPERIMENT = Experiment(
     name="rlhf", title="reward model, RL with kl and chi2mix, best-of-n and pessimism on the same world and data",
-    settings=RLHFSettings, run=run_experiment, render=render, needs=("offline",))
+    settings=RLHFSettings, run=run_experiment, render=render, needs=("offline",),
+    owns_directory=True)  # run_rlhf applies the directory protocol: it gets it without the runner too

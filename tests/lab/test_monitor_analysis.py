@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -76,3 +77,26 @@ def test_schedule_and_token_pairs():
                          {"chosen": "a", "rejected": "a", "prompt_token_ids": [1], "chosen_token_ids": [2],
                           "rejected_token_ids": [2]}])
     assert len(pairs) == 1 and pairs.chosen_ids == [[2, 9]]
+
+
+def test_validation_directory_protocol_refuses_other_run_settings(tiny_world, tmp_path):
+    """run_validation opens its directory through the experiment protocol (with or without chipo demo): a directory
+    whose recorded runs used other per-run settings (here epochs 2 vs 3) is refused in one line before any work;
+    the grid and the tuning split are not part of the key (they may change between reruns)."""
+    import json
+
+    from chipo.config import ConfigError
+    from chipo.lab.monitor_validation import ValidationSettings, run_key, run_validation
+    from chipo.lab.world import Language, World
+
+    world = World(tiny_world, Language.from_json(json.loads((tiny_world / "language.json").read_text())))
+    out = tmp_path / "validation"
+    out.mkdir()
+    quick = ValidationSettings.quick()
+    # A directory made before the protocol marker: only its settings.json (as docs/monitor-validation has).
+    (out / "settings.json").write_text(json.dumps({"settings": dataclasses.asdict(quick),
+                                                   "context": {"world": str(world.root)}}))
+    with pytest.raises(ConfigError, match=r"other settings \(settings\).*.epochs.: 2.*.epochs.: 3"):
+        run_validation(out, dataclasses.replace(quick, epochs=3), world=world, echo=lambda *_: None)
+    assert "settings.json" in {p.name for p in out.iterdir()} and not (out / "data").exists()  # no work done
+    assert run_key(quick) == run_key(dataclasses.replace(quick, seeds=5, tune_seeds=2, workers=1))

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chipo.io import write_json
+from chipo.io import write_json, write_jsonl
 from chipo.lab.experiments import Context, Experiment, as_section
 from chipo.lab.protocol import DemoSettings, OfflineRuns
 from chipo.monitor import HeldoutPairs, MonitorSettings, OveroptimizationMonitor
@@ -199,17 +199,53 @@ def _worker(args):
     return run_cell(*args)
 
 
+NOT_IN_KEY = ("seeds", "betas", "losses", "workers", "tune_seeds", "tune_beta")
+"""Settings that may change between reruns in one directory: the grid may grow; the workers and the tuning split
+(an analysis choice, applied when the report is written) do not change any run's rows."""
+
+
+def run_key(settings: ValidationSettings | dict) -> dict:
+    """What every run's rows depend on: a directory holds runs of one such key (``NOT_IN_KEY`` aside)."""
+    d = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+    return {k: v for k, v in d.items() if k not in NOT_IN_KEY}
+
+
 def run_validation(out_dir: str | os.PathLike, settings: ValidationSettings | None = None, echo=print,
-                   world=None) -> Path:
-    """Every run of the design not yet complete in ``monitor_validation.jsonl``; returns that file's path."""
+                   world=None, overwrite: bool = False) -> Path:
+    """Every run of the design not yet complete in ``monitor_validation.jsonl``; returns that file's path.
+
+    ``out_dir`` is opened under the experiment-directory protocol (``chipo.train.experiment_dir.open_experiment``:
+    one validation at a time, ``run_key`` checked against ``experiment.json`` -- or the ``settings.json`` of a
+    directory made before it -- and refused when it differs unless ``overwrite``)."""
+    from chipo.lab.world import load_or_build_world
+    from chipo.train.experiment_dir import open_experiment
+
+    settings = settings or ValidationSettings()
+    out = Path(out_dir)
+    world = world or load_or_build_world(quiet=True)
+    key = {"settings": run_key(settings), "world": str(world.root)}
+    with open_experiment(out, key, overwrite=overwrite, what="monitor validation",
+                         legacy_key=lambda d: _recorded_key(d, world)) as exp:
+        sink = _run(out, settings, echo, world)
+        exp.finish({"rows": sink.name})
+    return sink
+
+
+def _recorded_key(out: Path, world) -> dict | None:
+    """The key of a directory made before the protocol marker, from its ``settings.json``."""
+    path = out / "settings.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return {"settings": run_key(saved["settings"]), "world": saved.get("context", {}).get("world", str(world.root))}
+
+
+def _run(out: Path, settings: ValidationSettings, echo, world) -> Path:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from chipo.lab.runs import read_results
 
-    settings = settings or ValidationSettings()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ctx = {**prepare(out, settings, world), "out": str(out), "data": str(out / "data")}
     write_json(out / "settings.json", {"settings": dataclasses.asdict(settings), "context": ctx})
     sink = out / "monitor_validation.jsonl"
@@ -220,7 +256,7 @@ def run_validation(out_dir: str | os.PathLike, settings: ValidationSettings | No
     # A run cut short is redone from the start: drop its rows.
     if cells:
         keep = [r for r in rows if (r["loss"], r["beta"], r["seed"]) not in set(cells)]
-        sink.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        write_jsonl(sink, keep)
     echo(f"monitor validation: {len(cells)} runs to do in {out}")
     start = time.perf_counter()
     ctxs = multiprocessing.get_context("spawn")
@@ -278,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_experiment(context: Context, settings: ValidationSettings, out_dir: Path) -> None:
-    run_validation(out_dir, settings, echo=context.echo, world=context.world())
+    run_validation(out_dir, settings, echo=context.echo, world=context.world(), overwrite=context.overwrite)
 
 
 def render(out_dir: Path, context: Context) -> str:
@@ -289,7 +325,8 @@ def render(out_dir: Path, context: Context) -> str:
 
 EXPERIMENT = Experiment(
     name="monitor-validation", title="the overoptimization monitor's signals against the exact gold reward",
-    settings=ValidationSettings, run=run_experiment, render=render)
+    settings=ValidationSettings, run=run_experiment, render=render,
+    owns_directory=True)  # run_validation applies the directory protocol: python -m ... gets it too
 
 
 if __name__ == "__main__":

@@ -254,3 +254,25 @@ def test_reward_trainer_refuses_a_loaded_model_with_several_outputs(tiny_dir, tm
     two = AutoModelForSequenceClassification.from_pretrained(tiny_dir / "model", num_labels=2)
     with pytest.raises(ConfigError, match="model has 2 outputs; a reward model has exactly one"):
         RewardTrainer(model=two, args=_args(tmp_path, RewardConfig), train_dataset=read_jsonl(tiny_dir / "train.jsonl"))
+
+
+@pytest.mark.parametrize("trainer_cls", [SFTTrainer, RewardTrainer], ids=["sft", "reward"])
+def test_peft_adapters_are_drawn_under_the_seed(trainer_cls, tiny_dir, tmp_path):
+    """LoRA's A matrices start random: drawn under ``args.seed`` (TRL seeds before it creates the PEFT model), two
+    trainers with one seed start from the same adapters although the global generator moved in between, and
+    another seed starts from other adapters."""
+    from peft import LoraConfig
+
+    cls = SFTConfig if trainer_cls is SFTTrainer else RewardConfig
+    rows = _sft_rows(8) if trainer_cls is SFTTrainer else read_jsonl(tiny_dir / "train.jsonl")
+
+    def adapters(seed: int) -> dict:
+        lora = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM" if cls is SFTConfig else "SEQ_CLS")
+        trainer = trainer_cls(model=str(tiny_dir / "model"), args=_args(tmp_path, cls, seed=seed), train_dataset=rows,
+                              peft_config=lora)
+        return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
+
+    first, again, other = adapters(5), adapters(5), adapters(6)
+    assert first and set(first) == set(again) == set(other)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)

@@ -145,16 +145,20 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def add_adapters(model, peft_config):
+def add_adapters(model, peft_config, seed: int | None = None):
     """``peft.get_peft_model(model, peft_config)``; a model that already has adapters is refused, as in TRL (merge
-    and unload them first)."""
+    and unload them first). ``seed``: the adapters' random initialisation is drawn under it (TRL seeds before it
+    creates the PEFT model), so two runs with one seed start from the same adapters."""
     import warnings
 
     from peft import get_peft_model
+    from transformers import set_seed
 
     if is_peft(model):
         raise ConfigError("peft_config was given for a model that already has adapters; merge and unload them "
                           "(merge_and_unload) and pass the base model, or omit peft_config")
+    if seed is not None:
+        set_seed(seed)
     with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, peft_config)

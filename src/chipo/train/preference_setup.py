@@ -43,7 +43,7 @@ def apply_lora(model, config: PreferenceConfig):
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_scaling_alpha, lora_dropout=config.lora_dropout_rate,
                       target_modules=target_modules, task_type="CAUSAL_LM")
-    return add_adapters(model, lora)
+    return add_adapters(model, lora, seed=config.seed)
 
 
 def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collator, impl: str) -> dict:
@@ -103,7 +103,7 @@ def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_datas
     if model is None or isinstance(model, str):
         model = load_policy(config, model, quantization_config)
     if peft_config is not None:
-        model = add_adapters(model, peft_config)
+        model = add_adapters(model, peft_config, seed=config.seed)
     elif config.lora and not is_peft(model):
         model = apply_lora(model, config)
     if config.gradient_checkpointing:

@@ -49,7 +49,6 @@ from chipo.models import (
     from_pretrained_kwargs,
     is_loaded,
     load_sequence_classifier,
-    load_tokenizer,
     pad_id,
     refuse_quantizing_loaded,
 )
@@ -196,7 +195,7 @@ class RewardTrainer(PairwiseTrainer):
         else:
             model = load_reward_model(args, model, pad_id(processing_class), quantization_config)
         if peft_config is not None:
-            model = add_adapters(model, peft_config)
+            model = add_adapters(model, peft_config, seed=args.seed)
         if args.gradient_checkpointing:
             model.config.use_cache = False
         train_dataset, eval_dataset = trainer_datasets(
@@ -284,7 +283,7 @@ def run_reward_training(config: RewardConfig) -> Path:
     earlier, so that bad input fails before the output directory exists."""
     config.require_model_and_data()
     check_trackers(config)
-    tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+    tokenizer = default_tokenizer(config.model, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code)
     train, evaluation = trainer_datasets(
         config, None, None, lambda rows, source: prepare_reward_rows(config, tokenizer, rows, source))
     out = check_output_dir(config)

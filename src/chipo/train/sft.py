@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments
 
 from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
 from chipo.logprobs import logprobs_from_logits
-from chipo.models import add_adapters, default_tokenizer, is_loaded, load_tokenizer, pad_id, refuse_quantizing_loaded
+from chipo.models import add_adapters, default_tokenizer, is_loaded, pad_id, refuse_quantizing_loaded
 from chipo.sequences import layouts_agree, single_row_attention
 from chipo.train.common import check_output_dir, check_trackers, load_policy, run_trainer, trainer_datasets
 from chipo.train.pairwise import NonFiniteGradientGuard
@@ -122,7 +122,7 @@ class SFTTrainer(Trainer):
             processing_class = default_tokenizer(model, tokenizer=args.tokenizer, fallback=args.model,
                                                  trust_remote_code=args.trust_remote_code)
         if peft_config is not None:
-            model = add_adapters(model, peft_config)
+            model = add_adapters(model, peft_config, seed=args.seed)
         if args.gradient_checkpointing:
             model.config.use_cache = False
         train_dataset, eval_dataset = trainer_datasets(
@@ -176,7 +176,7 @@ def run_sft(config: SFTConfig) -> Path:
     """
     config.require_model_and_data()
     check_trackers(config)
-    tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+    tokenizer = default_tokenizer(config.model, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code)
     train, evaluation = trainer_datasets(config, None, None,
                                          lambda rows, source: prepare_rows(config, tokenizer, rows, source))
     out = check_output_dir(config)

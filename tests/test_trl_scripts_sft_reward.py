@@ -276,3 +276,12 @@ def test_peft_adapters_are_drawn_under_the_seed(trainer_cls, tiny_dir, tmp_path)
     assert first and set(first) == set(again) == set(other)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_plain_training_arguments_key_the_trainer_would_ignore_is_refused(tiny_dir, tmp_path):
+    """A plain TrainingArguments becomes a RewardConfig, whose checks run: ``label_smoothing_factor`` (Trainer's label
+    smoother, which the Bradley-Terry loss replaces) would be ignored, so it is refused in one line naming it."""
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), label_smoothing_factor=0.1, report_to="none")
+    with pytest.raises(ConfigError, match=r"^label_smoothing_factor=0.1: chipo reward does not support") as error:
+        RewardTrainer(model=str(tiny_dir / "model"), args=args, train_dataset=read_jsonl(tiny_dir / "train.jsonl"))
+    assert "\n" not in str(error.value)

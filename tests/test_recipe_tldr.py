@@ -78,6 +78,7 @@ def test_tldr_recipe_end_to_end_on_cpu(tmp_path, capsys):
     worker. The steps are the helpers below, in order."""
     recipe = run_recipe(tmp_path)
     check_outputs_and_report(recipe)
+    check_the_report_never_clears_other_files(recipe, capsys)
     check_rerunning_every_stage_does_no_work(recipe, capsys)
     check_changed_settings_are_refused_not_mixed(recipe, capsys)
     check_llm_judge_failures_are_counted_flagged_and_retried(recipe, capsys)
@@ -144,6 +145,23 @@ def check_outputs_and_report(recipe: dict) -> None:
     assert len(rows) == 4 * 2 + 1 and all(r["judged"] for r in rows)
 
 
+def check_the_report_never_clears_other_files(recipe: dict, capsys) -> None:
+    """The report directory replaces only an earlier report's files: a folder of the user's keeps its own, and the
+    recipe directory itself (a sweep's) is refused rather than cleared."""
+    out, mine = recipe["out"], recipe["root"] / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for _ in range(2):
+        assert tldr("report", "--config", RECIPE / "report.yaml", f"out_dir={out}", f"output_dir={mine}") == 0
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "report.md").is_file()
+    assert not [p for p in mine.iterdir() if p.name.startswith(".final-")]
+    capsys.readouterr()
+    assert tldr("report", "--config", RECIPE / "report.yaml", f"out_dir={out}", f"output_dir={out}") == 2
+    err = capsys.readouterr().err
+    assert f"output_dir {out} holds a TL;DR sweep" in err and err.count("\n") == 1
+    assert (out / "runs").is_dir() and (out / "generations").is_dir() and not (out / "report.md").exists()
+
+
 def check_rerunning_every_stage_does_no_work(recipe: dict, capsys) -> None:
     capsys.readouterr()
     out, root = recipe["out"], recipe["root"]
@@ -178,7 +196,8 @@ def check_changed_settings_are_refused_not_mixed(recipe: dict, capsys) -> None:
     code = tldr("generate", "--config", RECIPE / "generate.yaml", f"out_dir={out}",
                 f"prompts_dataset={recipe['tldr']}", "num_prompts=4", "max_new_tokens=9", "max_prompt_length=192")
     err = capsys.readouterr().err
-    assert code == 2 and "sampled with other settings (sampling)" in err and "regenerate=true" in err
+    assert code == 2 and "generate stage with other settings (max_new_tokens): max_new_tokens was 8" in err
+    assert "overwrite=true" in err and err.count("\n") == 1
 
 
 class FakeJudgeServer(ChatServer):
@@ -244,7 +263,7 @@ def check_llm_judge_failures_are_counted_flagged_and_retried(recipe: dict, capsy
                 "openai.cache=null") == 2
     err = capsys.readouterr().err
     assert err.startswith("chipo: error: judge openai:fake") and "connection refused" in err
-    assert not list((out / "judgements").glob("dead/*.json"))
+    assert not (out / "judgements" / "dead").exists()  # a stage that wrote nothing leaves no directory
 
 
 def test_recipe_configs_parse_and_validate():

@@ -10,6 +10,11 @@ Every evaluated (cell, epoch) is appended as one JSON line to ``results.jsonl`` 
 skips the cells whose epochs are all there (no training, no evaluation) and finishes a cell that was cut short
 (training resumes from its last checkpoint, evaluation skips the epochs already recorded). pi_ref itself is the
 ``epoch 0`` row (``loss = "pi_ref"``) shared by all cells.
+
+``out_dir`` follows the experiment-directory protocol (``chipo.train.experiment_dir``): one sweep at a time per
+directory (a lock), ``results_key`` recorded in ``experiment.json`` and checked on every rerun (losses, betas and
+seeds are not part of it: a sweep can be extended), ``overwrite=true`` to start the directory again, and a sweep
+that fails before its first result row leaves no directory behind.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chipo.config import ConfigError, _field
-from chipo.io import write_json
+from chipo.io import read_json, write_json
 from chipo.lab.configs import GoldFields, SamplingFields, Variant, parse_variants
 from chipo.lab.runs import (  # noqa: F401 -- also this module's public names
     _quiet_libraries,
@@ -100,6 +105,8 @@ class SweepConfig(GoldFields, SamplingFields):
     keep_checkpoints: bool = _field(False, "Keep the per-epoch checkpoints after evaluation.")
     workers: int = _field(1, "Parallel training processes.")
     report: bool = _field(False, "Write the report when the sweep is done.")
+    overwrite: bool = _field(False, "Clear out_dir's previous sweep (results, runs, reference cache) and start "
+                                    "again; without it a rerun resumes, and other settings are refused.")
 
     def __post_init__(self) -> None:
         for name in ("ref_model", "train_prefs", "eval_prompts", "out_dir"):
@@ -119,7 +126,7 @@ class SweepConfig(GoldFields, SamplingFields):
         """Fields that change results: a rerun must match them to reuse results.jsonl."""
         d = dataclasses.asdict(self)
         for name in ("out_dir", "keep_checkpoints", "losses", "variants", "betas", "seeds", "workers", "report",
-                     "sampling_batch_size"):
+                     "sampling_batch_size", "overwrite"):
             d.pop(name)
         return d
 
@@ -164,28 +171,21 @@ class Sweep:
                     raise ConfigError(f"{self.results_path}: method {m.name!r} was run as {r['loss']} with options "
                                       f"{r.get('options') or {}}, now {m.describe()}; rename the variant")
 
-    def _check_config(self, write: bool = True) -> None:
-        meta = self.out / "sweep.json"
-        key = self.config.results_key()
-        if meta.is_file():
-            old = json.loads(meta.read_text()).get("results_key")
-            if old is not None and old != key:
-                diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-                raise ConfigError(f"{self.out} holds a sweep with different settings ({', '.join(diff)}); use "
-                                  "another out_dir or delete it")
-        if write:
-            write_json(meta, {"config": dataclasses.asdict(self.config), "results_key": key})
-
     def run(self) -> list[dict]:
         """Train and evaluate every unfinished cell; returns all result rows."""
-        with quiet_libraries():
-            return self._run()
+        from chipo.train.experiment_dir import open_experiment  # imports transformers: not at module import
+
+        key = self.config.results_key()
+        with quiet_libraries(), open_experiment(self.out, key, overwrite=self.config.overwrite, what="sweep",
+                                                legacy_key=_legacy_key, owned=SWEEP_FILES) as exp:
+            rows = self._run()
+            exp.finish({"cells": len(self.cells()), "rows": len(rows)})
+            return rows
 
     def _run(self) -> list[dict]:
         from chipo.lab.evaluate import baseline_metrics
 
         c = self.config
-        self._check_config(write=False)
         rows = read_results(self.results_path)
         self._check_variants(rows)
         todo = [cell for cell in self.cells() if not set(c.eval_epochs) <= epochs_done(rows, *cell)]
@@ -195,10 +195,8 @@ class Sweep:
 
         start = time.perf_counter()
         # pi_ref's baseline first: a setting it rejects (exact metrics with truncated sampling) stops the sweep
-        # before anything is written.
+        # before anything is written (and the protocol removes the directory it created).
         runner = CellRunner(c, train_fn=self.train_fn, progress=self.progress)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._check_config()
         if need_ref_row:
             metrics = baseline_metrics(runner.ref, runner.tokenizer, runner.gold, runner.baseline,
                                        settings=c.sampling(), num_samples=c.num_samples, progress=self.progress)
@@ -206,6 +204,8 @@ class Sweep:
                    "eval_seconds": time.perf_counter() - start}
             append_row(self.results_path, row)
             rows.append(row)
+        # The full config, for reading (the settings key that is checked lives in experiment.json).
+        write_json(self.out / "sweep.json", {"config": dataclasses.asdict(c), "results_key": c.results_key()})
 
         bar = tqdm(total=len(self.cells()), initial=len(self.cells()) - len(todo), desc="sweep (runs)", unit="run",
                    disable=not self.progress)
@@ -247,6 +247,16 @@ class Sweep:
                 os.environ["TQDM_DISABLE"] = saved
         self.train_calls = len(todo)
         return out
+
+
+SWEEP_FILES = ("results.jsonl", "sweep.json", "runs", "ref_cache")
+"""What a sweep writes into out_dir."""
+
+
+def _legacy_key(out: Path) -> dict | None:
+    """The settings key of a sweep directory written before experiment.json: sweep.json's ``results_key``."""
+    meta = read_json(out / "sweep.json")
+    return meta.get("results_key") if isinstance(meta, dict) else None
 
 
 def epochs_done(rows: list[dict], method: str, beta: float, seed: int) -> set[int]:

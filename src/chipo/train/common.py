@@ -308,6 +308,30 @@ def run_guard(run, out: Path, is_main_process: bool) -> Iterator[None]:
         run.release()
 
 
+@contextlib.contextmanager
+def opened_run(config, out: Path, *, is_main: bool, barrier: Callable[[], None], objective_keys,
+               total_steps: int | None = None) -> Iterator[rundir.RunDir | None]:
+    """The run-directory protocol's entry, the same for every training command (``run_trainer``,
+    ``chipo.train.sampled.run_sampled``): ``rundir.open_run`` by the main process (lock, overwrite clearing,
+    newest complete checkpoint for 'latest', objective check, metrics cut back), ``run_config.yaml`` written, and
+    ``run_guard``'s exit path around the body. Yields the ``RunDir``, or None for a finished run whose final model
+    is saved: nothing to do. ``barrier`` syncs the processes (every process has checked output_dir before the
+    main one creates, locks or clears it, and sees it ready before going on)."""
+    barrier()
+    run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
+                          is_main=is_main, objective_keys=objective_keys, total_steps=total_steps)
+    barrier()
+    with run_guard(run, out, is_main):
+        if run.finished and rundir.final_model_saved(out):
+            logger.info("%s already reached its last step at %s: nothing to do", out, run.checkpoint)
+            yield None
+            return
+        if is_main:
+            atomic_write_text(out / rundir.RUN_CONFIG, dump_yaml(config))
+        barrier()
+        yield run
+
+
 def run_trainer(config, out: Path, make_trainer: Callable[[], object], tokenizer, *, merge_lora: bool = False,
                 objective_keys=rundir.OBJECTIVE_KEYS, after_train: Callable | None = None) -> Path:
     """Train a ``transformers.Trainer`` built by ``make_trainer()`` in ``out`` under the run-directory protocol
@@ -318,16 +342,10 @@ def run_trainer(config, out: Path, make_trainer: Callable[[], object], tokenizer
     from accelerate import PartialState
 
     state = PartialState()
-    # Every process has checked output_dir (check_output_dir) before the main one creates, locks or clears it.
-    state.wait_for_everyone()
-    run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
-                          is_main=state.is_main_process, objective_keys=objective_keys)
-    with run_guard(run, out, state.is_main_process):
-        if run.finished and rundir.final_model_saved(out):
-            logger.info("%s already reached max_steps at %s: nothing to do", out, run.checkpoint)
+    with opened_run(config, out, is_main=state.is_main_process, barrier=state.wait_for_everyone,
+                    objective_keys=objective_keys) as run:
+        if run is None:
             return out
-        if state.is_main_process:
-            atomic_write_text(out / rundir.RUN_CONFIG, dump_yaml(config))
         trainer = make_trainer()
         if run.finished:  # killed while saving the final model: rebuild it from the last checkpoint, do not train
             trainer._load_from_checkpoint(run.checkpoint)

@@ -9,6 +9,9 @@ per prompt, asks the judge which is better (one label per pair) and takes one Ad
   verdict contribute no preference term.
 * ``loss=nash-md``: y_a ~ pi, y_b ~ pi^(1-m) pi_ref^m (token-level geometric mixture), Nash-MD-PG's loss on y_a.
 
+Each method is one record of ``chipo.train.online_methods`` (where y_b comes from, the loss of the judged pair, the
+terms added to it, its config checks); the trainer runs any of them with the same step.
+
 Sampling uses the token-by-token loop of ``chipo.train.online_sampling``, not ``chipo.generation.generate``: the
 mixture needs both models' next-token logits at every step (a KV cache per model), and the same loop gives every
 response a random stream of its own -- Gumbel-max noise from a counter-based hash of (seed, step, prompt position,
@@ -30,12 +33,11 @@ import torch
 from chipo.config import ConfigError
 from chipo.data import DataError
 from chipo.data.prompts import load_prompts
-from chipo.divergences import CHI2, KL, get_divergence
+from chipo.divergences import CHI2, KL
 from chipo.generation import decode_response, encode_prompts
 from chipo.judges import OpenAIJudgeConfig, PairwisePrompt, build_judge
 from chipo.judges.prompt import TLDR_PROMPT
-from chipo.losses import preference_loss
-from chipo.losses.online import nash_md_loss, policy_penalty, preference_probability, sample_labels, xpo_bonus
+from chipo.losses.online import preference_probability, sample_labels
 from chipo.models import load_causal_lm, load_tokenizer, pad_id
 from chipo.rewards import load_scorer
 from chipo.sequences import batch_sequence_logps, choose_logprobs_impl, packing_supported, response_batch
@@ -43,6 +45,7 @@ from chipo.train.common import check_output_dir
 from chipo.train.loop import prompt_order
 from chipo.train.monitor_callback import sampled_monitor
 from chipo.train.online_config import OnlineConfig
+from chipo.train.online_methods import JudgedBatch
 from chipo.train.online_sampling import as_int64, sample, stream_key, uniforms
 from chipo.train.sampled import SampledTrainer, check_split, make_accelerator, run_sampled, score_or_fail
 
@@ -134,7 +137,7 @@ class OnlineTrainer(SampledTrainer):
                  callbacks=()):
         super().__init__(config, accelerator, policy, ref, tokenizer, out, callbacks=callbacks)
         self.oracle, self.prompt_ids, self.prompt_texts = oracle, prompt_ids, prompt_texts
-        self.divergence = get_divergence(config.regularizer or "kl")
+        self.method = config.method
         self.impl, self.labels = impl, 0
         self.monitored = any(getattr(c, "monitor", None) is not None for c in self.callbacks)
 
@@ -180,74 +183,47 @@ class OnlineTrainer(SampledTrainer):
         p_ids = [self.prompt_ids[index[j]] for j in local]
         texts = [self.prompt_texts[index[j]] for j in local]
         keys = [[stream_key(cfg.seed, step, j, s) for j in local] for s in range(3)]
-        policy = self.policy
         opts = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad)
-        if cfg.nash_md or cfg.exploration == "xpo":
-            a = sample(policy, None, p_ids, keys[0], **opts)
-            b = (sample(policy, self.ref, p_ids, keys[1], mixture_coef=cfg.mixture_coef, **opts) if cfg.nash_md
-                 else sample(self.ref, None, p_ids, keys[1], **opts))
-        else:  # both responses from pi: one sampling loop over twice the rows (each row has its own random stream)
-            both = sample(policy, None, p_ids + p_ids, keys[0] + keys[1], **opts)
-            a, b = both[:len(p_ids)], both[len(p_ids):]
+        a, b = self._sample_pair(p_ids, keys, opts)
         decode = lambda rows: [decode_response(self.tokenizer, ids, done) for ids, done in rows]  # noqa: E731
         prob = self.oracle.probabilities(texts, decode(a), decode(b)).to(acc.device)
-        if self.oracle.samples_labels and not cfg.nash_md:
+        if self.oracle.samples_labels and self.method.pairwise:
             u = uniforms(torch.tensor([as_int64(k) for k in keys[2]], device=acc.device), 0, 1)[:, 0]
             label = sample_labels(prob, u)
         else:
             label = prob
         return Pairs(p_ids, a, b, prob, label)
 
+    def _sample_pair(self, p_ids, keys, opts):
+        """y_a ~ pi and y_b from the method's opponent (``chipo.train.online_methods.OPPONENTS``), each row with the
+        random stream of its key."""
+        policy, opponent = self.policy, self.method.opponent
+        if opponent == "policy":  # both from pi: one sampling loop over twice the rows
+            both = sample(policy, None, p_ids + p_ids, keys[0] + keys[1], **opts)
+            return both[:len(p_ids)], both[len(p_ids):]
+        a = sample(policy, None, p_ids, keys[0], **opts)
+        if opponent == "ref":
+            return a, sample(self.ref, None, p_ids, keys[1], **opts)
+        return a, sample(policy, self.ref, p_ids, keys[1], mixture_coef=self.config.mixture_coef, **opts)
+
     def micro_loss(self, pairs: Pairs, part: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg, device = self.config, self.accelerator.device
+        cfg, device, method = self.config, self.accelerator.device, self.method
         p_ids, a, b = pairs.prompt_ids[part], pairs.a[part], pairs.b[part]
-        prob, label = pairs.prob[part], pairs.label[part]
-        missing = torch.isnan(prob)
         self.model.train()
         n = len(p_ids)
-        rows = [ids for ids, _ in a] + ([] if cfg.nash_md else [ids for ids, _ in b])
+        rows = [ids for ids, _ in a] + ([ids for ids, _ in b] if method.pairwise else [])
         logps = self._logps(self.model, p_ids * (len(rows) // n), rows)
         with torch.no_grad():
             ref_logps = self._logps(self.ref, p_ids * (len(rows) // n), rows)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.float32, device=device)
-        policy_samples = slice(0, n) if cfg.nash_md or cfg.exploration == "xpo" else slice(0, 2 * n)
-        columns: dict[str, torch.Tensor] = {}
-        if cfg.nash_md:
-            losses, metrics = nash_md_loss(logps, ref_logps, torch.where(missing, 0.5, prob), beta=cfg.beta,
-                                           divergence=self.divergence, exp_clamp=cfg.exp_clamp)
-            kept = ~missing
-            columns.update({k: metrics[k] for k in ("loss/score", "loss/kl", "rewards/probabilities",
-                                                    "logps/chosen")})
-        else:
-            kept = (label == 1.0) | (label == 0.0)
-            a_wins = label == 1.0
-            lp_a, lp_b, lr_a, lr_b = logps[:n], logps[n:], ref_logps[:n], ref_logps[n:]
-            pick = lambda x, y, first: torch.where(first, x, y)  # noqa: E731
-            pair, metrics = preference_loss(
-                cfg.loss, pick(lp_a, lp_b, a_wins), pick(lp_b, lp_a, a_wins), pick(lr_a, lr_b, a_wins),
-                pick(lr_b, lr_a, a_wins), beta=cfg.beta, chosen_lengths=pick(lengths[:n], lengths[n:], a_wins),
-                rejected_lengths=pick(lengths[n:], lengths[:n], a_wins), mask=kept, **cfg.loss_options())
-            losses = pair
-            for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                         "logps/chosen", "logps/rejected", "clipped"):
-                columns[name] = metrics[name]
-            if cfg.exploration == "xpo":
-                bonus = xpo_bonus(lp_b, lr_b, cfg.xpo_alpha)
-                losses = losses + bonus
-                columns["loss/xpo"] = bonus.detach()
-            penalty_options = cfg.penalty_options()
-            if penalty_options:  # beta grad D_f(pi || pi_ref) on the policy's own samples (chipo.losses.online)
-                penalty = policy_penalty(logps[policy_samples].view(-1, n), ref_logps[policy_samples].view(-1, n),
-                                         exp_clamp=cfg.exp_clamp, **penalty_options).mean(0)
-                losses = losses + penalty
-                columns["loss/penalty"] = penalty.detach()
-            columns["loss/preference"] = pair.detach()
-            columns["labels/ties"] = ((label == 0.5) & ~missing).float()
-        log_ratio = (logps - ref_logps).detach()[policy_samples].double().view(-1, n)
+        batch = JudgedBatch(logps, ref_logps, lengths, pairs.prob[part], pairs.label[part], n,
+                            policy_rows=method.policy_rows(n))
+        losses, kept, columns = method.losses(cfg, batch)
+        log_ratio = (logps - ref_logps).detach()[:batch.policy_rows].double().view(-1, n)
         weight = torch.exp(torch.clamp(-log_ratio, max=cfg.exp_clamp))
         columns.update({
-            "kept": kept.float(), "labels/missing": missing.float(),
+            "kept": kept.float(), "labels/missing": torch.isnan(batch.prob).float(),
             "kl": (KL.f(log_ratio, cfg.exp_clamp) * weight).mean(0), "kl_k1": log_ratio.mean(0),
             "chi2": (CHI2.f(log_ratio, cfg.exp_clamp) * weight).mean(0),
             "response_length": torch.tensor([float(len(ids) - done) for ids, done in a], device=device),

@@ -18,11 +18,9 @@ from chipo.losses import MARGIN_CLIPS, loss_names, resolve_options
 from chipo.losses.online import LABEL_MODES
 from chipo.train.config import PreferenceLossFields
 from chipo.train.honoured import ONLINE_HONOURED
+from chipo.train.online_methods import EXPLORATION, OWN_LOSS, OnlineMethod, method_for
 from chipo.train.sampled_config import SampledConfig
 
-NASH_MD = "nash-md"
-EXPLORATIONS = ("none", "xpo")
-REGULARIZERS = ("kl", "chi2", "chi2mix")
 JUDGE_PROMPTS = ("general", "tldr")
 
 
@@ -45,10 +43,12 @@ class OnlineConfig(SampledConfig, PreferenceLossFields):
     output_dir: str = _field("outputs/chipo-online", "Checkpoints, the final HF policy, run_config.yaml and "
                                                      "metrics.jsonl.")
     # --- the objective
-    loss: str = _field("dpo", f"'nash-md' or a preference loss on the labelled pair: {', '.join(loss_names())}.")
-    exploration: str = _field("none", "'none': both responses from pi (online DPO / chiPO). 'xpo': one from pi, "
-                                      "one from pi_ref, plus alpha * log pi(y~) on the pi_ref sample (Xie et al. "
-                                      "2024, arXiv 2405.21046, Alg. 1).")
+    loss: str = _field("dpo", "A method with a loss of its own (" + "; ".join(f"'{k}': {m.summary}" for k, m in
+                                                                        OWN_LOSS.items())
+                       + f") or a preference loss on the labelled pair: {', '.join(loss_names())}.")
+    exploration: str = _field("none", "Pairwise losses: " + "; ".join(f"'{k}': {m.summary}" for k, m in
+                                                                      EXPLORATION.items())
+                              + " (XPO: Xie et al. 2024, arXiv 2405.21046, Alg. 1).")
     xpo_alpha: float = _field(1e-5, "XPO's exploration coefficient (exploration=xpo).")
     mixture_coef: float = _field(0.5, "Nash-MD: sample the opponent from pi^(1-m) pi_ref^m, m = this (Munos et "
                                       "al. 2023, arXiv 2312.00886).")
@@ -88,31 +88,11 @@ class OnlineConfig(SampledConfig, PreferenceLossFields):
     def __post_init__(self) -> None:
         if not self.judge:
             raise ConfigError("judge is required")
-        if self.loss == NASH_MD:
-            if self.exploration != "none":
-                raise ConfigError("exploration=xpo applies to pairwise losses; nash-md samples its own opponent")
-            if self.regularizer is not None and self.regularizer not in REGULARIZERS:
-                raise ConfigError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
-            if not 0.0 <= self.mixture_coef <= 1.0:
-                raise ConfigError(f"mixture_coef must lie in [0, 1], got {self.mixture_coef}")
-        else:
-            if self.regularizer is not None:
-                raise ConfigError(f"regularizer applies to loss=nash-md; loss={self.loss} regularises through its "
-                                  "link (set link=...)")
-            try:
-                self.check_loss()
-            except ConfigError as e:
-                raise ConfigError(f"{e}; or loss=nash-md" if "unknown loss" in str(e) else str(e)) from None
         if self.margin_clip not in MARGIN_CLIPS:
             raise ConfigError(f"margin_clip must be one of {', '.join(MARGIN_CLIPS)}, got {self.margin_clip!r}")
         if self.policy_penalty is not None and not (self.policy_penalty >= 0 and math.isfinite(self.policy_penalty)):
             raise ConfigError(f"policy_penalty must be a finite number >= 0, got {self.policy_penalty}")
-        if self.nash_md and (self.policy_penalty or self.policy_penalty_bound):
-            raise ConfigError("policy_penalty applies to pairwise losses; nash-md penalises through `regularizer`")
-        if not self.nash_md and self.policy_penalty_bound and self.loss_resolved()["r_max"] is None:
-            raise ConfigError("policy_penalty_bound needs a reward bound: set r_max (the loss has no clip)")
-        if self.exploration not in EXPLORATIONS:
-            raise ConfigError(f"exploration must be one of {', '.join(EXPLORATIONS)}, got {self.exploration!r}")
+        self.method.check(self)  # the method's own keys (chipo.train.online_methods)
         if self.xpo_alpha < 0:
             raise ConfigError(f"xpo_alpha must be >= 0, got {self.xpo_alpha}")
         if self.label not in LABEL_MODES:
@@ -149,7 +129,7 @@ class OnlineConfig(SampledConfig, PreferenceLossFields):
         Defaults (null keys) for loss=chipo: weight 1, bounded at the clip's r_max -- of the variants tried in
         docs/online-lab (variants.md), the one that left the language least often; other losses: off.
         """
-        if self.nash_md:
+        if not self.method.pairwise:
             return None
         opts = self.loss_resolved()
         weight = self.policy_penalty if self.policy_penalty is not None else float(self.loss == "chipo")
@@ -165,5 +145,6 @@ class OnlineConfig(SampledConfig, PreferenceLossFields):
         return min(self.max_steps, self.max_labels // self.prompts_per_step)
 
     @property
-    def nash_md(self) -> bool:
-        return self.loss == NASH_MD
+    def method(self) -> OnlineMethod:
+        """The online method these keys select (``chipo.train.online_methods.method_for``)."""
+        return method_for(self)

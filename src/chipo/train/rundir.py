@@ -11,6 +11,10 @@ for a finished run instead of training past ``max_steps``. Which config keys def
 (``objective_keys``). A run that fails before its first step in a directory it found empty removes it again
 (``RunDir.discard_if_unstarted``), so the same command can be rerun. Functions here touch only the run directory;
 ``open_run`` puts them in order.
+
+Directories that hold many runs or results (``chipo lab sweep``, the lab's experiments, the TL;DR recipe's sweep,
+generate, judge and report stages) follow the same protocol through ``chipo.train.experiment_dir.open_experiment``,
+which reuses the lock, the cleaning and the objective comparison here.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.yaml"
 DONE = ".run-complete.json"
+LOCK = ".lock"
 LOOP_STATE = "loop_state.json"
 """What ``chipo.train.loop`` writes last into a checkpoint of ``chipo rl`` / ``chipo online``: it marks it complete."""
 OBJECTIVE_KEYS = ("model", "ref_model", "dataset", "split", "max_train_samples", "drop_ties", "loss", "beta", "r_max",
@@ -134,31 +139,32 @@ def trainer_state(checkpoint: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------------- cleaning
 
 
-def check_output_path(out: str | os.PathLike) -> None:
-    """One-line ConfigError for an output_dir that is a dangling symlink or not a directory."""
+def check_output_path(out: str | os.PathLike, label: str = "output_dir") -> None:
+    """One-line ConfigError for an output directory (config key ``label``) that is a dangling symlink or not a
+    directory."""
     out = Path(out)
     if out.is_symlink() and not out.exists():
-        raise ConfigError(f"output_dir {out} is a symlink to {os.readlink(out)}, which does not exist")
+        raise ConfigError(f"{label} {out} is a symlink to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory")
+        raise ConfigError(f"{label} {out} exists and is not a directory")
 
 
 def clean_stale(out: str | os.PathLike) -> list[str]:
     """Remove what a killed run left half-written: hidden ``.final-*`` folders (final model being saved),
     ``.checkpoint-*`` folders (an accelerate-loop checkpoint being saved) and ``*.tmp`` files/folders (atomic
     writes). Call only while holding the run lock. Returns the removed names."""
-    return _remove(e for e in Path(out).iterdir()
+    return remove_entries(e for e in Path(out).iterdir()
                    if e.name.startswith((".final-", ".checkpoint-")) or e.name.endswith(".tmp"))
 
 
 def clear_run(out: str | os.PathLike) -> list[str]:
     """For overwrite_output_dir: remove the previous run's checkpoints, metrics, config and final model (the
     names in ``RUN_FILES``), so the new run does not append to or mix with it. Other files are left alone."""
-    return _remove(e for e in Path(out).iterdir()
+    return remove_entries(e for e in Path(out).iterdir()
                    if e.name in RUN_FILES or CHECKPOINT.match(e.name) or e.name.startswith("model-"))
 
 
-def _remove(entries) -> list[str]:
+def remove_entries(entries) -> list[str]:
     """Delete files and directories (a symlink is unlinked, never followed); returns their sorted names."""
     removed = []
     for entry in list(entries):
@@ -245,11 +251,13 @@ def _saved_config(checkpoint: Path) -> dict | None:
     return None
 
 
-def objective_difference(saved: dict, current: dict, keys=OBJECTIVE_KEYS) -> str | None:
-    """The first of ``keys`` whose value differs between two run configs (keys in both), as a line."""
+def objective_difference(saved: dict, current: dict, keys=OBJECTIVE_KEYS,
+                         where: str = "the checkpoint's run") -> str | None:
+    """The first of ``keys`` whose value differs between two run configs (keys in both), as a line; ``where``
+    names what ``saved`` came from."""
     for key in keys:
         if key in saved and key in current and saved[key] != current[key]:
-            return f"{key} was {saved[key]!r} in the checkpoint's run, now {current[key]!r}"
+            return f"{key} was {saved[key]!r} in {where}, now {current[key]!r}"
     return None
 
 
@@ -309,23 +317,41 @@ class RunDir:
             self.release()
             return False
         self.release()
-        _remove(self.out.iterdir())
+        remove_entries(self.out.iterdir())
         if self.created:
             self.out.rmdir()
         return True
 
 
-def acquire_lock(out: Path):
-    """Exclusive, non-blocking flock on ``out/.lock``; a second run on the same directory gets a ConfigError."""
-    handle = open(out / ".lock", "a+")  # noqa: SIM115 - held for the whole run, closed by RunDir.release
+def try_lock(handle, *, shared: bool = False) -> bool:
+    """Non-blocking flock of an open file (exclusive, or shared); False when another process holds a conflicting
+    one. On an already locked handle this converts the lock (not atomically: flock drops it first)."""
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return True
     except OSError as exc:
-        handle.close()
         if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise ConfigError(f"output_dir {out} is in use by another run (lock {out / '.lock'} is held); wait for "
-                              "it or choose another output_dir") from None
+            return False
         raise
+
+
+def busy_error(out: Path, label: str = "output_dir") -> ConfigError:
+    """The one line for a directory whose lock another process holds (``label``: the config key naming it)."""
+    return ConfigError(f"{label} {out} is in use by another run (lock {out / LOCK} is held); wait for it or choose "
+                       f"another {label}")
+
+
+def acquire_lock(out: Path, label: str = "output_dir"):
+    """Exclusive, non-blocking flock on ``out/.lock``; a second run on the same directory gets a ConfigError."""
+    handle = open(out / LOCK, "a+")  # noqa: SIM115 - held for the whole run, closed by RunDir.release
+    try:
+        locked = try_lock(handle)
+    except BaseException:
+        handle.close()
+        raise
+    if not locked:
+        handle.close()
+        raise busy_error(out, label)
     return handle
 
 
@@ -347,7 +373,7 @@ def open_run(out: str | os.PathLike, config, *, resume: str | None, overwrite: b
     run = RunDir(out)
     if is_main:
         run.created = not out.exists()
-        run.fresh = run.created or all(p.name == ".lock" for p in out.iterdir())
+        run.fresh = run.created or all(p.name == LOCK for p in out.iterdir())
         out.mkdir(parents=True, exist_ok=True)
         run._lock = acquire_lock(out)
         check_metrics_file(out / METRICS)

@@ -44,7 +44,7 @@ from chipo.config import ConfigError
 from chipo.io import staged_into
 from chipo.models import pad_id
 from chipo.train import loop
-from chipo.train.common import TRACKER_PACKAGES, check_trackers, run_guard
+from chipo.train.common import TRACKER_PACKAGES, check_trackers, opened_run
 from chipo.train.pairwise import NonFiniteError
 from chipo.train.rundir import checkpoint_note
 
@@ -321,27 +321,13 @@ def run_sampled(config, accelerator, make_trainer) -> Path:
     metrics cut back, a finished run resumed to nothing). ``make_trainer(out)`` builds the ``SampledTrainer`` once
     the directory is the run's. A run that fails before its first step in an output_dir it found empty leaves
     nothing behind, so the same command can be rerun; a full disk is one ``OSError`` line, not a traceback."""
-    from chipo.config import dump_yaml
-    from chipo.io import atomic_write_text
-    from chipo.train import rundir
-
     acc, out = accelerator, Path(config.output_dir)
     check_split(config, acc)
-    # Every process has checked output_dir (check_output_dir) before the main one creates, locks or clears it:
-    # otherwise a slower process could find the directory the main one just wrote and call it "not empty".
-    acc.wait_for_everyone()
-    run = rundir.open_run(out, config, resume=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
-                          is_main=acc.is_main_process, objective_keys=type(config).objective_keys,
-                          total_steps=config.last_step())
-    acc.wait_for_everyone()
     try:
-        with run_guard(run, out, acc.is_main_process):
-            if run.finished and rundir.final_model_saved(out):
-                logger.info("%s already reached its last step at %s: nothing to do", out, run.checkpoint)
+        with opened_run(config, out, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+                        objective_keys=type(config).objective_keys, total_steps=config.last_step()) as run:
+            if run is None:
                 return out
-            if acc.is_main_process:
-                atomic_write_text(out / rundir.RUN_CONFIG, dump_yaml(config))
-            acc.wait_for_everyone()
             if acc.log_with:
                 acc.init_trackers(config.run_name or out.name or "chipo", config={
                     k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})

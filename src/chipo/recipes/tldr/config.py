@@ -61,6 +61,9 @@ class SweepStageConfig:
     train_overrides: list[str] = field(default_factory=list, metadata={
         "help": "Extra `chipo train` keys as key=value for every run (e.g. optim=rmsprop, lora=true, "
                 "disable_tqdm=true). The keys the sweep sets itself are refused."})
+    overwrite: bool = _field(False, "Clear out_dir's previous sweep and everything the later stages made from it "
+                                    "(runs, reference cache, generations, judgements, report; nothing else) and start "
+                                    "again. Without it a rerun resumes, and other settings are refused.")
 
     def __post_init__(self) -> None:
         if not self.sft_model:
@@ -86,7 +89,7 @@ class SweepStageConfig:
         extended by more seeds in the same directory.
         """
         key = dataclasses.asdict(self)
-        for name in ("out_dir", "losses", "betas", "seeds", "keep_optimizer_states", "logging_steps"):
+        for name in ("out_dir", "losses", "betas", "seeds", "keep_optimizer_states", "logging_steps", "overwrite"):
             key.pop(name)
         return key
 
@@ -126,6 +129,8 @@ class GenerateStageConfig:
                                    "samples in the model's own dtype.")
     regenerate: bool = _field(False, "Sample again every cell whose samples were made with other settings (else "
                                      "such a cell is an error, so one report never mixes settings).")
+    overwrite: bool = _field(False, "Clear generations/ and sample every cell again (the judge stage then judges "
+                                    "them again).")
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "max_new_tokens", "batch_size", "logprob_batch_size"):
@@ -167,6 +172,8 @@ class JudgeStageConfig:
                                            "failed) is flagged in the report.")
     rejudge: bool = _field(False, "Judge every cell again (otherwise only new cells, cells whose samples changed, "
                                   "and cells with failed requests; cached replies are reused either way).")
+    overwrite: bool = _field(False, "Clear this judge's results (judgements/<tag>/) and judge every cell again "
+                                    "(cached replies are reused).")
 
     def __post_init__(self) -> None:
         if self.judge not in JUDGE_SECTIONS:

@@ -30,7 +30,7 @@ from chipo.config import ConfigError
 from chipo.io import read_json, write_json, write_jsonl
 from chipo.models import load_causal_lm
 from chipo.recipes.tldr.config import GenerateStageConfig
-from chipo.recipes.tldr.layout import SFT, Cell, Layout
+from chipo.recipes.tldr.layout import SFT, Cell, Layout, only_cell_files
 
 logger = logging.getLogger("chipo.recipes.tldr")
 
@@ -179,12 +179,32 @@ class Generator:
         return rows, meta
 
 
+def stage_key(config: GenerateStageConfig, sft_model: str) -> dict:
+    """What decides every cell's samples besides its model: generations/ holds one set of these settings
+    (``regenerate=true`` replaces them, sampling again the cells made with the old ones)."""
+    prompts = ("prompts_dataset", "prompts_split", "num_prompts", "prompt_field", "reference_field")
+    return {"sft_model": sft_model, **{name: getattr(config, name) for name in prompts},
+            **config.sampling(config.seed)}
+
+
 def run_generate(config: GenerateStageConfig) -> dict:
     """Sample every cell not yet on disk; returns counts ``{"generated", "skipped", "cells"}``."""
+    from chipo.train.experiment_dir import open_experiment
+
     layout = Layout(config.out_dir)
     sft_model = sft_model_of(config, layout)
     cells = policy_cells(config, layout, sft_model)
     prompts, references, subset = load_test_prompts(config)
+    key = stage_key(config, sft_model)
+    with open_experiment(layout.generations, key, overwrite=config.overwrite, replace_key=config.regenerate,
+                         what="TL;DR generate stage", legacy_key=lambda d: key if only_cell_files(d) else None) as exp:
+        counts = _generate(config, layout, sft_model, cells, prompts, references, subset)
+        exp.finish({"cells": counts["cells"]})
+    return counts
+
+
+def _generate(config: GenerateStageConfig, layout: Layout, sft_model: str, cells, prompts, references,
+              subset) -> dict:
     todo = []
     for cell, path, model_id in cells:
         samples, meta_path = layout.generation(cell)

@@ -30,7 +30,7 @@ import time
 
 from chipo.io import read_json, read_jsonl, write_json, write_jsonl
 from chipo.recipes.tldr.config import JudgeStageConfig
-from chipo.recipes.tldr.layout import Cell, Layout
+from chipo.recipes.tldr.layout import Cell, Layout, only_cell_files
 
 logger = logging.getLogger("chipo.recipes.tldr")
 
@@ -58,7 +58,7 @@ def judge_identity(stage: JudgeStageConfig, judge_config) -> dict:
 
 def generated_cells(layout: Layout) -> list[tuple[Cell, dict]]:
     """(cell, generation meta) of every complete generation cell, in a stable order."""
-    directory = layout.root / "generations"
+    directory = layout.generations
     out = []
     for meta_path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         meta = read_json(meta_path)
@@ -72,8 +72,13 @@ def _sha256(path) -> str:
 
 
 def run_judge_stage(stage: JudgeStageConfig, judge_config) -> dict:
-    """Judge every cell that needs it; returns counts ``{"judged", "skipped", "cells", "flagged"}``."""
-    from chipo.judges import build_judge
+    """Judge every cell that needs it; returns counts ``{"judged", "skipped", "cells", "flagged"}``.
+
+    ``judgements/<tag>/`` is an experiment directory (``chipo.train.experiment_dir``): one judge process per tag at
+    a time, ``overwrite=true`` clears it first; a judge whose identity changed judges the cells again (the stored
+    results name their identity), so the key is replaced rather than refused.
+    """
+    from chipo.train.experiment_dir import open_experiment
 
     layout = Layout(stage.out_dir)
     identity = judge_identity(stage, judge_config)
@@ -81,7 +86,19 @@ def run_judge_stage(stage: JudgeStageConfig, judge_config) -> dict:
     if not cells:
         from chipo.config import ConfigError
 
-        raise ConfigError(f"no generated summaries under {layout.root / 'generations'}: run the generate stage first")
+        raise ConfigError(f"no generated summaries under {layout.generations}: run the generate stage first")
+    with open_experiment(layout.judgements(stage.tag), identity, overwrite=stage.overwrite, replace_key=True,
+                         what="TL;DR judge stage",
+                         legacy_key=lambda d: identity if only_cell_files(d) else None) as exp:
+        todo = cells_to_judge(stage, layout, cells, identity)
+        counts = {**_judge_cells(stage, judge_config, layout, identity, todo), "skipped": len(cells) - len(todo),
+                  "cells": len(cells)}
+        exp.finish({"cells": len(cells)})
+    return counts
+
+
+def cells_to_judge(stage: JudgeStageConfig, layout: Layout, cells, identity: dict) -> list[tuple[Cell, str]]:
+    """(cell, SHA-256 of its samples) of every cell without a result for these samples and this judge."""
     todo = []
     for cell, _ in cells:
         samples, _ = layout.generation(cell)
@@ -92,6 +109,12 @@ def run_judge_stage(stage: JudgeStageConfig, judge_config) -> dict:
                 and old.get("identity") == identity and old.get("errors") == 0):
             continue
         todo.append((cell, sha))
+    return todo
+
+
+def _judge_cells(stage: JudgeStageConfig, judge_config, layout: Layout, identity: dict, todo: list) -> dict:
+    from chipo.judges import build_judge
+
     flagged = 0
     if todo:
         judge = build_judge(stage.judge, judge_config)
@@ -105,7 +128,7 @@ def run_judge_stage(stage: JudgeStageConfig, judge_config) -> dict:
         finally:
             if hasattr(judge, "close"):
                 judge.close()
-    return {"judged": len(todo), "skipped": len(cells) - len(todo), "cells": len(cells), "flagged": flagged}
+    return {"judged": len(todo), "flagged": flagged}
 
 
 def judge_cell(stage: JudgeStageConfig, layout: Layout, judge, client, cell: Cell, sha: str, identity: dict) -> dict:

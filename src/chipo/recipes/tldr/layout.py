@@ -3,10 +3,12 @@
 ::
 
     <out_dir>/
-      sweep.json                    the sweep's settings (checked on rerun: one directory, one set of settings)
+      experiment.json               the sweep's settings key (checked on rerun: one directory, one set of settings)
+      sweep.json                    the sweep's whole config (the later stages read sft_model from it)
       ref_cache/                    pi_ref's log-probs on the preference pairs, computed once for the whole sweep
       runs/<loss>_beta<b>_seed<s>/  one ``chipo train`` run: checkpoint-*/ per kept epoch, the final model and
                                     done.json (loss, beta, seed, kept checkpoints; written when the run finished)
+      generations/experiment.json   the generate stage's sampling settings (checked on rerun)
       generations/<cell>.jsonl      one sampled summary per test prompt, with log pi, log pi_ref and their ratio
       generations/<cell>.json       the cell's sampling settings and KL estimates (written last: the cell is done)
       judgements/<tag>/<cell>.json  win rate against the reference summaries by judge <tag>, counts of
@@ -17,6 +19,11 @@
 
 A generation/judgement cell is ``<run>_epoch<e>``, or ``sft_epoch0`` for the SFT model (pi_ref) itself.
 Every file is written to a temporary name and renamed into place, so a reader never sees half a file.
+
+The recipe directory (sweep stage), ``generations/``, ``judgements/<tag>/`` and the report directory are experiment
+directories (``chipo.train.experiment_dir``): each has a lock and an ``experiment.json`` with the stage's settings,
+and ``overwrite=true`` clears what that stage (and, for the sweep, every later stage) wrote there, never other
+files.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from chipo.io import atomic_write_text
 from chipo.lab.sweep import cell_name
 
 SFT_CELL = "sft"
+RECIPE_FILES = ("sweep.json", "ref_cache", "runs", "generations", "judgements", "report", "commands.log")
+"""What the stages write into the recipe directory (an older directory without experiment.json is recognised by
+its sweep.json; anything else in it, such as the SFT model's directory, is left alone)."""
 
 
 @dataclass(frozen=True)
@@ -78,15 +88,21 @@ class Layout:
     def run_dir(self, loss: str, beta: float, seed: int) -> Path:
         return self.runs / cell_name(loss, beta, seed)
 
+    @property
+    def generations(self) -> Path:
+        return self.root / "generations"
+
     def generation(self, cell: Cell) -> tuple[Path, Path]:
         """(samples jsonl, meta json) of a cell."""
         # Not Path.with_suffix: cell names contain dots ("beta0.05").
-        directory = self.root / "generations"
-        return directory / f"{cell.name}.jsonl", directory / f"{cell.name}.json"
+        return self.generations / f"{cell.name}.jsonl", self.generations / f"{cell.name}.json"
+
+    def judgements(self, tag: str) -> Path:
+        return self.root / "judgements" / tag
 
     def judgement(self, tag: str, cell: Cell) -> tuple[Path, Path]:
         """(result json, per-item details jsonl) of a cell under judge ``tag``."""
-        directory = self.root / "judgements" / tag
+        directory = self.judgements(tag)
         return directory / f"{cell.name}.json", directory / f"{cell.name}.details.jsonl"
 
     def judge_tags(self) -> list[str]:
@@ -103,6 +119,13 @@ class Layout:
     @property
     def commands_log(self) -> Path:
         return self.root / "commands.log"
+
+
+def only_cell_files(directory: Path) -> bool:
+    """Whether ``directory`` holds nothing but cell files (``*.json``, ``*.jsonl``): a generations/ or judgements/
+    directory written before experiment.json existed."""
+    return all(p.is_file() and p.name.endswith((".json", ".jsonl")) for p in directory.iterdir()
+               if p.name != ".lock")
 
 
 def record_command(directory: str | os.PathLike, argv: list[str]) -> None:

@@ -22,7 +22,7 @@ import shlex
 from pathlib import Path
 
 from chipo.config import ConfigError
-from chipo.io import atomic_directory, read_json
+from chipo.io import read_json, staged_into
 from chipo.lab import tables
 from chipo.lab.plots import colors
 from chipo.recipes.tldr.config import ReportStageConfig
@@ -330,7 +330,10 @@ def render(config: ReportStageConfig, layout: Layout, tag: str, rows: list[dict]
 
 
 def write_report(config: ReportStageConfig, argv: list[str] | None = None) -> Path:
-    """Write the report directory (atomically replaced); returns the path of report.md."""
+    """Write the report directory (the new report replaces the old one's files once complete); returns the path of
+    report.md."""
+    from chipo.train.experiment_dir import open_experiment  # imports transformers: not at module import
+
     layout = Layout(config.out_dir)
     tag = pick_tag(config, layout)
     rows = collect_rows(layout, tag, config.max_invalid_frac)
@@ -338,11 +341,15 @@ def write_report(config: ReportStageConfig, argv: list[str] | None = None) -> Pa
         raise ConfigError(f"no judged cells for tag {tag!r}: run the judge stage first")
     stats = Stats(rows)
     final = Path(config.output_dir) if config.output_dir else layout.root / "report"
-    with atomic_directory(final) as tmp:
+    # A report directory is an experiment directory: one writer at a time, never someone else's folder cleared.
+    # The new report is built beside the old one and replaces only the previous report's files.
+    with open_experiment(final, {"tag": tag}, what="TL;DR report", replace_key=True,
+                         label="output_dir") as exp, staged_into(final) as tmp:
         plots = plot(stats, rows, tmp)
         (tmp / "table1.md").write_text(table1(stats, rows) + "\n")
         (tmp / "kl.md").write_text(kl_table(stats, rows) + "\n")
         (tmp / "results.json").write_text(json.dumps({"tag": tag, "rows": rows}, indent=2) + "\n")
         tables.results_table(rows).to_csv(tmp / "results.csv", index=False)
         (tmp / "report.md").write_text(render(config, layout, tag, rows, stats, plots, argv))
+        exp.clear(keep=[tmp.name])  # the previous report's files, once the new one is complete
     return final / "report.md"

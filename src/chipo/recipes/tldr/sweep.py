@@ -11,12 +11,18 @@ Resuming: a run with ``done.json`` is skipped; a run with checkpoints but no ``d
 checkpoint; anything else starts fresh. When a run finishes, checkpoints of epochs outside ``eval_epochs`` (and of
 the last epoch, whose weights are the final model's) are deleted, and so are the optimizer states of the kept ones
 unless ``keep_optimizer_states`` (only resuming an unfinished run needs them).
+
+The recipe directory is a shared experiment directory (``chipo.train.experiment_dir``): several sweep processes may
+fill it at once (one GPU each, or the ranks of ``accelerate launch``), a process with other settings is refused,
+``overwrite=true`` (with no other process in it) starts it again, and a sweep that fails before anything is saved
+leaves no directory behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +31,7 @@ from chipo.config import ConfigError, build_config, parse_overrides
 from chipo.io import read_json, write_json
 from chipo.lab.sweep import checkpoints_by_epoch, r_max_for
 from chipo.recipes.tldr.config import SweepStageConfig
-from chipo.recipes.tldr.layout import Layout
+from chipo.recipes.tldr.layout import RECIPE_FILES, Layout
 
 logger = logging.getLogger("chipo.recipes.tldr")
 
@@ -33,16 +39,16 @@ logger = logging.getLogger("chipo.recipes.tldr")
 _RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin")
 
 
-def check_settings(config: SweepStageConfig, layout: Layout) -> None:
-    """Refuse to mix settings in one directory; record the settings (``sweep.json``) for the later stages."""
-    key = config.settings_key()
-    old = read_json(layout.sweep_json)
-    if old is not None and old.get("settings_key") != key:
-        previous = old.get("settings_key") or {}
-        diff = sorted(k for k in set(previous) | set(key) if previous.get(k) != key.get(k))
-        raise ConfigError(f"{layout.root} holds a sweep with other settings ({', '.join(diff)}); use another "
-                          "out_dir, or delete it")
-    write_json(layout.sweep_json, {"settings_key": key, "config": dataclasses.asdict(config)})
+def record_settings(config: SweepStageConfig, layout: Layout) -> None:
+    """Write the sweep's config (``sweep.json``) for the later stages (its settings key is checked by
+    ``open_experiment`` from experiment.json)."""
+    write_json(layout.sweep_json, {"settings_key": config.settings_key(), "config": dataclasses.asdict(config)})
+
+
+def _legacy_key(out: Path) -> dict | None:
+    """A recipe directory written before experiment.json: its sweep.json's settings key."""
+    meta = read_json(out / "sweep.json")
+    return meta.get("settings_key") if isinstance(meta, dict) else None
 
 
 def train_config(config: SweepStageConfig, layout: Layout, loss: str, beta: float, seed: int, resume: bool):
@@ -100,11 +106,22 @@ def run_sweep(config: SweepStageConfig, train_fn=None) -> dict:
     ``train_fn`` (default ``run_training``) is injectable for tests. Under ``accelerate launch`` every process runs
     the same loop (the trainer is data-parallel); only the main process prunes and writes ``done.json``.
     """
+    from chipo.train.experiment_dir import open_experiment
+
     if train_fn is None:
         from chipo.train.run import run_training as train_fn
     layout = Layout(config.out_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    check_settings(config, layout)
+    if config.overwrite and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would open the directory; none may clear it while another has started in it.
+        raise ConfigError(f"overwrite=true is refused under a multi-process launch (a process would clear "
+                          f"{layout.root} while another works in it): choose a new out_dir, or remove the old one "
+                          "yourself first")
+    with open_experiment(layout.root, config.settings_key(), overwrite=config.overwrite, what="TL;DR sweep",
+                         shared=True, legacy_key=_legacy_key, owned=RECIPE_FILES):
+        return _run_cells(config, layout, train_fn)
+
+
+def _run_cells(config: SweepStageConfig, layout: Layout, train_fn) -> dict:
     cells = [(loss, beta, seed) for beta in config.betas for loss in config.losses for seed in config.seeds]
     trained = skipped = 0
     for i, (loss, beta, seed) in enumerate(cells, 1):
@@ -122,6 +139,7 @@ def run_sweep(config: SweepStageConfig, train_fn=None) -> dict:
 
         state = PartialState()  # initialised by the trainer; a no-op in a single process
         if state.is_main_process:
+            record_settings(config, layout)  # before the run's done.json: generate reads sft_model from it
             finish_run(config, run_dir, loss, beta, seed, seconds)
         state.wait_for_everyone()
         trained += 1

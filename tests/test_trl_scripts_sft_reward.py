@@ -209,7 +209,8 @@ def test_quantization_config_goes_to_from_pretrained_or_is_refused(trainer_cls, 
 def test_sft_trainer_takes_trl_keywords(tiny_dir, tmp_path):
     """SFTTrainer(model=<name>, args=<plain TrainingArguments>, train_dataset=<list of rows>): the arguments become
     an SFTConfig with their values, the processing class is the model's own tokenizer, ``model_init_kwargs`` reach
-    from_pretrained (dtype by name, as TRL), raw prompt/completion and messages rows are tokenized, and it trains."""
+    from_pretrained (dtype by name, as TRL), raw prompt/completion and messages rows are tokenized, and it trains;
+    TRL's formatting_func, which chipo does not apply, is refused in one line instead of failing inside Trainer."""
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2,
                              learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none",
                              disable_tqdm=True, use_cpu=True)
@@ -227,6 +228,8 @@ def test_sft_trainer_takes_trl_keywords(tiny_dir, tmp_path):
     bf16 = SFTTrainer(model=str(tiny_dir / "model"), args=_args(tmp_path, model_init_kwargs={"dtype": "bfloat16"}),
                       train_dataset=_sft_rows(8))
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="^formatting_func is not supported: give rows with prompt and completion"):
+        SFTTrainer(model=str(tiny_dir / "model"), args=args, train_dataset=_sft_rows(8), formatting_func=str)
 
 
 def test_reward_trainer_by_name_is_the_chipo_reward_run(tiny_dir, tmp_path):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from chipo.config import ConfigError
 from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
 from chipo.logprobs import logprobs_from_logits
 from chipo.models import add_adapters, default_tokenizer, is_loaded, pad_id, refuse_quantizing_loaded
@@ -103,8 +104,8 @@ class SFTTrainer(Trainer):
     adapters added by ``peft.get_peft_model``. ``train_dataset`` / ``eval_dataset``: raw rows (a ``datasets.Dataset``
     or a list of dicts) in TRL's prompt/completion or messages formats, validated and tokenized here; rows already
     prepared by ``prepare_sft_dataset`` as they are; None: ``args.dataset`` / ``args.eval_split`` when set.
-    ``data_collator``: default an ``SFTCollator`` per the config. ``chipo sft`` builds its trainer through the same
-    path (``run_sft``).
+    ``data_collator``: default an ``SFTCollator`` per the config. TRL's ``formatting_func`` is refused in one line
+    (rows carry prompt and completion here). ``chipo sft`` builds its trainer through the same path (``run_sft``).
 
     A packed batch runs with ``use_cache=False``; the first one is checked with ``sft_packing_matches``, and if
     that fails this and every later packed batch is unpacked to padded rows (``unpack_sft_batch``) and the
@@ -113,7 +114,10 @@ class SFTTrainer(Trainer):
 
     def __init__(self, model: nn.Module | str | None = None, args: TrainingArguments | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 peft_config=None, quantization_config=None, **kwargs: Any):
+                 peft_config=None, quantization_config=None, formatting_func=None, **kwargs: Any):
+        if formatting_func is not None:  # TRL's: a function that turns a row into the text to train on
+            raise ConfigError("formatting_func is not supported: give rows with prompt and completion, or messages "
+                              "(datasets' map can apply the function first), so the loss covers the completion only")
         refuse_quantizing_loaded(model, quantization_config)
         args = SFTConfig.from_args(args, model, "SFT")
         if not is_loaded(model):

@@ -1,5 +1,6 @@
-"""What every chipo command built on ``transformers.Trainer`` shares: its config base and its run under the
-run-directory protocol (``run_trainer``, on ``chipo.train.rundir.open_run``).
+"""What every chipo command built on ``transformers.Trainer`` shares: its config base, the set-up of TRL's trainer
+arguments (``TrainerConfig.from_args``, ``load_policy`` for a model given by name, ``trainer_datasets`` for raw or
+prepared rows), and its run under the run-directory protocol (``run_trainer``, on ``chipo.train.rundir.open_run``).
 
 ``TrainerConfig`` is a ``transformers.TrainingArguments`` subclass (as TRL's ``DPOConfig`` is): every
 TrainingArguments option (``torch_compile``, ``adam_beta2``, ``lr_scheduler_kwargs``, ``push_to_hub``, ``fsdp``,

@@ -20,6 +20,7 @@ import time
 import torch
 
 from chipo.data import PreferenceCollator
+from chipo.markdown import markdown_table
 from chipo.sequences import batch_sequence_logps
 from chipo.toy import build_tiny_llama
 
@@ -62,10 +63,9 @@ def main() -> None:
                 t = time.process_time()
                 step(kwargs, batch)
                 times[name].append(time.process_time() - t)
-    print("| layout | total CPU s | median step | median / padded, same batch |\n|---|---|---|---|")
-    for name, ts in times.items():
-        rel = statistics.median(t / p for t, p in zip(ts, times["padded"]))
-        print(f"| {name} | {sum(ts):.2f} | {statistics.median(ts):.3f} | {rel:.2f} |")
+    print(markdown_table(["layout", "total CPU s", "median step", "median / padded, same batch"], [
+        [name, f"{sum(ts):.2f}", f"{statistics.median(ts):.3f}",
+         f"{statistics.median(t / p for t, p in zip(ts, times['padded'])):.2f}"] for name, ts in times.items()]))
     print(f"load average: {os.getloadavg()}")
 
 

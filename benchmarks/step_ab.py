@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from chipo.markdown import markdown_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vs_trl  # noqa: E402
 
@@ -103,12 +105,11 @@ def main() -> None:
     totals = {k: sum(v) for k, v in times.items()}
     print(f"\nconfig {args.config}: {stats['params'] / 1e6:.2f}M params, batch {b}, {len(times['trl'])} steps per "
           f"variant (interleaved), forward+backward only")
-    print("| variant | total s | median step s | median step time / TRL's same round | samples/s (fwd+bwd) |")
-    print("|---|---|---|---|---|")
-    for name, ts in times.items():
-        rel = statistics.median(t / r for t, r in zip(ts, times["trl"]))
-        print(f"| {name} | {totals[name]:.1f} | {statistics.median(ts):.3f} | {rel:.2f} | "
-              f"{len(ts) * b / totals[name]:.1f} |")
+    print(markdown_table(
+        ["variant", "total s", "median step s", "median step time / TRL's same round", "samples/s (fwd+bwd)"],
+        [[name, f"{totals[name]:.1f}", f"{statistics.median(ts):.3f}",
+          f"{statistics.median(t / r for t, r in zip(ts, times['trl'])):.2f}", f"{len(ts) * b / totals[name]:.1f}"]
+         for name, ts in times.items()]))
     print(f"\nspeed-up vs TRL (total time): chipo x{totals['trl'] / totals['chipo']:.2f}, chipo-grouped "
           f"x{totals['trl'] / totals['chipo-grouped']:.2f}, "
           f"chipo-buckets x{totals['trl'] / totals['chipo-buckets']:.2f}")

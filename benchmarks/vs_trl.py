@@ -465,21 +465,23 @@ def _fmt_fast(fast: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
+    from chipo.markdown import markdown_table
+
     cfg, res = summary["settings"], summary["results"]
     lines = [f"### {summary['config']}: vocab {cfg['vocab']}, max_length {cfg['max_length']}, "
              f"{summary['data']['params'] / 1e6:.2f}M params ({summary['data']['matmul_params'] / 1e6:.2f}M in "
              f"matmuls), {cfg['pairs']} pairs, batch {cfg['batch']}, {cfg['steps']} steps; matmul peak "
              f"{summary['matmul_peak_gflops']:.0f} GFLOP/s", "",
-             "| run | n | train s (each) | samples/s | tokens/s | MFU | MFU vs run's mean probe (probes before/after) "
-             "| samples/s, fast-phase runs (n) | peak RSS train loop | peak RSS process | tokenize s | reference s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for label, r in res.items():
-        lines.append(f"| {label} | {r['runs']} | {', '.join(f'{x:.1f}' for x in r['train_s'])} | "
-                     f"{r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-                     f"{100 * r['mfu_vs_run_peak']:.1f}% ({', '.join(map(str, r['run_matmul_peaks_gflops']))}) | "
-                     f"{_fmt_fast(r['fast_phase'])} | "
-                     f"{r['train_peak_rss_mb']:.0f} MB | {r['process_peak_rss_mb']:.0f} MB | "
-                     f"{r['phases_s'].get('tokenize', 0):.2f} | {r['phases_s'].get('reference', 0):.2f} |")
+             markdown_table(
+                 ["run", "n", "train s (each)", "samples/s", "tokens/s", "MFU",
+                  "MFU vs run's mean probe (probes before/after)", "samples/s, fast-phase runs (n)",
+                  "peak RSS train loop", "peak RSS process", "tokenize s", "reference s"],
+                 [[label, r["runs"], ", ".join(f"{x:.1f}" for x in r["train_s"]), f"{r['samples_per_s']:.1f}",
+                   f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
+                   f"{100 * r['mfu_vs_run_peak']:.1f}% ({', '.join(map(str, r['run_matmul_peaks_gflops']))})",
+                   _fmt_fast(r["fast_phase"]), f"{r['train_peak_rss_mb']:.0f} MB",
+                   f"{r['process_peak_rss_mb']:.0f} MB", f"{r['phases_s'].get('tokenize', 0):.2f}",
+                   f"{r['phases_s'].get('reference', 0):.2f}"] for label, r in res.items()])]
     for label in ("chipo", GROUPED):
         if "trl" in res and label in res:
             ours, trl = res[label], res["trl"]

@@ -17,6 +17,7 @@ import pytest
 
 from chat_server import ChatServer
 from chipo.cli.main import main
+from markdown_checks import assert_tables_well_formed
 
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "chipo" / "recipes" / "tldr" / "configs"
 WORDS = "cat dog model policy reward summary post answer question mat good bad short long".split()
@@ -129,6 +130,7 @@ def check_outputs_and_report(recipe: dict) -> None:
 
     report = out / "report"
     text = (report / "report.md").read_text()
+    assert assert_tables_well_formed(text) == 5  # Table 1, KL, per seed, the GPU-time estimate, the measured times
     table = (report / "table1.md").read_text().splitlines()
     assert table[0] == "| beta | epochs 1 (chiPO vs DPO) | 2 |"
     assert [line.split("|")[1].strip() for line in table[2:]] == ["0.05", "0.005"]

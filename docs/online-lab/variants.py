@@ -42,6 +42,7 @@ def run(out: str, methods: str, betas: str, seeds: str, factor: str = "1") -> No
 def table(*dirs: str) -> str:
     from chipo.lab.online import LABELS
     from chipo.lab.sweep import read_results
+    from chipo.markdown import markdown_table
 
     rows = [r for d in dirs for r in read_results(Path(d) / "results.jsonl")]
     ref = next(r for r in rows if r["method"] == "pi_ref")
@@ -52,18 +53,17 @@ def table(*dirs: str) -> str:
         if r["method"] != "pi_ref" and r["labels"] == budget:
             cells[(r["beta"], r["method"], r["labels"])][r["seed"]] = r
     lines = [f"pi_ref: gold {ref['gold']:.3f}, out-of-language mass {100 * ref['mass_malformed']:.1f}% "
-             f"(limit {100 * limit:.1f}%)", "",
-             "| beta | method | labels | gold, mean | gold per seed | out-of-language % per seed | KL per seed | "
-             "all seeds within 10 points |", "|---|---|---|---|---|---|---|---|"]
+             f"(limit {100 * limit:.1f}%)", ""]
+    rows = []
     for (beta, method, labels), by_seed in sorted(cells.items(), key=lambda c: (-c[0][0], c[0][1], c[0][2])):
         seeds = [by_seed[s] for s in sorted(by_seed)]
         gold = [r["gold"] for r in seeds]
-        mass = " ".join(f"{100 * r['mass_malformed']:.0f}" for r in seeds)
-        kl = " ".join(f"{r['kl']:.1f}" for r in seeds)
         held = all(r["mass_malformed"] <= limit for r in seeds)
-        lines.append(f"| {beta:g} | {LABELS.get(method, method)} | {labels} | {sum(gold) / len(gold):.3f} | "
-                     f"{' '.join(f'{g:.2f}' for g in gold)} | "
-                     f"{mass} | {kl} | {'yes' if held else 'no'} ({len(seeds)} seeds) |")
+        rows.append([f"{beta:g}", LABELS.get(method, method), labels, f"{sum(gold) / len(gold):.3f}",
+                     " ".join(f"{g:.2f}" for g in gold), " ".join(f"{100 * r['mass_malformed']:.0f}" for r in seeds),
+                     " ".join(f"{r['kl']:.1f}" for r in seeds), f"{'yes' if held else 'no'} ({len(seeds)} seeds)"])
+    lines.append(markdown_table(["beta", "method", "labels", "gold, mean", "gold per seed",
+                                 "out-of-language % per seed", "KL per seed", "all seeds within 10 points"], rows))
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from chipo.cli.bandit import main
+from markdown_checks import assert_tables_well_formed
 
 
 def test_all_quick(tmp_path: Path) -> None:
@@ -14,16 +15,21 @@ def test_all_quick(tmp_path: Path) -> None:
     assert main(["all", "--quick", f"out={out}"]) == 0
     top = (out / "report.md").read_text()
     assert re.search(r"violations: \*\*0\*\*", top)
+    n_tables = 0
     for name, pngs in {"regret": ["regret_kl_trap.png", "regret_random.png"], "bound": ["bound.png"],
                        "overopt": ["overopt_kl_trap.png", "overopt_random.png"], "bench": ["bench.png"],
                        "online": ["online.png"]}.items():
         d = out / name
         report = (d / "report.md").read_text()
         assert re.search(r"\d\.\d", report), name
+        part_tables = assert_tables_well_formed(report)
+        assert part_tables >= 1, name  # every part has a table
+        n_tables += part_tables
         for png in pngs:
             assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         results = json.loads((d / "results.json").read_text())
         assert results["wall_seconds"] > 0
+    assert assert_tables_well_formed(top) == n_tables  # the summary holds every part's tables
     regret = json.loads((out / "regret" / "results.json").read_text())
     for fam in regret["families"].values():
         for rec in fam["methods"].values():

@@ -10,6 +10,7 @@ import pytest
 from chipo.lab.monitor_analysis import analyse, outcome, spearman, tune, when_to_stop_section
 from chipo.lab.monitor_validation import default_schedule, token_pairs
 from chipo.monitor import AlarmRule
+from markdown_checks import assert_tables_well_formed
 
 
 def _run(loss, beta, seed, gold, off, steps=None):
@@ -54,6 +55,7 @@ def test_tuning_picks_a_threshold_with_zero_regret_and_the_section_reports_it():
     assert per_run["regret_last"].round(6).tolist() == [round(0.4 - 0.01 * s, 6) for s in (0, 1, 2, 3)] * 2
     text = when_to_stop_section(_table(), tune_seeds=(0, 1), tune_beta=0.05)
     assert text.startswith("## When to stop") and "off_support >" in text and "| dpo | 0.005 |" in text
+    assert assert_tables_well_formed(text) == 3  # signals, regret per group, tests
     # Two seeds per test group, zero-variance differences: no t statistic, so nothing is claimed.
     assert "not shown" in text
 

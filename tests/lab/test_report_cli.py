@@ -11,6 +11,7 @@ from chipo.cli.lab import main
 from chipo.lab import tables
 from chipo.lab.report import write_report
 from chipo.lab.report_paper import PAPER, table1
+from markdown_checks import assert_tables_well_formed
 
 
 def _rows(losses=("dpo", "chipo")):
@@ -48,6 +49,9 @@ def test_report_writes_markdown_plots_and_raw_results(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     text = report.read_text()
     assert "test box" in text and "Table 1" in text and "chiPO vs DPO" in text
+    # Table 1, the verdicts, the frontier at each of the 2 betas, per seed, all metrics (no mass or off-support
+    # columns in these rows, so no mass table and no monitor tables).
+    assert assert_tables_well_formed(text) == 6
     # Mean over the three seeds at beta 0.01, epoch 4 (jitter 0.004, 0.008, 0.002: mean 0.00467):
     # chiPO 0.6 - 0.04 + 0.01 + 0.00467 = 57.5%, DPO 0.6 - 0.4 + 0.01 + 0.00467 + 0.003 * 5/3 = 22.0%.
     assert "57.5 vs 22.0" in text
@@ -68,6 +72,7 @@ def test_the_generic_report_knows_no_loss_by_name(tmp_path):
     report = write_report(_sweep(tmp_path, _rows(("ipo", "hinge"))))
     text = report.read_text()
     assert "Table 1" not in text and "chiPO" not in text and "DPO" not in text
+    assert assert_tables_well_formed(text) == 5  # as above, without Table 1
     assert "hinge vs ipo: gold win rate vs pi_ref at epoch 4, beta 0.1" in text
     assert not re.search(r"the seed(?!s)|field notes", text, re.IGNORECASE)
 

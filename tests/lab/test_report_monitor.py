@@ -5,6 +5,7 @@ import pytest
 from scipy import stats
 
 from chipo.lab.report_monitor import monitor_runs, per_run_regrets, when_to_stop_lines
+from markdown_checks import assert_tables_well_formed
 
 KEYS = {"gold": "exact.gold"}
 
@@ -42,6 +43,7 @@ def test_held_out_tests_are_one_sided_paired_t():
     lines = "\n".join(when_to_stop_lines(_frame(golds), KEYS))
     p = stats.ttest_rel([0.3, 0.2, 0.4], [0.1, 0.05, 0.15], alternative="greater").pvalue
     assert f"| dpo | 0.05 | held-out seeds | last epoch | 3 | 0.100 | 0.300 | {p:.2g} |" in lines
+    assert assert_tables_well_formed(lines) == 2  # regret per group, then the tests
 
 
 def test_no_off_support_column_no_section():

@@ -25,6 +25,7 @@ from chipo.bandit.instances import rare_best_instance  # noqa: E402
 from chipo.bandit.online import ONLINE_METHODS, run_online  # noqa: E402
 from chipo.bandit.optimum import regularized_optimum  # noqa: E402
 from chipo.bandit.reports import _fmt  # noqa: E402
+from chipo.markdown import markdown_table  # noqa: E402
 from chipo.stats import mean_se  # noqa: E402
 
 BETAS = {"kl": 0.05, "chi2mix": 0.002}
@@ -81,9 +82,17 @@ def plot_online(results: dict) -> Callable[[Path], None]:
     return draw
 
 
+def _online_table(results: dict) -> str:
+    """Per method: regret +- s.e. at each checkpoint round, its floor and how often the best response was drawn."""
+    cps = results["checkpoints"]
+    rows = [[LABELS[m], f"{rec['beta']:g}", f"{rec['alpha']:g}",
+             *(f"{_fmt(rec['at'][str(t)][0])} +- {_fmt(rec['at'][str(t)][1], 2)}" for t in cps),
+             _fmt(rec["floor"], 2), _fmt(rec["best_action_draws_mean"], 3)] for m, rec in results["methods"].items()]
+    return markdown_table(["method", "beta", "alpha", *(f"t={t}" for t in cps), "floor", "best draws"], rows)
+
+
 def report_online(results: dict) -> str:
     inst = results["instance"]
-    cps = results["checkpoints"]
     lines = ["# Online preference optimization: online DPO vs XPO vs chi-squared XPO", "",
              f"Instance {inst['name']}: one context, {inst['Y']} responses, pi_ref = "
              + ", ".join(_fmt(p, 2) for p in inst["pi_ref"]) + "; rewards " + ", ".join(_fmt(r, 2) for r in
@@ -94,12 +103,5 @@ def report_online(results: dict) -> str:
              f"regularised objective); mean +- standard error over {results['seeds']} seeds. XPO bonus weight "
              f"gamma = alpha / beta = {results['gamma']:g}. `floor`: regret of the beta-regularised optimum of the "
              "true reward (what each method converges to at best). `best draws`: mean number of times the best "
-             "response was drawn over the run.", "",
-             "| method | beta | alpha | " + " | ".join(f"t={t}" for t in cps) + " | floor | best draws |",
-             "|---" * (len(cps) + 5) + "|"]
-    for m, rec in results["methods"].items():
-        cells = [f"{_fmt(rec['at'][str(t)][0])} +- {_fmt(rec['at'][str(t)][1], 2)}" for t in cps]
-        lines.append(f"| {LABELS[m]} | {rec['beta']:g} | {rec['alpha']:g} | " + " | ".join(cells)
-                     + f" | {_fmt(rec['floor'], 2)} | {_fmt(rec['best_action_draws_mean'], 3)} |")
-    lines += ["", "![online](online.png)", ""]
+             "response was drawn over the run.", "", _online_table(results), "", "![online](online.png)", ""]
     return "\n".join(lines)

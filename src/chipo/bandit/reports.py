@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from chipo.bandit.estimators import ESTIMATORS  # noqa: E402
+from chipo.markdown import markdown_table  # noqa: E402
 
 METHODS = tuple(ESTIMATORS)
 LABELS = {"dpo": "DPO", "chipo": "chiPO", "kl_rlhf": "KL-RLHF", "chi2_rlhf": "chi2-RLHF"}
@@ -58,15 +59,7 @@ def report_regret(results: dict) -> str:
     for kind, fam in results["families"].items():
         inst = fam["instance"]
         lines += [f"## {inst['name']} (|X| = {inst['X']}, |Y| = {inst['Y']}, R_max = {inst['r_max']}, "
-                  f"C^pi* = {_fmt(inst['C_pi_star_seed0'])} for seed 0)", "",
-                  "| method | " + " | ".join(f"n={n}" for n in fam["n"]) + " | slope | slope (theory beta) |",
-                  "|---" * (len(fam["n"]) + 3) + "|"]
-        for m in METHODS:
-            rec = fam["methods"][m]
-            cells = [f"{_fmt(mu)} +- {_fmt(se, 2)} (b={_fmt(b, 2)})"
-                     for mu, se, b in zip(rec["mean"], rec["se"], rec["beta"], strict=True)]
-            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {_fmt(rec['slope'], 2)} | "
-                         f"{_fmt(rec['theory_slope'], 2)} |")
+                  f"C^pi* = {_fmt(inst['C_pi_star_seed0'])} for seed 0)", "", _regret_table(fam)]
         lines += ["", "Regret at the theory beta: " + "; ".join(
             f"{LABELS[m]} " + ", ".join(_fmt(v) for v in fam["methods"][m]["theory_mean"]) for m in METHODS), "",
             f"Regret against the best policy with C^pi <= {results['c_bound']} (tuned beta, negative = better "
@@ -77,6 +70,17 @@ def report_regret(results: dict) -> str:
         lines += _rate_table(fam)
         lines += ["", f"![regret {kind}](regret_{kind}.png)", ""]
     return "\n".join(lines)
+
+
+def _regret_table(fam: dict) -> str:
+    """Per method: regret +- s.e. (and the tuned beta) at each n, the log-log slopes at tuned and theory beta."""
+    rows = []
+    for m in METHODS:
+        rec = fam["methods"][m]
+        cells = [f"{_fmt(mu)} +- {_fmt(se, 2)} (b={_fmt(b, 2)})"
+                 for mu, se, b in zip(rec["mean"], rec["se"], rec["beta"], strict=True)]
+        rows.append([LABELS[m], *cells, _fmt(rec["slope"], 2), _fmt(rec["theory_slope"], 2)])
+    return markdown_table(["method", *(f"n={n}" for n in fam["n"]), "slope", "slope (theory beta)"], rows)
 
 
 def _regret_verdict(fam: dict) -> list[str]:
@@ -102,16 +106,18 @@ def _rate_table(fam: dict) -> list[str]:
     out = ["", "Rate fits (least squares in log regret over all n; 95% bootstrap intervals over evaluation seeds, "
            "tuned beta held fixed). a: exponent of c n^-a; b: exponent of c (log n)^-b (b = 1 is c / log n); "
            "RMS: root-mean-square log residual of each form (c / log n has one parameter, the others two).", "",
-           "| method | a (power) | b (log law) | RMS power | RMS log law | RMS c/log n |", "|---|---|---|---|---|---|"]
+           ""]
+    rows = []
     for m in METHODS:
         r = fam["methods"][m].get("rates")
         if not r:
             continue
         p, iv = r["point"], r["interval"]
-        out.append(f"| {LABELS[m]} | {_fmt(p['a'], 2)} [{_fmt(iv['a'][0], 2)}, {_fmt(iv['a'][1], 2)}] | "
-                   f"{_fmt(p['b'], 2)} [{_fmt(iv['b'][0], 2)}, {_fmt(iv['b'][1], 2)}] | {_fmt(p['rms_power'], 2)} | "
-                   f"{_fmt(p['rms_loglaw'], 2)} | {_fmt(p['rms_inv_log'], 2)} |")
-    return out
+        rows.append([LABELS[m], f"{_fmt(p['a'], 2)} [{_fmt(iv['a'][0], 2)}, {_fmt(iv['a'][1], 2)}]",
+                     f"{_fmt(p['b'], 2)} [{_fmt(iv['b'][0], 2)}, {_fmt(iv['b'][1], 2)}]", _fmt(p["rms_power"], 2),
+                     _fmt(p["rms_loglaw"], 2), _fmt(p["rms_inv_log"], 2)])
+    return out + [markdown_table(["method", "a (power)", "b (log law)", "RMS power", "RMS log law", "RMS c/log n"],
+                                 rows)]
 
 
 def _plot_bound(results: dict) -> Callable[[Path], None]:
@@ -153,10 +159,10 @@ def report_bound(results: dict) -> str:
              f"- smallest slack rhs - |lhs|: {_fmt(results['min_slack'])} "
              f"(relative to rhs: {_fmt(results['min_relative_slack'])})",
              f"- |lhs| / rhs: median {_fmt(results['median_ratio'])}, max {_fmt(results['max_ratio'])}", "",
-             "| policy | checks | median ratio | max ratio |", "|---|---|---|---|"]
-    for p, s in results["by_policy"].items():
-        lines.append(f"| {p} | {s['count']} | {_fmt(s['median_ratio'])} | {_fmt(s['max_ratio'])} |")
-    lines += ["", "![bound](bound.png)", ""]
+             markdown_table(["policy", "checks", "median ratio", "max ratio"],
+                            ([p, s["count"], _fmt(s["median_ratio"]), _fmt(s["max_ratio"])]
+                             for p, s in results["by_policy"].items())),
+             "", "![bound](bound.png)", ""]
     return "\n".join(lines)
 
 
@@ -187,6 +193,17 @@ def _plot_overopt(results: dict, kind: str) -> Callable[[Path], None]:
     return draw
 
 
+def _overopt_table(fam: dict) -> str:
+    """Per method: the peak of J over beta and where, J, the drop and the divergences at the smallest beta."""
+    rows = []
+    for m in METHODS:
+        r = fam["methods"][m]
+        rows.append([LABELS[m], _fmt(r["peak_J"]), _fmt(r["peak_beta"], 2), _fmt(r["J_smallest_beta"]),
+                     _fmt(r["drop"]), _fmt(r["chi2_mean"][-1]), _fmt(r["kl_mean"][-1])])
+    return markdown_table(["method", "peak J", "at beta", "J at smallest beta", "drop", "chi2 at smallest beta",
+                           "KL at smallest beta"], rows)
+
+
 def report_overopt(results: dict) -> str:
     betas = results["betas"]
     lines = ["# Overoptimization vs beta", "",
@@ -195,25 +212,18 @@ def report_overopt(results: dict) -> str:
              "the smallest beta (overoptimization: how much is lost by regularising too little).", ""]
     for kind, fam in results["families"].items():
         lines += [f"## {kind} (J* = {_fmt(fam['J_star'])}, J(pi_ref) = {_fmt(fam['J_ref'])})", "",
-                  "| method | peak J | at beta | J at smallest beta | drop | chi2 at smallest beta "
-                  "| KL at smallest beta |",
-                  "|---|---|---|---|---|---|---|"]
-        for m in METHODS:
-            r = fam["methods"][m]
-            lines.append(f"| {LABELS[m]} | {_fmt(r['peak_J'])} | {_fmt(r['peak_beta'], 2)} | "
-                         f"{_fmt(r['J_smallest_beta'])} | {_fmt(r['drop'])} | {_fmt(r['chi2_mean'][-1])} | "
-                         f"{_fmt(r['kl_mean'][-1])} |")
+                  _overopt_table(fam)]
         lines += ["", f"![overopt {kind}](overopt_{kind}.png)", ""]
     return "\n".join(lines)
 
 
 def report_bench(results: dict) -> str:
     s = results["size"]
-    lines = [f"# regularized_optimum benchmark ({s} contexts x {s} actions, float64, this machine)", "",
-             "| divergence | beta | seconds (best of runs) | max |row sum - 1| |", "|---|---|---|---|"]
-    for r in results["rows"]:
-        lines.append(f"| {r['divergence']} | {r['beta']:g} | {r['seconds_min']:.3f} | {r['max_row_sum_error']:.1e} |")
-    return "\n".join(lines) + "\n"
+    # The last header holds "|" (an absolute value); markdown_table escapes it, so the table keeps four columns.
+    rows = [[r["divergence"], f"{r['beta']:g}", f"{r['seconds_min']:.3f}", f"{r['max_row_sum_error']:.1e}"]
+            for r in results["rows"]]
+    table = markdown_table(["divergence", "beta", "seconds (best of runs)", "max |row sum - 1|"], rows)
+    return f"# regularized_optimum benchmark ({s} contexts x {s} actions, float64, this machine)\n\n{table}\n"
 
 
 def _plot_bench(results: dict) -> Callable[[Path], None]:

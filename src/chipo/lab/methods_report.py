@@ -29,6 +29,7 @@ import pandas as pd
 from chipo import stats
 from chipo.io import atomic_write_text
 from chipo.lab.runs import read_results
+from chipo.markdown import markdown_table
 
 LABELS = {"dpo": "DPO", "chipo": "chiPO", "dpo+sft": "DPO + SFT term (RPO)", "chipo+sft": "chiPO + SFT term",
           "online-dpo": "online DPO", "online-chipo": "online chiPO", "xpo": "XPO", "chi2-xpo": "chi-squared XPO",
@@ -122,31 +123,32 @@ def _pm(mean: float, se: float, scale: float = 1.0, digits: int = 3) -> str:
     return f"{scale * mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {scale * se:.{digits}f}")
 
 
-def markdown_table(summ: pd.DataFrame, tests: pd.DataFrame, beta: float | None, ref: dict | None = None) -> str:
+def _method_row(e, tests: pd.DataFrame, beta: float | None) -> list:
+    """One (method, rule) of ``summary`` and its test against DPO at ``beta`` (none for DPO's own row)."""
+    t = tests[(tests.method == e.method) & (tests.rule == e.rule) & (tests.dpo_beta == beta)] if len(tests) else tests
+    point = f"{e.rule}" + (f" (epoch{'s' if ',' in e.epoch else ''} {e.epoch})" if e.epoch else "")
+    if len(t):
+        t = t.iloc[0]
+        gap = f"{t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}"
+        p, verdict = f"{t.p_holm:.3f}", f"{t.verdict} (detectable: {t.detectable_gap:.3f})"
+    else:
+        gap, p, verdict = "(reference)", "", ""
+    return [LABELS.get(e.method, e.method), point, _pm(e.gold, e.gold_se),
+            _pm(e.win_rate_vs_ref, e.win_rate_vs_ref_se, 100, 1), _pm(e.kl_partition, e.kl_partition_se, digits=2),
+            _pm(e.kl_mc, e.kl_mc_se, digits=2), _pm(e.mass_out_of_language, e.mass_out_of_language_se, 100, 1),
+            e.labels, f"{e.train_cpu_s:.1f}", gap, p, verdict]
+
+
+def method_table(summ: pd.DataFrame, tests: pd.DataFrame, beta: float | None, ref: dict | None = None) -> str:
     """The table at one beta (best-of-n, which has none, in every beta's table); pi_ref's own row first."""
-    lines = ["| method | reported point | gold J | win vs pi_ref % | KL partition | KL Monte Carlo | "
-             "out of language % | labels | train CPU s | gold - DPO | p (Holm) | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     if ref:
-        lines.append(f"| pi_ref | (no training) | {ref['gold']:.3f} | {100 * ref['win_rate_vs_ref']:.1f} | 0 | 0 | "
-                     f"{100 * ref['mass_malformed']:.1f} | 0 | 0 | | | |")
+        rows.append(["pi_ref", "(no training)", f"{ref['gold']:.3f}", f"{100 * ref['win_rate_vs_ref']:.1f}", 0, 0,
+                     f"{100 * ref['mass_malformed']:.1f}", 0, 0, "", "", ""])
     part = summ[(summ.beta == beta) | summ.beta.isna()]
-    for e in part.itertuples():
-        t = tests[(tests.method == e.method) & (tests.rule == e.rule) & (tests.dpo_beta == beta)] \
-            if len(tests) else tests
-        point = f"{e.rule}" + (f" (epoch{'s' if ',' in e.epoch else ''} {e.epoch})" if e.epoch else "")
-        if len(t):
-            t = t.iloc[0]
-            gap = f"{t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}"
-            p, verdict = f"{t.p_holm:.3f}", f"{t.verdict} (detectable: {t.detectable_gap:.3f})"
-        else:
-            gap, p, verdict = "(reference)", "", ""
-        lines.append(f"| {LABELS.get(e.method, e.method)} | {point} | {_pm(e.gold, e.gold_se)} | "
-                     f"{_pm(e.win_rate_vs_ref, e.win_rate_vs_ref_se, 100, 1)} | "
-                     f"{_pm(e.kl_partition, e.kl_partition_se, digits=2)} | {_pm(e.kl_mc, e.kl_mc_se, digits=2)} | "
-                     f"{_pm(e.mass_out_of_language, e.mass_out_of_language_se, 100, 1)} | {e.labels} | "
-                     f"{e.train_cpu_s:.1f} | {gap} | {p} | {verdict} |")
-    return "\n".join(lines)
+    rows += [_method_row(e, tests, beta) for e in part.itertuples()]
+    return markdown_table(["method", "reported point", "gold J", "win vs pi_ref %", "KL partition", "KL Monte Carlo",
+                           "out of language %", "labels", "train CPU s", "gold - DPO", "p (Holm)", "verdict"], rows)
 
 
 COLORS = {"dpo": "tab:red", "chipo": "tab:blue", "dpo+sft": "salmon", "chipo+sft": "lightskyblue",
@@ -259,25 +261,28 @@ def render(summ: pd.DataFrame, tests: pd.DataFrame, meta: dict, image: str) -> s
             "run. Offline rows are compared with DPO at the same rule, all others with DPO at 'held-out acc'.", ""]
     text += [protocol(settings, meta.get("labels")), ""]
     for beta in sorted(summ.beta.dropna().unique(), reverse=True):
-        text += [f"## beta = {beta:g}", "", markdown_table(summ, tests, beta, meta.get("pi_ref")), ""]
-    passed = tests[tests.verdict != "not shown"] if len(tests) else tests
-    text += ["## What the tests show", ""]
-    if len(passed):
-        for t in passed.itertuples():
-            own = "" if pd.isna(t.beta) else f", beta {t.beta:g}"
-            text.append(f"- {LABELS.get(t.method, t.method)} ({t.rule}{own})"
-                        f": {t.verdict} at beta {t.dpo_beta:g} (gap {t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}, Holm "
-                        f"p {t.p_holm:.3g}).")
-    else:
-        text.append("No comparison with DPO passes after Holm's correction.")
+        text += [f"## beta = {beta:g}", "", method_table(summ, tests, beta, meta.get("pi_ref")), ""]
+    text += ["## What the tests show", ""] + findings(tests)
     text += ["", f"![gold vs sqrt KL]({image})", "", "## Settings", "", "```json",
-             json.dumps(settings, indent=1, default=str), "```", ""]
-    totals = meta.get("cpu_totals") or {}
-    if totals:
-        text.append("CPU time summed over the runs (each measured in the process that ran it): "
-                    + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items()) + ".")
-    for t in meta.get("timing", []):
-        text.append(f"Run: {t['runs']} runs in {t['wall_s']:.0f} s wall with {t['workers']} process(es); load "
-                    f"average {', '.join(f'{x:.1f}' for x in t['load_at_start'])} at the start, "
-                    f"{', '.join(f'{x:.1f}' for x in t['load_at_end'])} at the end.")
+             json.dumps(settings, indent=1, default=str), "```", ""] + cost_lines(meta)
     return "\n".join(text) + "\n"
+
+
+def findings(tests: pd.DataFrame) -> list[str]:
+    """One line per comparison with DPO that passes after Holm, or one line saying none does."""
+    passed = tests[tests.verdict != "not shown"] if len(tests) else tests
+    if not len(passed):
+        return ["No comparison with DPO passes after Holm's correction."]
+    return [f"- {LABELS.get(t.method, t.method)} ({t.rule}{'' if pd.isna(t.beta) else f', beta {t.beta:g}'})"
+            f": {t.verdict} at beta {t.dpo_beta:g} (gap {t.gold_gap:+.3f} ± {t.gold_gap_se:.3f}, Holm "
+            f"p {t.p_holm:.3g})." for t in passed.itertuples()]
+
+
+def cost_lines(meta: dict) -> list[str]:
+    """The CPU seconds summed over the runs, and each invocation's wall time and machine load."""
+    totals = meta.get("cpu_totals") or {}
+    out = ["CPU time summed over the runs (each measured in the process that ran it): "
+           + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items()) + "."] if totals else []
+    return out + [f"Run: {t['runs']} runs in {t['wall_s']:.0f} s wall with {t['workers']} process(es); load "
+                  f"average {', '.join(f'{x:.1f}' for x in t['load_at_start'])} at the start, "
+                  f"{', '.join(f'{x:.1f}' for x in t['load_at_end'])} at the end." for t in meta.get("timing", [])]

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from chipo.markdown import markdown_table
 from chipo.monitor.alarm import AlarmRule, chosen_index, first_alarm
 from chipo.stats import holm, mean_se, paired_t
 
@@ -177,8 +178,36 @@ def tests(per_run: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     return df
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def number(x: float, spec: str = ".3f") -> str:
+    """A table cell of a number (``format(x, spec)``), "n/a" where there is none (None or NaN)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def signals_markdown(signals: pd.DataFrame) -> str:
+    """``signal_table`` in markdown: each signal's tuned rule, rank correlation with gold, regrets and lead."""
+    rows = [[s["signal"], f"`{s['rule']}`", f"{number(s['rho_mean'], '.2f')} +- {number(s['rho_se'], '.2f')}",
+             number(s["tuning_regret"]), number(s["test_regret"]), f"{100 * s['fired']:.0f}%",
+             number(s["lead_median"], ".2f"), f"{100 * s['before_peak']:.0f}%"] for _, s in signals.iterrows()]
+    return markdown_table(["signal", "rule (tuned)", "rank corr. with gold", "tuning regret", "test regret",
+                           "fired (test)", "median lead, epochs", "alarm before peak"], rows)
+
+
+def regrets_markdown(per_run: pd.DataFrame) -> str:
+    """Mean regret of the monitor, the last evaluation and the fixed step per (loss, beta, split)."""
+    rows = [[loss, f"{beta:g}", split, len(g), number(g["gold_peak"].mean()), number(g["monitor_regret"].mean()),
+             number(g["regret_last"].mean()), number(g["regret_fixed"].mean())]
+            for (loss, beta, split), g in per_run.groupby(["loss", "beta", "split"])]
+    return markdown_table(["loss", "beta", "split", "seeds", "gold peak", "monitor", "last evaluation",
+                           "fixed step"], rows)
+
+
+def tests_markdown(tested: pd.DataFrame) -> str:
+    """``tests`` in markdown: one row per test group and baseline, Holm-adjusted p, shown or not."""
+    rows = [[t["loss"], f"{t['beta']:g}", t["split"], t["versus"], t["seeds"], number(t["difference"]),
+             number(t["se"]), number(t["p"], ".4f"), number(t["p_holm"], ".4f"), "yes" if t["passed"] else "not shown"]
+            for _, t in tested.iterrows()]
+    return markdown_table(["loss", "beta", "split", "versus", "seeds", "difference", "se", "p", "p (Holm)",
+                           "shown"], rows)
 
 
 def when_to_stop_section(table: pd.DataFrame, tune_seeds: Sequence[int] = (0, 1, 2, 3), tune_beta: float = 0.05,
@@ -205,28 +234,11 @@ def when_to_stop_section(table: pd.DataFrame, tune_seeds: Sequence[int] = (0, 1,
              "first alarm).",
              "", f"**Chosen rule: `{rule.signal} {'>' if rule.above else '<'} {rule.threshold:.3g}`.** "
              f"Fixed-step baseline (no monitor; the step with the best mean gold on the tuning runs): step "
-             f"{res['fixed_step']}.", "",
-             "| signal | rule (tuned) | rank corr. with gold | tuning regret | test regret | fired (test) | "
-             "median lead, epochs | alarm before peak |", "|---|---|---|---|---|---|---|---|"]
-    for _, s in res["signals"].iterrows():
-        lines.append(f"| {s['signal']} | `{s['rule']}` | {_fmt(s['rho_mean'], 2)} +- {_fmt(s['rho_se'], 2)} | "
-                     f"{_fmt(s['tuning_regret'])} | {_fmt(s['test_regret'])} | {100 * s['fired']:.0f}% | "
-                     f"{_fmt(s['lead_median'], 2)} | {100 * s['before_peak']:.0f}% |")
-    lines += ["", "Regret of each stopping choice by group (gold units, mean over seeds):", "",
-              "| loss | beta | split | seeds | gold peak | monitor | last evaluation | fixed step |",
-              "|---|---|---|---|---|---|---|---|"]
-    for (loss, beta, split), g in per_run.groupby(["loss", "beta", "split"]):
-        lines.append(f"| {loss} | {beta:g} | {split} | {len(g)} | {_fmt(g['gold_peak'].mean())} | "
-                     f"{_fmt(g['monitor_regret'].mean())} | {_fmt(g['regret_last'].mean())} | "
-                     f"{_fmt(g['regret_fixed'].mean())} |")
-    lines += ["", f"Paired tests on the test runs (one-sided, the monitor's regret smaller; Holm over "
-                  f"{len(tested)} comparisons, alpha {alpha:g}):", "",
-              "| loss | beta | split | versus | seeds | difference | se | p | p (Holm) | shown |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, t in tested.iterrows():
-        lines.append(f"| {t['loss']} | {t['beta']:g} | {t['split']} | {t['versus']} | {t['seeds']} | "
-                     f"{_fmt(t['difference'])} | {_fmt(t['se'])} | {_fmt(t['p'], 4)} | {_fmt(t['p_holm'], 4)} | "
-                     f"{'yes' if t['passed'] else 'not shown'} |")
+             f"{res['fixed_step']}.", "", signals_markdown(res["signals"]),
+             "", "Regret of each stopping choice by group (gold units, mean over seeds):", "",
+             regrets_markdown(per_run),
+             "", f"Paired tests on the test runs (one-sided, the monitor's regret smaller; Holm over "
+                 f"{len(tested)} comparisons, alpha {alpha:g}):", "", tests_markdown(tested)]
     shown = tested[tested["passed"]] if len(tested) else tested
     lines += [""]
     if len(shown):

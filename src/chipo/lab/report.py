@@ -1,7 +1,8 @@
 """The sweep report: ``report.md``, PNG plots (``chipo.lab.plots``), the raw results as JSON and CSV.
 
 Generic over whatever the sweep ran (any losses, links and options as methods): every number comes from the
-results table (``chipo.lab.tables``) and every claim from a verdict function (``chipo.lab.verdicts``) that states
+results table (``chipo.lab.tables``; its markdown tables are ``chipo.lab.report_tables``, this module writes the
+prose around them) and every claim from a verdict function (``chipo.lab.verdicts``) that states
 its sentence only when its paired test across seeds passes after Holm's adjustment over all of the report's
 claims. A caller (``chipo demo``) adds its own claims and sections through ``Extra``; they join the same Holm
 family. The report is written to a temporary directory and renamed into place, so a reader never sees half a
@@ -11,7 +12,6 @@ report.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from chipo.io import atomic_directory, write_json
 from chipo.lab import tables, verdicts
 from chipo.lab.plots import plot_all
 from chipo.lab.report_rlhf import rlhf_curves, rlhf_text, write_rlhf_section  # noqa: F401 -- public API
+from chipo.lab.report_tables import MC_KL, claims_table, frontier_table, mechanism_table, metrics_table, per_seed_table
 from chipo.lab.sweep import read_results
 
 ALPHA = 0.05
@@ -93,25 +94,6 @@ def plan_section(df: pd.DataFrame, meta: dict, extra: Extra | None, claims: list
     return out + ["", power_design(len(tables.seeds(df)), len(claims))]
 
 
-def fmt(mean: float, se: float = math.nan, scale: float = 1.0, digits: int = 1) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "n/a"
-    text = f"{mean * scale:.{digits}f}"
-    if se is not None and not math.isnan(se):
-        text += f" ± {se * scale:.{digits}f}"
-    return text
-
-
-def fmt_g(mean: float, se: float = math.nan) -> str:
-    if mean is None or math.isnan(mean):
-        return "n/a"
-    return f"{mean:.3g}" + (f" ± {se:.2g}" if se is not None and not math.isnan(se) else "")
-
-
-def _p(p: float) -> str:
-    return "n/a" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 # ---------------------------------------------------------------------------------------------------- sections
 
 
@@ -141,58 +123,12 @@ def claims_section(df: pd.DataFrame, claims: list[verdicts.Claim]) -> list[str]:
               if n_seeds > 2 else "") + f"). 'Power at {effect:g} sd': the probability the claim passes at "
            f"alpha/m when its true effect is {effect:g} standard deviations (noncentral t). 'Halves': the same "
            "test on the first half of the seeds / on the rest (5%, no Holm): how stable the verdict is; a half of "
-           "one seed can never pass.", "",
-           f"| claim | estimate | p | Holm p | verdict | detectable at alpha/m | power at {effect:g} sd | halves |",
-           "|---|---|---|---|---|---|---|---|"]
-    for c in claims:
-        v = c.verdict
-        halves = verdicts.split_half(df, c, ALPHA)
-        half_text = "n/a" if halves is None else " / ".join("pass" if h else "no" for h in halves)
-        unit = f" {c.unit}" if c.unit else ""
-        detectable, detectable_sd = c.detectable(level), c.detectable_sd(level)
-        if math.isnan(detectable_sd):
-            detect_text = "n/a (needs 2 seeds)"
-        else:
-            detect_text = f"{detectable_sd:.2f} sd" + ("" if math.isnan(detectable) else
-                                                        f" = {detectable * c.scale:.3g}{unit}")
-        power = c.power(effect, level)
-        estimate = "n/a" if math.isnan(v.estimate) else f"{v.estimate * c.scale:+.3g}{unit}"
-        out.append(f"| {v.claim} | {estimate} | {_p(v.p)} | {_p(v.p_adjusted)} | {v.word()} | {detect_text} | "
-                   f"{'n/a' if math.isnan(power) else f'{power:.2f}'} | {half_text} |")
+           "one seed can never pass.", "", claims_table(df, claims, level, ALPHA)]
     shown = [c.statement() for c in claims if c.statement()]
     out += ["", "What the data show (claims that pass):", ""]
     out += [f"- {s}" for s in shown] or [f"- None: no claim passes at 5% after Holm's adjustment with {n_seeds} "
                                          "seed(s). Differences smaller than the 'detectable' column cannot be told "
                                          "from seed-to-seed noise here; more seeds would shrink it."]
-    return out
-
-
-MC_KL = "kl_k3"
-"""The Monte-Carlo KL of every evaluation (``chipo.divergences.KL.estimate_from_policy`` on the policy's own
-samples): unbiased for the KL between the responses as sampled (cut at max_new_tokens, itself at most the
-sequence KL), where the exact KL over the world's partition is a lower bound that lumps all text outside the
-language into a few cells (it understates distance most where mass leaves the language, so a comparison at
-matched partition KL favours the method that pushes more mass out)."""
-
-
-def _frontier_table(df: pd.DataFrame, keys: dict, beta: float, kl: str, with_mass: bool) -> list[str]:
-    keyed = {**keys, "kl": kl}
-    levels = tables.distance_levels(df, beta, kl)
-    head = ["method", "best gold (mean epoch)"] + [f"gold at sqrt KL {lv:.3g}" for lv in levels] + \
-        ["final gold", "final sqrt KL"] + (["final sqrt KL, other estimate", "final out of language %"]
-                                           if with_mass else [])
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    other = MC_KL if kl != MC_KL else keys["kl"]
-    for m in tables.methods(df):
-        f = tables.frontier(df, m, beta, keyed, levels)
-        best = fmt_g(*tables.mean_and_se(f["best"])) + f" ({fmt(np.nanmean(f['best_epoch']), digits=1)})"
-        cells = [best] + [fmt_g(*tables.mean_and_se(f[f"at_{i}"])) for i in range(len(levels))]
-        cells += [fmt_g(*tables.mean_and_se(f["final"])), fmt_g(*tables.mean_and_se(f["final_distance"]))]
-        if with_mass:
-            last = tables.epochs(df)[-1]
-            cells += [fmt_g(*tables.mean_and_se(np.sqrt(np.clip(tables.at_epoch(df, m, beta, other, last), 0, None)))),
-                      fmt(*tables.mean_and_se(tables.at_epoch(df, m, beta, "exact.mass_malformed", last)), 100)]
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -215,10 +151,10 @@ def frontier_section(df: pd.DataFrame, keys: dict, claims: list[verdicts.Claim])
     out.append("")
     for beta in tables.betas(df):
         out += [f"beta {beta:g}, distance = partition KL (the tests' distance):" if side_by_side else f"beta {beta:g}:",
-                ""] + _frontier_table(df, keys, beta, keys["kl"], side_by_side)
+                "", frontier_table(df, keys, beta, keys["kl"], side_by_side)]
         if side_by_side:
             out += ["", f"beta {beta:g}, distance = Monte-Carlo KL (k3):", ""]
-            out += _frontier_table(df, keys, beta, MC_KL, True)
+            out.append(frontier_table(df, keys, beta, MC_KL, True))
         out += ["", "Which the data support (better frontier = higher gold at the largest matched sqrt KL; slower "
                 "drift = closer to pi_ref at the last epoch; each only when its test passes after Holm):", ""]
         for a, b in verdicts.comparisons(df):
@@ -231,7 +167,6 @@ def mechanism_section(df: pd.DataFrame, files: list[str]) -> list[str]:
     if "mass.mass_chosen" not in df:
         return []
     last = tables.epochs(df)[-1]
-    runs = tables.with_start(df)
     out = ["## Where the probability goes", "",
            "On the training prompts, the policy's probability of: the responses chosen in its training pairs; "
            "those rejected (and never chosen); every other response of the language; text outside the language "
@@ -239,59 +174,9 @@ def mechanism_section(df: pd.DataFrame, files: list[str]) -> list[str]:
            "(a margin clip at 2 r_max, or a reward bound; 0 for losses without either). Implicit "
            "accuracy: pairs the implicit reward beta * link(pi/pi_ref) orders like the label, on the training "
            f"pairs and on held-out pairs. pi_ref (epoch 0) and epoch {last}, mean ± s.e. over seeds.", "",
-           "| method | beta | epoch | chosen % | rejected % | other in-language % | out of language % | clip % | "
-           "implicit acc train % | held-out % |", "|---|---|---|---|---|---|---|---|---|---|"]
-    names = [f"mass.{p}" for p in tables.MASS_PARTS] + ["clip_frac", "train_acc_exact", "implicit_acc"]
-    agg = tables.aggregate(runs, names)
-    for beta in tables.betas(df):
-        for m in tables.methods(df):
-            for epoch in (0, last):
-                g = agg[(agg["method"] == m) & (agg["beta"] == beta) & (agg["epoch"] == epoch)]
-                if g.empty or (epoch == 0 and m != tables.methods(df)[0]):
-                    continue
-                r = g.iloc[0]
-                cells = [fmt(r[n], r[f"{n}_se"], 100) for n in names]
-                out.append(f"| {'pi_ref' if epoch == 0 else m} | {beta:g} | {epoch} | " + " | ".join(cells) + " |")
+           mechanism_table(df, last)]
     out += [""] + [f"![{f}]({f})" for f in files if f.startswith("mechanism")]
     return out
-
-
-def per_seed_table(df: pd.DataFrame, keys: dict) -> str:
-    es = tables.epochs(df)
-    lines = ["| method | beta | seed | " + " | ".join(f"epoch {e}" for e in es) + " |", "|" + "---|" * (len(es) + 3)]
-    for beta in tables.betas(df):
-        for m in tables.methods(df):
-            seeds = tables.seeds(df)
-            got, values = tables.seed_matrix(df, m, beta, keys["win"], seeds)
-            for i, seed in enumerate(seeds):
-                cells = [fmt(values[i, got.index(e)] if e in got else math.nan, scale=100) for e in es]
-                lines.append(f"| {m} | {beta:g} | {seed} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def metrics_table(df: pd.DataFrame, keys: dict) -> str:
-    cols = [("win vs pi_ref %", keys["win"], 100), ("win vs reference %", keys["reference"], 100),
-            ("gold", keys["gold"], None), ("sqrt KL" + (" (partition)" if keys["exact"] else ""), "sqrt_kl", None),
-            ("sqrt KL (MC k3)", "sqrt_kl_mc", None), ("KL k3 (MC)", MC_KL, None),
-            ("chi2", keys["chi2"], None), ("out of language %", "exact.mass_malformed", 100),
-            ("length", "length_mean", None), ("implicit acc held-out %", "implicit_acc", 100)]
-    runs = tables.with_start(df)
-    runs = runs.assign(sqrt_kl=np.sqrt(runs[keys["kl"]].astype(float).clip(lower=0)))
-    if MC_KL in runs and keys["kl"] != MC_KL:
-        runs = runs.assign(sqrt_kl_mc=np.sqrt(runs[MC_KL].astype(float).clip(lower=0)))
-    cols = [c for c in cols if c[1] in runs]
-    agg = tables.aggregate(runs, [c[1] for c in cols])
-    lines = ["| method | beta | epoch | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 3)]
-    first = tables.methods(df)[0]
-    for beta in tables.betas(df):
-        for m in tables.methods(df):
-            for _, r in agg[(agg["method"] == m) & (agg["beta"] == beta)].sort_values("epoch").iterrows():
-                if r["epoch"] == 0 and m != first:
-                    continue
-                cells = [fmt(r[n], r[f"{n}_se"], s) if s else fmt_g(r[n], r[f"{n}_se"]) for _, n, s in cols]
-                who = "pi_ref" if r["epoch"] == 0 else m
-                lines.append(f"| {who} | {beta:g} | {int(r['epoch'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def how_to_read(keys: dict) -> list[str]:
@@ -338,13 +223,11 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     return final / "report.md"
 
 
-def render_markdown(df, keys, claims, files, meta, analysis, extra: Extra | None, rows: list[dict]) -> str:
+def setup_section(df: pd.DataFrame, meta: dict) -> list[str]:
+    """What ran: the caller's setup lines, the methods, betas, seeds, epochs, training and evaluation settings."""
     ref = df[df["method"] == "pi_ref"]
     config = meta.get("sweep_config", {})
-    out = [f"# {meta.get('title', 'chipo overoptimization lab report')}", ""]
-    if meta.get("summary"):
-        out += [meta["summary"], ""]
-    out += ["## Setup", ""]
+    out = ["## Setup", ""]
     out += [f"- {key}: {value}" for key, value in meta.get("setup", {}).items()]
     described = df[df["method"] != "pi_ref"].groupby("method", sort=False)[["loss", "options"]].first()
     out.append("- methods: " + "; ".join(f"{m} = {r['loss']}" + (f" with {r['options']}" if r["options"] else "")
@@ -360,7 +243,14 @@ def render_markdown(df, keys, claims, files, meta, analysis, extra: Extra | None
         r = ref.iloc[0]
         out.append(f"- evaluation: {int(r['n_prompts'])} held-out prompts x "
                    f"{int(r['n_samples']) // max(int(r['n_prompts']), 1)} samples per policy")
-    out += [""] + how_to_read(keys) + [""]
+    return out
+
+
+def render_markdown(df, keys, claims, files, meta, analysis, extra: Extra | None, rows: list[dict]) -> str:
+    out = [f"# {meta.get('title', 'chipo overoptimization lab report')}", ""]
+    if meta.get("summary"):
+        out += [meta["summary"], ""]
+    out += setup_section(df, meta) + [""] + how_to_read(keys) + [""]
     out += plan_section(df, meta, extra, claims) + [""]
     if extra:
         out += extra.sections(df, keys, claims) + [""]

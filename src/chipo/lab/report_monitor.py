@@ -16,11 +16,10 @@ monitor's regret smaller), Holm over every held-out group and baseline (``chipo.
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
-from chipo.lab.monitor_analysis import at_step, fixed_step, outcome, tests
+from chipo.lab.monitor_analysis import at_step, fixed_step, number, outcome, tests
+from chipo.markdown import markdown_table
 from chipo.monitor.alarm import DEFAULT_RULES
 
 TUNED_SEEDS = (0, 1, 2, 3)
@@ -63,8 +62,22 @@ def per_run_regrets(runs: dict[tuple, pd.DataFrame]) -> tuple[pd.DataFrame, int]
     return pd.DataFrame(rows), stop
 
 
-def _f(x: float, spec: str = ".3f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def regret_table(per_run: pd.DataFrame) -> str:
+    """Mean regret of each stopping choice per (loss, beta, split), and how often the alarm fired."""
+    rows = [[loss, f"{beta:g}", len(g), split, number(g["gold_peak"].mean()), number(g["monitor_regret"].mean()),
+             number(g["regret_last"].mean()), number(g["regret_fixed"].mean()), f"{int(g['alarm'].sum())}/{len(g)}"]
+            for (loss, beta, split), g in per_run.groupby(["loss", "beta", "split"])]
+    return markdown_table(["loss", "beta", "runs", "split", "gold peak", "monitor", "last epoch", "fixed epoch",
+                           "alarm fired"], rows)
+
+
+def tests_table(tested: pd.DataFrame) -> str:
+    """The held-out runs' paired tests (``chipo.lab.monitor_analysis.tests``), one row per group and baseline."""
+    rows = [[t["loss"], f"{t['beta']:g}", t["split"], f"{t['versus']} epoch", t["seeds"], number(t["regret_monitor"]),
+             number(t["regret_baseline"]), number(t["p"], ".2g"), number(t["p_holm"], ".2g"),
+             "shown" if t["passed"] else "not shown"] for _, t in tested.iterrows()]
+    return markdown_table(["loss", "beta", "split", "versus", "seeds", "regret: monitor", "baseline", "p",
+                           "p (Holm)", "verdict"], rows)
 
 
 def when_to_stop_lines(df: pd.DataFrame, keys: dict) -> list[str]:
@@ -83,31 +96,18 @@ def when_to_stop_lines(df: pd.DataFrame, keys: dict) -> list[str]:
            "best evaluated epoch (oracle early stopping) minus exact gold of the kept checkpoint, in gold units. "
            f"Fixed-epoch baseline: epoch {stop} (best mean gold on the in-sample runs). The evaluations are coarse "
            "(the gold peak often lies between them), so these regrets are those of a user who evaluates this often.",
-           "", "| loss | beta | runs | split | gold peak | monitor | last epoch | fixed epoch | alarm fired |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for (loss, beta, split), g in per_run.groupby(["loss", "beta", "split"]):
-        out.append(f"| {loss} | {beta:g} | {len(g)} | {split} | {_f(g['gold_peak'].mean())} | "
-                   f"{_f(g['monitor_regret'].mean())} | {_f(g['regret_last'].mean())} | "
-                   f"{_f(g['regret_fixed'].mean())} | {int(g['alarm'].sum())}/{len(g)} |")
+           "", regret_table(per_run)]
     tested = tests(per_run[per_run["split"] != "in-sample"])
     if not len(tested):
         return out + ["", "No held-out runs: nothing is tested."]
     out += ["", f"Paired tests on the held-out runs (one-sided: the monitor's regret is smaller; Holm over "
-                f"{len(tested)} comparisons):", "",
-            "| loss | beta | split | versus | seeds | regret: monitor | baseline | p | p (Holm) | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, t in tested.iterrows():
-        verdict = "shown" if t["passed"] else "not shown"
-        out.append(f"| {t['loss']} | {t['beta']:g} | {t['split']} | {t['versus']} epoch | {t['seeds']} | "
-                   f"{_f(t['regret_monitor'])} | {_f(t['regret_baseline'])} | {_f(t['p'], '.2g')} | "
-                   f"{_f(t['p_holm'], '.2g')} | "
-                   f"{verdict} |")
+                f"{len(tested)} comparisons):", "", tests_table(tested)]
     shown = tested[tested["passed"]]
     out.append("")
     for _, t in shown.iterrows():
         out.append(f"- {t['loss']} at beta {t['beta']:g} ({t['split']}): stopping where the monitor says lost "
-                   f"{_f(t['regret_monitor'])} gold against oracle early stopping, less than the "
-                   f"{_f(t['regret_baseline'])} of the {t['versus']} epoch (p {t['p_holm']:.2g} after Holm).")
+                   f"{number(t['regret_monitor'])} gold against oracle early stopping, less than the "
+                   f"{number(t['regret_baseline'])} of the {t['versus']} epoch (p {t['p_holm']:.2g} after Holm).")
     if len(shown) < len(tested):
         out.append(f"- {len(tested) - len(shown)} of {len(tested)} comparisons are not shown at this seed count "
                    "(which does not mean the monitor is worse there).")

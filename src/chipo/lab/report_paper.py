@@ -19,8 +19,10 @@ import math
 import pandas as pd
 
 from chipo.lab import tables, verdicts
-from chipo.lab.report import Extra, fmt
+from chipo.lab.report import Extra
 from chipo.lab.report_monitor import when_to_stop_lines
+from chipo.lab.report_tables import fmt
+from chipo.markdown import markdown_table
 
 A, B = "chipo", "dpo"
 NAMES = {"chipo": "chiPO", "dpo": "DPO"}
@@ -30,16 +32,14 @@ WIN_LABEL = "gold win rate vs pi_ref"
 def table1(df: pd.DataFrame, keys: dict) -> str:
     """Rows beta, columns epochs, cells 'chiPO vs DPO' mean win rates in percent (the paper's Table 1 layout)."""
     es = tables.epochs(df)
-    lines = ["| beta | " + " | ".join(f"epochs {e} (chiPO vs DPO)" if i == 0 else f"{e}" for i, e in enumerate(es))
-             + " |", "|" + "---|" * (len(es) + 1)]
-    for beta in tables.betas(df):
-        cells = []
-        for e in es:
-            a, _ = tables.mean_and_se(tables.at_epoch(df, A, beta, keys["win"], e))
-            b, _ = tables.mean_and_se(tables.at_epoch(df, B, beta, keys["win"], e))
-            cells.append(f"{fmt(a, scale=100)} vs {fmt(b, scale=100)}")
-        lines.append(f"| {beta:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(beta: float, e: int) -> str:
+        a, _ = tables.mean_and_se(tables.at_epoch(df, A, beta, keys["win"], e))
+        b, _ = tables.mean_and_se(tables.at_epoch(df, B, beta, keys["win"], e))
+        return f"{fmt(a, scale=100)} vs {fmt(b, scale=100)}"
+
+    head = ["beta"] + [f"epochs {e} (chiPO vs DPO)" if i == 0 else f"{e}" for i, e in enumerate(es)]
+    return markdown_table(head, ([f"{beta:g}", *(cell(beta, e) for e in es)] for beta in tables.betas(df)))
 
 
 def paper_claims(df: pd.DataFrame, keys: dict) -> list[verdicts.Claim]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chipo.config import ConfigError, _field
+from chipo.markdown import markdown_table
 
 PYTHIA_PARAMS = {"pythia-1b": 1_011_781_632, "pythia-2.8b": 2_775_208_960}  # total, embeddings included (Pythia)
 
@@ -121,12 +122,11 @@ def estimate(a: CostAssumptions, n_params: float) -> tuple[list[StageCost], dict
 def render_markdown(a: CostAssumptions, n_params: float, n_source: str) -> str:
     """The estimate as a markdown table, followed by every assumption."""
     rows, judge = estimate(a, n_params)
-    lines = [f"| stage | GPU hours ({a.gpu}) | FLOPs | basis |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.stage} | {r.gpu_hours:.2f} | {r.flops:.2e} | {r.basis} |")
     main = [r for r in rows if not r.stage.startswith("judge")]
-    lines += [f"| **total without the judge** | **{sum(r.gpu_hours for r in main):.1f}** | "
-              f"{sum(r.flops for r in main):.2e} | |", ""]
+    table = [[r.stage, f"{r.gpu_hours:.2f}", f"{r.flops:.2e}", r.basis] for r in rows]
+    table.append(["**total without the judge**", f"**{sum(r.gpu_hours for r in main):.1f}**",
+                  f"{sum(r.flops for r in main):.2e}", ""])
+    lines = [markdown_table(["stage", f"GPU hours ({a.gpu})", "FLOPs", "basis"], table), ""]
     lines += [
         f"LLM judge through an API (option a): {judge['comparisons']:,} comparisons, about "
         f"{judge['input_tokens'] / 1e6:.1f}M input and {judge['output_tokens'] / 1e6:.2f}M output tokens "

@@ -25,6 +25,7 @@ from chipo.config import ConfigError
 from chipo.io import read_json, staged_into
 from chipo.lab import tables
 from chipo.lab.plots import colors
+from chipo.markdown import markdown_table
 from chipo.recipes.tldr.config import ReportStageConfig
 from chipo.recipes.tldr.cost import render_markdown as cost_markdown
 from chipo.recipes.tldr.cost import resolve_params
@@ -140,33 +141,28 @@ def grid(rows: list[dict]) -> tuple[list[float], list[int], list[str]]:
 def table1(stats: Stats, rows: list[dict]) -> str:
     """Rows beta, columns epochs, cells 'chiPO vs DPO' win rates (%) +- s.e. (the paper's Table 1 layout)."""
     betas, epochs, _ = grid(rows)
-    head = "| beta | " + " | ".join(f"epochs {e} (chiPO vs DPO)" if i == 0 else f"{e}"
-                                      for i, e in enumerate(epochs)) + " |"
-    lines = [head, "|" + "---|" * (len(epochs) + 1)]
-    for beta in betas:
-        cells = [f"{_pct(stats.get('chipo', beta, e, 'win'), stats.flagged('chipo', beta, e))} vs "
-                 f"{_pct(stats.get('dpo', beta, e, 'win'), stats.flagged('dpo', beta, e))}" for e in epochs]
-        lines.append(f"| {beta:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(beta: float, e: int) -> str:
+        return (f"{_pct(stats.get('chipo', beta, e, 'win'), stats.flagged('chipo', beta, e))} vs "
+                f"{_pct(stats.get('dpo', beta, e, 'win'), stats.flagged('dpo', beta, e))}")
+
+    head = ["beta"] + [f"epochs {e} (chiPO vs DPO)" if i == 0 else f"{e}" for i, e in enumerate(epochs)]
+    return markdown_table(head, ([f"{beta:g}", *(cell(beta, e) for e in epochs)] for beta in betas))
 
 
 def kl_table(stats: Stats, rows: list[dict]) -> str:
     """KL(pi || pi_ref) (k3 estimate, nats) per loss x beta (rows) and epoch (columns), epoch 0 = SFT."""
     betas, epochs, losses = grid(rows)
-    lines = ["| loss | beta | " + " | ".join(f"epoch {e}" for e in [0, *epochs]) + " |",
-             "|" + "---|" * (len(epochs) + 3)]
-    for beta in betas:
-        for loss in losses:
-            cells = [_num(stats.get(loss, beta, e, "kl_k3")) for e in [0, *epochs]]
-            lines.append(f"| {LOSS_LABELS.get(loss, loss)} | {beta:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["loss", "beta", *(f"epoch {e}" for e in [0, *epochs])],
+                          ([LOSS_LABELS.get(loss, loss), f"{beta:g}", *(_num(stats.get(loss, beta, e, "kl_k3"))
+                                                                        for e in [0, *epochs])]
+                           for beta in betas for loss in losses))
 
 
 def per_seed_table(rows: list[dict]) -> str:
     betas, epochs, losses = grid(rows)
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
-    lines = ["| loss | beta | seed | " + " | ".join(f"epoch {e}: win % / KL" for e in epochs) + " |",
-             "|" + "---|" * (len(epochs) + 3)]
+    out = []
     for beta in betas:
         for loss in losses:
             for seed in seeds:
@@ -179,8 +175,8 @@ def per_seed_table(rows: list[dict]) -> str:
                     win = r.get("win") if r else None
                     cells.append("n/a" if r is None else
                                  f"{'n/a' if win is None else f'{100 * win:.1f}'} / {r['kl_k3']:.3g}")
-                lines.append(f"| {LOSS_LABELS.get(loss, loss)} | {beta:g} | {seed} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                out.append([LOSS_LABELS.get(loss, loss), f"{beta:g}", seed, *cells])
+    return markdown_table(["loss", "beta", "seed", *(f"epoch {e}: win % / KL" for e in epochs)], out)
 
 
 def plot(stats: Stats, rows: list[dict], out: Path) -> list[str]:
@@ -227,25 +223,26 @@ def plot(stats: Stats, rows: list[dict], out: Path) -> list[str]:
     return files
 
 
-def measured_times(layout: Layout, rows: list[dict], sft_model: str | None) -> list[str]:
+def measured_times(layout: Layout, rows: list[dict], sft_model: str | None) -> str:
     """Wall-clock seconds each stage took for this directory (as recorded by the stages)."""
-    lines = ["| stage | measured wall-clock | where |", "|---|---|---|"]
+    def took(seconds: float) -> str:
+        return f"{seconds / 3600:.3f} h ({seconds:.0f} s)"
+
+    out = []
     if sft_model and Path(sft_model, "metrics.jsonl").is_file():
         records = [json.loads(x) for x in Path(sft_model, "metrics.jsonl").read_text().splitlines() if x.strip()]
         runtime = next((r["train_runtime"] for r in reversed(records) if "train_runtime" in r), None)
         if runtime is not None:
-            lines.append(f"| sft | {runtime / 3600:.3f} h ({runtime:.0f} s) | {sft_model} |")
+            out.append(["sft", took(runtime), sft_model])
     runs = layout.finished_runs()
     if runs:
         total = sum(r.get("train_seconds") or 0.0 for r in runs)
-        lines.append(f"| sweep ({len(runs)} runs, reference log-probs included) | {total / 3600:.3f} h "
-                     f"({total:.0f} s) | {layout.runs} |")
-    gen = sum(r.get("gen_seconds") or 0.0 for r in rows)
+        out.append([f"sweep ({len(runs)} runs, reference log-probs included)", took(total), layout.runs])
     devices = sorted({f"{r.get('device')}, {r.get('backend')}" for r in rows})
-    lines.append(f"| generate ({len(rows)} cells) | {gen / 3600:.3f} h ({gen:.0f} s) | {'; '.join(devices)} |")
-    judged = sum(r.get("judge_seconds") or 0.0 for r in rows)
-    lines.append(f"| judge | {judged / 3600:.3f} h ({judged:.0f} s) | |")
-    return lines
+    out.append([f"generate ({len(rows)} cells)", took(sum(r.get("gen_seconds") or 0.0 for r in rows)),
+                "; ".join(devices)])
+    out.append(["judge", took(sum(r.get("judge_seconds") or 0.0 for r in rows)), ""])
+    return markdown_table(["stage", "measured wall-clock", "where"], out)
 
 
 def commands(layout: Layout, sft_model: str | None, argv: list[str] | None) -> list[str]:
@@ -258,24 +255,17 @@ def commands(layout: Layout, sft_model: str | None, argv: list[str] | None) -> l
     return lines or ["(no commands.log: the stages were run through the Python API)"]
 
 
-def render(config: ReportStageConfig, layout: Layout, tag: str, rows: list[dict], stats: Stats,
-           plots: list[str], argv: list[str] | None = None) -> str:
-    sweep = (read_json(layout.sweep_json) or {}).get("config", {})
-    sft_model = sweep.get("sft_model")
-    metas = [m for _, m in generated_cells(layout)]
+def setup_section(sweep: dict, metas: list[dict], rows: list[dict], tag: str) -> list[str]:
+    """What was trained, sampled and judged (from the sweep's config and the generation metas)."""
     sampling = sorted({json.dumps({k: v for k, v in m["sampling"].items() if k != "seed"}, sort_keys=True)
                        for m in metas})
     subset = metas[0]["prompts"] if metas else {}
     judges = sorted({r["judge"] for r in rows if r.get("judge")})
     betas, epochs, losses = grid(rows)
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
-    unjudged = [r["cell"] for r in rows if not r["judged"]]
-    flagged = [r["cell"] for r in rows if r.get("flagged")]
     limit = f", first {sweep['max_train_samples']} pairs" if sweep.get("max_train_samples") else ""
-    sft_win = stats.get(losses[0] if losses else "dpo", betas[0] if betas else 0.0, 0, "win")
-    out = ["# TL;DR: chiPO vs DPO (chipo recipe report)", "",
-           "## Setup", "",
-           f"- pi_ref (SFT model): `{sft_model}`; preference data: `{sweep.get('dataset')}` "
+    out = ["## Setup", "",
+           f"- pi_ref (SFT model): `{sweep.get('sft_model')}`; preference data: `{sweep.get('dataset')}` "
            f"(split {sweep.get('split')}{limit})",
            f"- losses: {', '.join(LOSS_LABELS.get(x, x) for x in losses)}; betas: "
            f"{', '.join(f'{b:g}' for b in betas)}; seeds: {', '.join(map(str, seeds))}; epochs per run: "
@@ -293,9 +283,17 @@ def render(config: ReportStageConfig, layout: Layout, tag: str, rows: list[dict]
            for s in map(json.loads, sampling)):
         out += ["Note: samples are not from pi itself (temperature/top-p/top-k), so the KL columns estimate the "
                 "divergence of the *sampling* distribution's log-ratio, not KL(pi || pi_ref).", ""]
+    return out
+
+
+def results_sections(config: ReportStageConfig, stats: Stats, rows: list[dict], plots: list[str]) -> list[str]:
+    """Table 1's layout, the KL table, the plots and the per-seed table, each with what its numbers are."""
+    betas, _, losses = grid(rows)
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    sft_win = stats.get(losses[0] if losses else "dpo", betas[0] if betas else 0.0, 0, "win")
     se_note = (f"{DAGGER}: one seed, so the standard error is the judge's over prompts; otherwise it is over seeds. "
                f"*: more than {config.max_invalid_frac:.0%} of the cell's comparisons got no verdict.")
-    out += ["## Result in the layout of the paper's Table 1", "",
+    return ["## Result in the layout of the paper's Table 1", "",
             f"Win rate (%) against the reference summaries, mean ± standard error over {len(seeds)} seed(s): "
             "chiPO vs DPO.", "", table1(stats, rows), "",
             f"SFT model (pi_ref, epoch 0): {_pct(sft_win)}.",
@@ -303,28 +301,50 @@ def render(config: ReportStageConfig, layout: Layout, tag: str, rows: list[dict]
             "KL(pi || pi_ref) in nats per summary, Monte-Carlo k3 estimate E_pi[1/z - 1 + log z] on each cell's own "
             "samples (z = pi(y|x) / pi_ref(y|x) of the whole summary), mean ± s.e.", "", kl_table(stats, rows), "",
             "## Plots", "", *[f"![{p}]({p})" for p in plots], "",
-            "## Per seed", "", per_seed_table(rows), "",
-            "## Judge accounting", "",
+            "## Per seed", "", per_seed_table(rows), ""]
+
+
+def judge_accounting(config: ReportStageConfig, rows: list[dict]) -> list[str]:
+    """How many comparisons were judged, with a verdict, malformed or failed; flagged and unjudged cells."""
+    unjudged = [r["cell"] for r in rows if not r["judged"]]
+    flagged = [r["cell"] for r in rows if r.get("flagged")]
+    return ["## Judge accounting", "",
             f"- comparisons: {sum(r.get('gen_n') or 0 for r in rows if r['judged'])} in {len(rows) - len(unjudged)} "
             f"judged cells; with a verdict: {sum(r.get('valid') or 0 for r in rows)}; malformed replies: "
             f"{sum(r.get('malformed') or 0 for r in rows)}; failed requests: {sum(r.get('errors') or 0 for r in rows)}",
             f"- flagged cells (> {config.max_invalid_frac:.0%} without a verdict): {', '.join(flagged) or 'none'}",
-            f"- not judged yet: {', '.join(unjudged) or 'none'}", "",
-            "## GPU time", "", "Estimated from FLOPs for this directory's runs and cells (`chipo tldr cost` for "
-            "other sizes):", ""]
+            f"- not judged yet: {', '.join(unjudged) or 'none'}", ""]
+
+
+def gpu_time_section(config: ReportStageConfig, layout: Layout, sweep: dict, metas: list[dict],
+                     rows: list[dict]) -> list[str]:
+    """The FLOP estimate for this directory's runs and cells (``chipo tldr cost``'s table), then the measured time."""
     runs = layout.finished_runs()
     assumptions = config
     if runs or metas:
         import dataclasses
 
+        subset = metas[0]["prompts"] if metas else {}
         assumptions = dataclasses.replace(
             config, runs=len(runs) or config.runs, epochs=int(sweep.get("epochs") or config.epochs),
             eval_cells=len(metas) or config.eval_cells, eval_prompts=int(subset.get("n") or config.eval_prompts))
-    n_params, source = resolve_params(assumptions, sft_model)
-    out += [cost_markdown(assumptions, n_params, source), "", "Measured:", "",
-            *measured_times(layout, rows, sft_model), "",
-            "## Commands", "", "The stage commands that produced this directory, in order:", "", "```",
-            *commands(layout, sft_model, argv), "```", "",
+    n_params, source = resolve_params(assumptions, sweep.get("sft_model"))
+    return ["## GPU time", "", "Estimated from FLOPs for this directory's runs and cells (`chipo tldr cost` for "
+            "other sizes):", "", cost_markdown(assumptions, n_params, source), "", "Measured:", "",
+            measured_times(layout, rows, sweep.get("sft_model")), ""]
+
+
+def render(config: ReportStageConfig, layout: Layout, tag: str, rows: list[dict], stats: Stats,
+           plots: list[str], argv: list[str] | None = None) -> str:
+    sweep = (read_json(layout.sweep_json) or {}).get("config", {})
+    metas = [m for _, m in generated_cells(layout)]
+    out = ["# TL;DR: chiPO vs DPO (chipo recipe report)", ""]
+    out += setup_section(sweep, metas, rows, tag)
+    out += results_sections(config, stats, rows, plots)
+    out += judge_accounting(config, rows)
+    out += gpu_time_section(config, layout, sweep, metas, rows)
+    out += ["## Commands", "", "The stage commands that produced this directory, in order:", "", "```",
+            *commands(layout, sweep.get("sft_model"), argv), "```", "",
             "Raw numbers: `results.json`, `results.csv` (one row per cell); tables alone: `table1.md`, `kl.md`."]
     return "\n".join(out) + "\n"
 

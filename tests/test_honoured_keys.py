@@ -33,6 +33,8 @@ TRAINER_SOURCES = ("transformers.trainer", "transformers.training_args", "transf
                    "transformers.trainer_optimizer")
 SAMPLED_LOOP = ("chipo.train.sampled", "chipo.train.sampled_config", "chipo.train.rl_run", "chipo.train.rl",
                 "chipo.train.online")
+# chipo.train.common.opened_run, the run-directory entry that run_sampled shares with run_trainer, reads these
+RUN_DIRECTORY = {"resume_from_checkpoint"}
 # chipo.train.loop.optimizer_and_scheduler hands these to Trainer.get_optimizer_cls_and_kwargs / get_scheduler
 OPTIMIZER = {"learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args",
              "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_steps"}
@@ -49,6 +51,8 @@ def readers(cls, key) -> tuple[str, ...]:
             return ("transformers.training_args",)
         if key in OPTIMIZER:
             return ("chipo.train.loop", "transformers.trainer_optimizer", "transformers.training_args")
+        if key in RUN_DIRECTORY:
+            return ("chipo.train.common",)
         return SAMPLED_LOOP
     return TRAINER_SOURCES
 

@@ -122,30 +122,31 @@ class _IgnoresPositions(torch.nn.Module):
         return self.inner(**kwargs)
 
 
-def _trainer(cls, model, tmp_path):
+def _trainer(cls, model, tmp_path, tokenizer):
     # use_cache=True: Trainer copies it into model.config, and a KV cache would switch transformers' packed-sequence
-    # masking off; SFTTrainer must run packed batches without one regardless.
+    # masking off; SFTTrainer must run packed batches without one regardless. The toy tokenizer pads with 0, as the
+    # batches here do (a model built in memory has no name to load its own tokenizer from).
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True, use_cache=True)
-    return cls(model=model, args=args)
+    return cls(model=model, args=args, processing_class=tokenizer)
 
 
 def test_sft_trainer_checks_once_and_falls_back(tmp_path):
     """SFTTrainer.compute_loss on a packed batch: with a Llama, the packed loss (run without a KV cache even though
     the config enables one: a cache would switch transformers' packed masking off) equals the padded loss; with a
     model that ignores position_ids it warns once and computes the padded loss from the unpacked rows."""
-    model, _ = tiny_model_and_tokenizer()
+    model, tokenizer = tiny_model_and_tokenizer()
     features = _sft_features()
     padded = SFTCollator(pad_token_id=0)(features)
     packed = SFTCollator(pad_token_id=0, packing=True)(features)
     with torch.no_grad():
         expected = model(**padded).loss
     assert sft_packing_matches(model, packed)
-    trainer = _trainer(SFTTrainer, model, tmp_path)
+    trainer = _trainer(SFTTrainer, model, tmp_path, tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(trainer.compute_loss(model, dict(packed)), expected, atol=1e-5, rtol=1e-5)
     assert trainer.packing_ok is True
     ignoring = _IgnoresPositions(model)
-    trainer = _trainer(SFTTrainer, ignoring, tmp_path)
+    trainer = _trainer(SFTTrainer, ignoring, tmp_path, tokenizer)
     with pytest.warns(UserWarning, match="different loss"), torch.no_grad():
         loss = trainer.compute_loss(ignoring, dict(packed))
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
@@ -224,19 +225,19 @@ def test_score_head_through_peft_wrapper():
 def test_reward_trainer_checks_once_and_falls_back(tmp_path):
     """RewardTrainer.rewards: packed == padded for the Llama classifier (check passes); a model that ignores
     position_ids, or has no score head, warns once and gets the padded rewards."""
-    model, _ = _reward_model(0)
+    model, tokenizer = _reward_model(0)
     batch = _pairs(0, 2)
     with torch.no_grad():
         expected = padded_rewards(model, batch)
-        trainer = _trainer(RewardTrainer, model, tmp_path)
-        trainer.packing = True  # TrainingArguments has no packing field: RewardConfig's default is True
+        trainer = _trainer(RewardTrainer, model, tmp_path, tokenizer)
+        assert trainer.packing  # TrainingArguments became a RewardConfig (as TRL's trainers convert it): packing on
         torch.testing.assert_close(trainer.rewards(model, batch), expected, atol=1e-5, rtol=1e-5)
         assert trainer.packing and trainer._packing_checked
         ignoring = _IgnoresPositions(model)
         assert reward_packing_matches(model, batch)
         with pytest.warns(UserWarning, match="different rewards"):
             assert not reward_packing_matches(ignoring, batch)
-        trainer = RewardTrainer(model=ignoring, args=trainer.args, packing=True)
+        trainer = RewardTrainer(model=ignoring, args=trainer.args, processing_class=tokenizer, packing=True)
         with pytest.warns(UserWarning, match="different rewards"):
             torch.testing.assert_close(trainer.rewards(ignoring, batch), expected, atol=1e-5, rtol=1e-5)
         assert not trainer.packing

@@ -4,12 +4,14 @@ TRL's helpers, and TRL's shipped ``trl/scripts/dpo.py`` with its two imports swa
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trl
+import yaml
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from chipo.config import ConfigError
@@ -134,3 +136,23 @@ def test_model_init_kwargs_reach_from_pretrained(tiny_dir, tmp_path):
     import torch
 
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
+
+
+def test_chipo_train_in_trl_key_value_style_through_the_console_script(tiny_dir, tmp_path):
+    """The installed ``chipo`` command (the console script, in its own process) in TRL's ``--key value`` style, as
+    the README's ``chipo train --beta 0.1 --loss chipo ...``; with values other than the defaults (beta 0.1 and
+    loss chipo are PreferenceConfig's), so run_config.yaml shows that the arguments were read, not defaulted."""
+    chipo = shutil.which("chipo", path=str(Path(sys.executable).parent)) or shutil.which("chipo")
+    assert chipo, "the chipo console script is not installed"
+    out = tmp_path / "out"
+    argv = ["train", "--beta", "0.25", "--loss", "dpo", "--model", str(tiny_dir / "model"), "--dataset",
+            str(tiny_dir / "train.jsonl"), "--output_dir", str(out), "--ref_cache_dir", str(tmp_path / "cache"),
+            "--max_steps", "2", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_strategy",
+            "no", "--disable_tqdm", "--max_length", "64", "--learning_rate", "1e-3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([chipo, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert (saved["loss"], saved["beta"], saved["max_steps"]) == ("dpo", 0.25, 2)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r and "grad_norm" in r] == [1, 2]
+    assert (out / "model.safetensors").is_file()

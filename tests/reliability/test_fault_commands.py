@@ -2,8 +2,9 @@
 train``, ``sft``, ``reward`` (``transformers.Trainer``) and ``rl``, ``online`` (``chipo.train.sampled``).
 
 Each case is one fault a user meets: a second run on a busy output_dir, overwrite then resume, resuming a finished
-run, resuming with another objective, resuming after the last checkpoint (metrics cut back), a run that fails
-before its first step (the same command must simply run again), Ctrl-C, a failing reward function and a full disk.
+run, resuming with another objective, resuming after the last checkpoint (metrics cut back), a rerun that must
+repeat the run (seed), a run that fails before its first step (the same command must simply run again), Ctrl-C, a
+failing reward function, a tracker that is not installed and a full disk.
 Every run is tiny: 4 optimizer steps of the tiny Llama, checkpoints every 2 steps, metrics every step.
 """
 
@@ -72,9 +73,10 @@ def args(command, tiny_dir, data, out, *extra, reward="length_reward"):
     return [command, *specific, *common, *extra]
 
 
-# One key per command whose change is a different objective, and the value that changes it.
-OBJECTIVE_CHANGE = {"train": "beta=0.3", "sft": "dataset={data}/sft2.jsonl", "reward": "dataset={data}/prefs2.jsonl",
-                    "rl": "regularizer=kl", "online": "beta=0.3"}
+# Per command, the keys whose change is a different objective, each with a value that changes it.
+OBJECTIVE_CHANGES = {"train": ["beta=0.3", "loss=dpo"], "sft": ["dataset={data}/sft2.jsonl"],
+                     "reward": ["dataset={data}/prefs2.jsonl"], "rl": ["regularizer=kl", "beta=0.3"],
+                     "online": ["beta=0.3", "loss=dpo"]}
 
 
 def train_steps(out) -> list[int]:
@@ -144,12 +146,12 @@ def test_finished_run_resumed_again_has_nothing_to_do(tiny_dir, data, tmp_path, 
     assert (out / "metrics.jsonl").read_bytes() == before and checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_resume_with_another_objective_is_refused(tiny_dir, data, tmp_path, finished, capsys, command):
+@pytest.mark.parametrize("command,change", [(c, k) for c in COMMANDS for k in OBJECTIVE_CHANGES[c]])
+def test_resume_with_another_objective_is_refused(tiny_dir, data, tmp_path, finished, capsys, command, change):
     out = tmp_path / "changed"
     shutil.copytree(finished[command], out)
     saved = (out / "run_config.yaml").read_bytes()
-    change = OBJECTIVE_CHANGE[command].format(data=data)
+    change = change.format(data=data)
     assert main(args(command, tiny_dir, data, out, "resume_from_checkpoint=latest", "max_steps=6", change)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("chipo: error: resume_from_checkpoint") and "the objective changed" in err[-1]
@@ -177,6 +179,22 @@ def test_resume_cuts_metrics_back_and_retraces_the_run(tiny_dir, data, tmp_path,
     wa, wb = load_file(str(finished[command] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_same_seed_gives_the_same_run_and_another_seed_another(tiny_dir, data, tmp_path, finished, command):
+    """``seed`` fixes everything a run draws (chipo reward's fresh score head, the data order, rl / online samples):
+    the finished run's command run again (the command's default seed) ends on the same weights bit for bit, with
+    the same losses; with seed=7 (no command's default) the weights differ."""
+    same, other = tmp_path / "same", tmp_path / "other"
+    assert main(args(command, tiny_dir, data, same)) == 0
+    assert main(args(command, tiny_dir, data, other, "seed=7")) == 0
+    assert losses(same) == losses(finished[command])
+    first = load_file(str(finished[command] / "model.safetensors"))
+    for name, weights in load_file(str(same / "model.safetensors")).items():
+        torch.testing.assert_close(weights, first[name], atol=0, rtol=0, msg=name)
+    changed = load_file(str(other / "model.safetensors"))
+    assert any(not torch.equal(changed[name], first[name]) for name in first)
 
 
 class _Boom(RuntimeError):
@@ -216,7 +234,7 @@ def test_an_exception_from_the_reward_function_is_one_line(tiny_dir, data, tmp_p
     assert err[0].startswith("chipo: error: ") and not out.exists()
 
 
-@pytest.mark.parametrize("command", ["rl", "online"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(tiny_dir, data, tmp_path, command):
     """SIGINT as step 4 begins (checkpoint-2 saved): exit 130; the last line names checkpoint-2 and the command."""
     out = tmp_path / "interrupted"

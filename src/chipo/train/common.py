@@ -1,5 +1,6 @@
-"""What every chipo command built on ``transformers.Trainer`` shares: its config base and its run under the
-run-directory protocol (``run_trainer``, on ``chipo.train.rundir.open_run``).
+"""What every chipo command built on ``transformers.Trainer`` shares: its config base, the set-up of TRL's trainer
+arguments (``TrainerConfig.from_args``, ``load_policy`` for a model given by name, ``trainer_datasets`` for raw or
+prepared rows), and its run under the run-directory protocol (``run_trainer``, on ``chipo.train.rundir.open_run``).
 
 ``TrainerConfig`` is a ``transformers.TrainingArguments`` subclass (as TRL's ``DPOConfig`` is): every
 TrainingArguments option (``torch_compile``, ``adam_beta2``, ``lr_scheduler_kwargs``, ``push_to_hub``, ``fsdp``,
@@ -28,8 +29,9 @@ from transformers import TrainingArguments
 
 from chipo.config import ConfigError, _field, dump_yaml
 from chipo.io import atomic_write_text, move_contents
+from chipo.models import from_pretrained_kwargs, load_causal_lm, model_name
 from chipo.train import rundir
-from chipo.train.honoured import PAIRWISE_HONOURED, help_keys, refuse_unread
+from chipo.train.honoured import PAIRWISE_HONOURED, TRAINING_ARGUMENTS, help_keys, refuse_unread
 from chipo.train.rundir import check_output_path
 
 logger = logging.getLogger("chipo")
@@ -86,6 +88,8 @@ class TrainerConfig(TrainingArguments):
     honoured: ClassVar[frozenset[str]] = PAIRWISE_HONOURED
     """TrainingArguments keys the command's trainer reads; others are refused when set (``chipo.train.honoured``)."""
     command: ClassVar[str] = "chipo train"
+    # Read a JSON string for model_init_kwargs too (``--model_init_kwargs '{"dtype": "bfloat16"}'``), as TRL does.
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     model: str = _field(None, "Model to train: a hub model name or a local HF directory.")
     dataset: str = _field(None, "Training data: hub dataset name, local .json/.jsonl/.parquet/.arrow file, or a "
@@ -108,6 +112,14 @@ class TrainerConfig(TrainingArguments):
                                           "sample order beyond plain shuffling, so off by default).")
     warmup_ratio: float | None = _field(None, "Fraction of steps of linear warm-up, in [0, 1) (sets warmup_steps, "
                                               "which in transformers 5 takes a ratio below 1).")
+    # Loading a model given by name, as TRL's trainer configs (DPOConfig, SFTConfig, RewardConfig) do.
+    # dict | str | None, in that order (TRL's): HfArgumentParser reads it as str, a JSON object.
+    model_init_kwargs: dict | str | None = _field(None, "Keyword arguments for from_pretrained when the model is "
+                                                        "given by name (dtype, attn_implementation, revision, ...), "
+                                                        "as TRL's model_init_kwargs (a model passed already loaded "
+                                                        "is used as it is).")
+    trust_remote_code: bool = _field(False, "Allow models and tokenizers that ship their own Python code (passed to "
+                                            "from_pretrained), as in TRL's trainer configs.")
     # TrainingArguments fields with chipo's defaults
     learning_rate: float = _field(1e-5, "Peak learning rate.")
     logging_steps: float = _field(10, "Log metrics every N optimizer steps.")
@@ -126,11 +138,28 @@ class TrainerConfig(TrainingArguments):
             raise ConfigError("dataset is required (a hub name or a local file/directory)")
 
     @classmethod
+    def from_args(cls, args: TrainingArguments | None, model=None, suffix: str = "run"):
+        """A trainer's ``args`` as TRL's SFTTrainer / RewardTrainer take them: this config as it is; a plain
+        ``TrainingArguments`` turned into this config (its values kept, this config's own fields at their
+        defaults); None: the defaults with ``output_dir`` '<model name>-<suffix>'."""
+        if isinstance(args, cls):
+            return args
+        if args is None:
+            return cls(output_dir=f"{Path(model_name(model) or 'model').name}-{suffix}")
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a {cls.__name__} or a transformers.TrainingArguments, "
+                            f"got {type(args).__name__}")
+        values = {**args.to_dict(), "hub_token": args.hub_token}  # to_dict hides the token
+        return cls(**{k: v for k, v in values.items() if k in TRAINING_ARGUMENTS})
+
+    @classmethod
     def help_keys(cls) -> set[str]:
         return help_keys(cls)
 
     def __post_init__(self) -> None:
         refuse_unread(self, type(self).honoured, type(self).command)
+        if isinstance(self.model_init_kwargs, str) and not self.model_init_kwargs.lstrip().startswith("{"):
+            raise ConfigError(f"model_init_kwargs must be a mapping or a JSON object, got {self.model_init_kwargs!r}")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
@@ -159,6 +188,41 @@ class TrainerConfig(TrainingArguments):
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
         finish_training_arguments(self, TrainingArguments)
+
+
+def load_policy(config: TrainerConfig, name: str | None = None, quantization_config=None):
+    """The causal LM ``name`` (default ``config.model``) loaded as TRL's trainers load a model given by name:
+    ``from_pretrained`` with ``config.model_init_kwargs``, ``trust_remote_code`` and ``quantization_config``
+    (``chipo.models.from_pretrained_kwargs``). ``chipo train`` and ``chipo sft`` and their trainers load here."""
+    return load_causal_lm(name or config.model, **from_pretrained_kwargs(
+        config.model_init_kwargs, trust_remote_code=config.trust_remote_code, quantization_config=quantization_config))
+
+
+def trainer_datasets(config: TrainerConfig, train, evaluation, prepare: Callable) -> tuple:
+    """A trainer's (train, eval) datasets, given as TRL's trainers take them or named by the config: rows already
+    tokenized (a ``prompt_input_ids`` column) as they are; raw rows (a ``datasets.Dataset`` or a list of dicts) by
+    ``prepare(rows, source_name)``; None: ``config.dataset[config.split]`` (its first ``max_train_samples`` rows)
+    and, when ``eval_split`` or ``eval_dataset`` is set, ``(eval_dataset or dataset)[eval_split]`` (a file without
+    eval_split: its only split), loaded and prepared; otherwise None. The main process prepares first (the others
+    then read the datasets cache)."""
+    from accelerate import PartialState
+    from datasets import Dataset
+
+    from chipo.data import load_preference_dataset
+
+    def resolve(rows, name: str, wanted: bool, source: str | None, split: str | None, limit: int | None = None):
+        if rows is None:
+            return prepare(load_preference_dataset(source, split, max_rows=limit), source) if wanted and source \
+                else None
+        if "prompt_input_ids" in getattr(rows, "column_names", []):
+            return rows
+        return prepare(Dataset.from_list(rows) if isinstance(rows, list) else rows, name)
+
+    with PartialState().main_process_first():
+        train = resolve(train, "train_dataset", True, config.dataset, config.split, config.max_train_samples)
+        evaluation = resolve(evaluation, "eval_dataset", bool(config.eval_split or config.eval_dataset),
+                             config.eval_dataset or config.dataset, config.eval_split)
+    return train, evaluation
 
 
 def check_output_dir(config) -> Path:

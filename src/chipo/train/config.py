@@ -67,8 +67,6 @@ class PreferenceLossFields:
 class PreferenceConfig(TrainerConfig, PreferenceLossFields, MonitorFields):
     """Preference training of a causal LM (chiPO, DPO and variants) on a preference dataset."""
 
-    # Read a JSON string for model_init_kwargs too (``--model_init_kwargs '{"dtype": "bfloat16"}'``), as TRL does.
-    _VALID_DICT_FIELDS = [*TrainerConfig._VALID_DICT_FIELDS, "model_init_kwargs"]
     RENAMED_KEYS = {"lora_r": "lora_rank", "lora_alpha": "lora_scaling_alpha", "lora_dropout": "lora_dropout_rate",
                     "lora_target_modules": "lora_modules"}
 
@@ -78,13 +76,6 @@ class PreferenceConfig(TrainerConfig, PreferenceLossFields, MonitorFields):
     learning_rate: float = _field(5e-7, "Peak learning rate.")
     drop_ties: bool = _field(False, "Drop rows whose chosen and rejected responses are identical (counted in the "
                                     "log); otherwise such rows are an error naming them.")
-    # dict | str | None, in that order (TRL's DPOConfig): HfArgumentParser reads it as str, a JSON object.
-    model_init_kwargs: dict | str | None = _field(None, "Keyword arguments for AutoModelForCausalLM.from_pretrained "
-                                                        "when the model is given by name (dtype, attn_implementation, "
-                                                        "revision, ...), as TRL's DPOConfig.model_init_kwargs (a model "
-                                                        "passed already loaded is used as it is).")
-    trust_remote_code: bool = _field(False, "Allow models that ship their own Python code (passed to "
-                                            "from_pretrained), as in TRL's DPOConfig.")
     # --- reference model
     reference: str = _field("precompute", "How pi_ref's log-probs are obtained: 'precompute' (once, before "
                                           "training, cached on disk and shared by sweeps) or 'model' (a frozen "
@@ -128,8 +119,6 @@ class PreferenceConfig(TrainerConfig, PreferenceLossFields, MonitorFields):
             raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
         if self.logprobs_impl not in LOGPROB_IMPLS:
             raise ConfigError(f"logprobs_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprobs_impl!r}")
-        if isinstance(self.model_init_kwargs, str) and not self.model_init_kwargs.lstrip().startswith("{"):
-            raise ConfigError(f"model_init_kwargs must be a mapping or a JSON object, got {self.model_init_kwargs!r}")
         for name in ("logprob_chunk", "lora_rank", "padding_buckets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

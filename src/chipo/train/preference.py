@@ -28,7 +28,7 @@ from chipo.config import ConfigError
 from chipo.data import PreferenceCollator
 from chipo.data.collator import REF_KEYS
 from chipo.losses import preference_loss
-from chipo.models import load_tokenizer
+from chipo.models import default_tokenizer, refuse_quantizing_loaded
 from chipo.sequences import batch_sequence_logps, packing_matches
 from chipo.train.config import PreferenceConfig
 from chipo.train.monitor_callback import monitor_for
@@ -65,15 +65,11 @@ class PreferenceTrainer(PairwiseTrainer):
                  ref_adapter_disabled: bool = False, logprobs_impl: str | None = None, logprob_chunk: int | None = None,
                  padding_buckets: int | None = None, packing: bool | None = None, quantization_config=None,
                  **kwargs: Any):
-        loaded = model is not None and not isinstance(model, str)
-        if quantization_config is not None and loaded:  # as TRL's DPOTrainer: quantization happens at loading
-            raise ConfigError("quantization_config applies when the model is given by name (it is passed to "
-                              "from_pretrained); this model is already loaded: quantize it yourself or pass its name")
+        refuse_quantizing_loaded(model, quantization_config)  # as TRL's DPOTrainer: quantization happens at loading
         if isinstance(args, PreferenceConfig):
             if processing_class is None:  # as TRL: the model's own tokenizer (a loaded model knows its path)
-                name = getattr(getattr(model, "config", None), "_name_or_path", None) if loaded else model
-                processing_class = load_tokenizer(args.tokenizer or name or args.model,
-                                                  trust_remote_code=args.trust_remote_code)
+                processing_class = default_tokenizer(model, tokenizer=args.tokenizer, fallback=args.model,
+                                                     trust_remote_code=args.trust_remote_code)
             data_collator = data_collator or PreferenceCollator(pad_token_id=processing_class.pad_token_id)
             run = setup_preference_run(args, model, processing_class, train_dataset, eval_dataset, data_collator,
                                        peft_config=peft_config, ref_model=ref_model,

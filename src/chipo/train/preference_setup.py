@@ -8,35 +8,17 @@ import logging
 import os
 
 import datasets as hf_datasets
-import torch
 from accelerate import PartialState
 
 from chipo.config import ConfigError
 from chipo.data import load_preference_dataset, prepare_preference_dataset
-from chipo.models import load_causal_lm
+from chipo.models import add_adapters, is_peft
 from chipo.sequences import choose_logprobs_impl
+from chipo.train.common import load_policy, trainer_datasets
 from chipo.train.config import PreferenceConfig
 from chipo.train.reference import cached_reference_logps
 
 logger = logging.getLogger("chipo")
-
-
-def load_policy(config: PreferenceConfig, name: str | None = None, quantization_config=None):
-    """The causal LM ``name`` (default ``config.model``) loaded as TRL's DPOTrainer loads a model given by name:
-    ``from_pretrained`` with ``config.model_init_kwargs``, ``trust_remote_code`` and ``quantization_config``."""
-    kwargs = dict(config.model_init_kwargs or {})
-    if quantization_config is not None:
-        if "quantization_config" in kwargs:
-            raise ConfigError("quantization_config is set both as a trainer argument and in model_init_kwargs; "
-                              "set it in one place")
-        kwargs["quantization_config"] = quantization_config
-    kwargs.setdefault("trust_remote_code", config.trust_remote_code)
-    dtype = kwargs.pop("dtype", None)
-    if isinstance(dtype, str) and dtype != "auto":  # "bfloat16" etc., as TRL's create_model_from_path accepts
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ConfigError(f"model_init_kwargs: dtype must be 'auto' or a torch dtype name, got {dtype!r}")
-        dtype = getattr(torch, dtype)
-    return load_causal_lm(name or config.model, dtype=dtype, **kwargs)
 
 
 def prepare_rows(config: PreferenceConfig, tokenizer, dataset, source: str):
@@ -49,31 +31,19 @@ def prepare_rows(config: PreferenceConfig, tokenizer, dataset, source: str):
     return prepared
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def is_prepared(dataset) -> bool:
-    return dataset is not None and "prompt_input_ids" in getattr(dataset, "column_names", [])
-
-
 def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str | None, limit: int | None = None):
     """Load ``source[split]`` (first ``limit`` rows; split None: the source's only split) and prepare it."""
     return prepare_rows(config, tokenizer, load_preference_dataset(source, split, max_rows=limit), source)
 
 
 def apply_lora(model, config: PreferenceConfig):
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = config.lora_modules
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_scaling_alpha, lora_dropout=config.lora_dropout_rate,
                       target_modules=target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora)
+    return add_adapters(model, lora, seed=config.seed)
 
 
 def add_reference_logps(config: PreferenceConfig, model, datasets: dict, collator, impl: str) -> dict:
@@ -133,23 +103,15 @@ def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_datas
     if model is None or isinstance(model, str):
         model = load_policy(config, model, quantization_config)
     if peft_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config)
+        model = add_adapters(model, peft_config, seed=config.seed)
     elif config.lora and not is_peft(model):
         model = apply_lora(model, config)
     if config.gradient_checkpointing:
         model.config.use_cache = False
-    state = PartialState()
-    with state.main_process_first():
-        if train_dataset is None:
-            train_dataset = prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)
-        elif not is_prepared(train_dataset):
-            train_dataset = prepare_rows(config, tokenizer, train_dataset, "train_dataset")
-        if eval_dataset is None and (config.eval_split or config.eval_dataset):
-            eval_dataset = prepare_split(config, tokenizer, config.eval_dataset or config.dataset, config.eval_split)
-        elif eval_dataset is not None and not is_prepared(eval_dataset):
-            eval_dataset = prepare_rows(config, tokenizer, eval_dataset, "eval_dataset")
+    train_dataset, eval_dataset = trainer_datasets(config, train_dataset, eval_dataset,
+                                                   lambda rows, source: prepare_rows(config, tokenizer, rows, source))
+    if train_dataset is None:
+        raise ConfigError("train_dataset is required (or a config naming dataset)")
     probe = collator([train_dataset[i] for i in range(min(2, len(train_dataset)))])
     impl = pick_logprobs_impl(config, model, probe)
     splits = {"train": train_dataset, **({"eval": eval_dataset} if eval_dataset is not None else {})}

@@ -38,13 +38,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 
 from chipo.config import ConfigError
-from chipo.data import DataError, PreferenceCollator, load_preference_dataset, prepare_preference_dataset
-from chipo.models import load_sequence_classifier, load_tokenizer
+from chipo.data import DataError, PreferenceCollator, lengths, prepare_preference_dataset
+from chipo.models import (
+    add_adapters,
+    check_one_output,
+    default_tokenizer,
+    from_pretrained_kwargs,
+    is_loaded,
+    load_sequence_classifier,
+    pad_id,
+    refuse_quantizing_loaded,
+)
 from chipo.sequences import layouts_agree, pack_batch, single_row_attention
-from chipo.train.common import check_output_dir, check_trackers, run_trainer
+from chipo.train.common import check_output_dir, check_trackers, run_trainer, trainer_datasets
 from chipo.train.pairwise import PairwiseTrainer
 from chipo.train.reward_config import RewardConfig
 from chipo.train.rundir import MetricsLog
@@ -150,21 +159,61 @@ def reward_packing_matches(model: nn.Module, batch: dict[str, Tensor], rows: int
 
 
 class RewardTrainer(PairwiseTrainer):
-    """``transformers.Trainer`` whose loss is the Bradley-Terry loss above (one forward over chosen + rejected).
+    """``transformers.Trainer`` whose loss is the Bradley-Terry loss above (one forward over chosen + rejected),
+    taking TRL's ``RewardTrainer`` arguments with their meaning (switching is two imports).
 
-    Args (beyond Trainer's): ``center_rewards_coefficient`` (None: off); ``packing`` (padding-free rows, checked
-    once on the first batch against the padded rows; None: ``args.packing`` if set, else False). A ``margin`` key
-    in the batch enables the margin term.
+    ``model``: a loaded one-output ``AutoModelForSequenceClassification``, or a name / local directory (None:
+    ``args.model``) loaded as one with a fresh score head (under ``args.seed``, as in TRL and ``chipo reward``),
+    ``args.model_init_kwargs``, ``args.trust_remote_code`` and ``quantization_config`` (refused with a loaded
+    model: quantization happens at loading). ``args``: a ``RewardConfig``; a plain ``TrainingArguments`` becomes
+    one, None the defaults. ``processing_class``: default the model's own tokenizer; its pad id is set on the model
+    config (HF pools the score at the rightmost non-pad token). ``peft_config``: adapters by
+    ``peft.get_peft_model`` (TRL's ``--lora_task_type SEQ_CLS`` also trains the score head). ``train_dataset`` /
+    ``eval_dataset``: raw rows in any TRL preference format (a ``datasets.Dataset`` or a list of dicts), validated
+    and tokenized here (``prepare_reward_rows``: drop_ties, margin_column); prepared rows as they are; None:
+    ``args.dataset`` / ``args.eval_split`` when set. ``data_collator``: default ``RewardCollator``. ``chipo reward``
+    builds its trainer through the same path (``run_reward_training``).
+
+    Beyond TRL's: ``center_rewards_coefficient`` and ``packing`` (padding-free rows, checked once on the first batch
+    against the padded rows); None: the config's. A ``margin`` key in the batch enables the margin term.
     """
 
     mean_metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/mean")
 
-    def __init__(self, *args: Any, center_rewards_coefficient: float | None = None, packing: bool | None = None,
-                 **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.center_rewards_coefficient = center_rewards_coefficient
-        self.packing = bool(getattr(self.args, "packing", False) if packing is None else packing)
+    def __init__(self, model: nn.Module | str | None = None, args: TrainingArguments | None = None,
+                 data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None,
+                 quantization_config=None, *, center_rewards_coefficient: float | None = None,
+                 packing: bool | None = None, **kwargs: Any):
+        refuse_quantizing_loaded(model, quantization_config)
+        args = RewardConfig.from_args(args, model, "Reward")
+        if processing_class is None:
+            processing_class = default_tokenizer(model, tokenizer=args.tokenizer, fallback=args.model,
+                                                 trust_remote_code=args.trust_remote_code)
+        if is_loaded(model):
+            check_one_output(model, "model")
+            model.config.pad_token_id = pad_id(processing_class)
+        else:
+            model = load_reward_model(args, model, pad_id(processing_class), quantization_config)
+        if peft_config is not None:
+            model = add_adapters(model, peft_config, seed=args.seed)
+        if args.gradient_checkpointing:
+            model.config.use_cache = False
+        train_dataset, eval_dataset = trainer_datasets(
+            args, train_dataset, eval_dataset,
+            lambda rows, source: prepare_reward_rows(args, processing_class, rows, source))
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=data_collator or RewardCollator(pad_id(processing_class)),
+                         processing_class=processing_class, **kwargs)
+        self.center_rewards_coefficient = (args.center_rewards_coefficient if center_rewards_coefficient is None
+                                           else center_rewards_coefficient)
+        self.packing = bool(args.packing if packing is None else packing)
         self._packing_checked = False
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # What remove_unused_columns keeps: the columns RewardCollator and the length-grouped sampler read.
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row", "margin",
+                                       self.args.length_column_name]
 
     def rewards(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
         """r [2B] (fp32) of a collated batch: packed rows when enabled and checked, else padded rows."""
@@ -187,9 +236,22 @@ class RewardTrainer(PairwiseTrainer):
 # ---------------------------------------------------------------------------------------------------- recipe
 
 
-def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: str, limit: int | None = None):
-    """Load + tokenize one split; attach the margin column (by original row) when ``margin_column`` is set."""
-    dataset = load_preference_dataset(source, split, max_rows=limit)
+def load_reward_model(config: RewardConfig, name: str | None = None, pad_token_id: int | None = None,
+                      quantization_config=None):
+    """The model ``name`` (default ``config.model``) as a one-output sequence classifier, loaded as TRL's
+    RewardTrainer loads a model given by name (``config.model_init_kwargs``, ``trust_remote_code``,
+    ``quantization_config``); a causal LM checkpoint gets a fresh score head, initialised under ``config.seed`` so
+    that two runs with one seed are the same run. ``pad_token_id`` is set on its config."""
+    set_seed(config.seed)
+    return load_sequence_classifier(name or config.model, "model", num_labels=1, pad_token_id=pad_token_id,
+                                    **from_pretrained_kwargs(config.model_init_kwargs,
+                                                             trust_remote_code=config.trust_remote_code,
+                                                             quantization_config=quantization_config))
+
+
+def prepare_reward_rows(config: RewardConfig, tokenizer, dataset, source: str):
+    """Validate + tokenize raw preference rows (any TRL format); attach the margin column (by original row) when
+    ``margin_column`` is set, and the length column when ``group_by_length``."""
     margins = None
     if config.margin_column:
         if config.margin_column not in dataset.column_names:
@@ -210,32 +272,26 @@ def prepare_reward_split(config: RewardConfig, tokenizer, source: str, split: st
         raise ConfigError(str(e)) from None
     if margins is not None:
         prepared = prepared.add_column("margin", [float(margins[r]) for r in prepared["row"]])
+    if config.group_by_length:
+        prepared = prepared.add_column("length", lengths(prepared))
     return prepared
 
 
 def run_reward_training(config: RewardConfig) -> Path:
-    """Train per ``config``; returns the output directory holding the final HF reward model + tokenizer."""
+    """Train per ``config``; returns the output directory holding the final HF reward model + tokenizer. The model,
+    tokenizer and data are set up as ``RewardTrainer`` sets them up for a Python caller (the same functions), only
+    earlier, so that bad input fails before the output directory exists."""
     config.require_model_and_data()
     check_trackers(config)
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    datasets = {"train": prepare_reward_split(config, tokenizer, config.dataset, config.split,
-                                              config.max_train_samples)}
-    if config.eval_split:
-        datasets["eval"] = prepare_reward_split(config, tokenizer, config.eval_dataset or config.dataset,
-                                                config.eval_split)
+    tokenizer = default_tokenizer(config.model, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code)
+    train, evaluation = trainer_datasets(
+        config, None, None, lambda rows, source: prepare_reward_rows(config, tokenizer, rows, source))
     out = check_output_dir(config)
-    # The score head is new (randomly initialised): under the seed, so that two runs with one seed are the same run.
-    set_seed(config.seed)
-    # HF pools the score at the rightmost non-pad token: it must know the pad id (saved with the model).
-    model = load_sequence_classifier(config.model, "model", num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    if config.gradient_checkpointing:
-        model.config.use_cache = False
+    model = load_reward_model(config, pad_token_id=pad_id(tokenizer))
 
     # Everything above validated the run without touching the disk.
     return run_trainer(config, out, lambda: RewardTrainer(
-        model=model, args=config, data_collator=RewardCollator(tokenizer.pad_token_id),
-        train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-        callbacks=[MetricsLog(out / "metrics.jsonl")],
-        center_rewards_coefficient=config.center_rewards_coefficient, packing=config.packing),
+        model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+        callbacks=[MetricsLog(out / "metrics.jsonl")]),
         tokenizer, objective_keys=RewardConfig.objective_keys,
-        after_train=(lambda trainer: trainer.evaluate()) if datasets.get("eval") is not None else None)
+        after_train=(lambda trainer: trainer.evaluate()) if evaluation is not None else None)

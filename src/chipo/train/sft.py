@@ -20,16 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from chipo.data import load_preference_dataset
+from chipo.config import ConfigError
 from chipo.data.sft import IGNORE_INDEX, SFTCollator, prepare_sft_dataset
 from chipo.logprobs import logprobs_from_logits
-from chipo.models import load_causal_lm, load_tokenizer
+from chipo.models import add_adapters, default_tokenizer, is_loaded, pad_id, refuse_quantizing_loaded
 from chipo.sequences import layouts_agree, single_row_attention
-from chipo.train.common import check_output_dir, check_trackers, run_trainer
+from chipo.train.common import check_output_dir, check_trackers, load_policy, run_trainer, trainer_datasets
 from chipo.train.pairwise import NonFiniteGradientGuard
 from chipo.train.rundir import MetricsLog
 from chipo.train.sft_config import SFTConfig
@@ -95,16 +94,55 @@ def sft_packing_matches(model: nn.Module, batch: dict[str, Tensor], rows: int = 
 
 
 class SFTTrainer(Trainer):
-    """``transformers.Trainer`` for ``SFTCollator`` batches, padded or packed (module docstring).
+    """``transformers.Trainer`` for ``SFTCollator`` batches, padded or packed (module docstring), taking TRL's
+    ``SFTTrainer`` arguments with their meaning (switching is two imports, ``SFTConfig`` and ``SFTTrainer``).
+
+    ``model``: a loaded causal LM, or a name / local directory (None: ``args.model``) loaded by ``load_policy``
+    with ``args.model_init_kwargs``, ``args.trust_remote_code`` and ``quantization_config`` (refused with a loaded
+    model: quantization happens at loading). ``args``: an ``SFTConfig``; a plain ``TrainingArguments`` becomes one
+    (its values kept), None the defaults. ``processing_class``: default the model's own tokenizer. ``peft_config``:
+    adapters added by ``peft.get_peft_model``. ``train_dataset`` / ``eval_dataset``: raw rows (a ``datasets.Dataset``
+    or a list of dicts) in TRL's prompt/completion or messages formats, validated and tokenized here; rows already
+    prepared by ``prepare_sft_dataset`` as they are; None: ``args.dataset`` / ``args.eval_split`` when set.
+    ``data_collator``: default an ``SFTCollator`` per the config. TRL's ``formatting_func`` is refused in one line
+    (rows carry prompt and completion here). ``chipo sft`` builds its trainer through the same path (``run_sft``).
 
     A packed batch runs with ``use_cache=False``; the first one is checked with ``sft_packing_matches``, and if
     that fails this and every later packed batch is unpacked to padded rows (``unpack_sft_batch``) and the
     collator, if it is an ``SFTCollator``, stops packing.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module | str | None = None, args: TrainingArguments | None = None,
+                 data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 peft_config=None, quantization_config=None, formatting_func=None, **kwargs: Any):
+        if formatting_func is not None:  # TRL's: a function that turns a row into the text to train on
+            raise ConfigError("formatting_func is not supported: give rows with prompt and completion, or messages "
+                              "(datasets' map can apply the function first), so the loss covers the completion only")
+        refuse_quantizing_loaded(model, quantization_config)
+        args = SFTConfig.from_args(args, model, "SFT")
+        if not is_loaded(model):
+            model = load_policy(args, model, quantization_config)
+        if processing_class is None:
+            processing_class = default_tokenizer(model, tokenizer=args.tokenizer, fallback=args.model,
+                                                 trust_remote_code=args.trust_remote_code)
+        if peft_config is not None:
+            model = add_adapters(model, peft_config, seed=args.seed)
+        if args.gradient_checkpointing:
+            model.config.use_cache = False
+        train_dataset, eval_dataset = trainer_datasets(
+            args, train_dataset, eval_dataset, lambda rows, source: prepare_rows(args, processing_class, rows, source))
+        if data_collator is None:
+            data_collator = SFTCollator(pad_id(processing_class), completion_only_loss=args.completion_only_loss,
+                                        packing=args.packing, single_row=single_row_attention(model))
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.packing_ok: bool | None = None  # None: no packed batch seen yet
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # What remove_unused_columns keeps: the columns SFTCollator and the length-grouped sampler read. Trainer's
+        # default, model.forward's arguments, would drop every one of them (rows are tokenized prompt/completion).
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_input_ids", "completion_input_ids", self.args.length_column_name]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if is_packed(inputs):
@@ -120,12 +158,14 @@ class SFTTrainer(Trainer):
 # ------------------------------------------------------------------------------------------------ recipe
 
 
-def prepare_split(config: SFTConfig, tokenizer, source: str, split: str, limit: int | None = None):
-    # a generic loader: local files, saved datasets, the hub
-    dataset = load_preference_dataset(source, split, max_rows=limit)
+def prepare_rows(config: SFTConfig, tokenizer, dataset, source: str):
+    """Validate and tokenize raw SFT rows (``chipo.data.sft``); add the length column when ``group_by_length``."""
     prepared, stats = prepare_sft_dataset(dataset, tokenizer, source=source, max_length=config.max_length,
                                           max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
-    logger.info("%s[%s]: %s", source, split, stats)
+    logger.info("%s: %s", source, stats)
+    if config.group_by_length:
+        prepared = prepared.add_column("length", [len(p) + len(c) for p, c in
+                                                  zip(prepared["prompt_input_ids"], prepared["completion_input_ids"])])
     return prepared
 
 
@@ -134,28 +174,20 @@ def run_sft(config: SFTConfig) -> Path:
 
     As in ``chipo train``: everything that can fail on bad input is checked before ``output_dir`` is written, and
     the final model is saved into a temporary directory inside it and renamed into place; the run directory follows
-    ``chipo.train.common.run_trainer`` (lock, overwrite, resume, objective check, metrics cut back).
+    ``chipo.train.common.run_trainer`` (lock, overwrite, resume, objective check, metrics cut back). The model,
+    tokenizer and data are set up as ``SFTTrainer`` sets them up for a Python caller (the same functions), only
+    earlier, so that bad input fails before the output directory exists.
     """
     config.require_model_and_data()
     check_trackers(config)
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
-    with state.main_process_first():
-        train = prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)
-        evaluation = (prepare_split(config, tokenizer, config.eval_dataset or config.dataset, config.eval_split)
-                      if config.eval_split else None)
+    tokenizer = default_tokenizer(config.model, tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code)
+    train, evaluation = trainer_datasets(config, None, None,
+                                         lambda rows, source: prepare_rows(config, tokenizer, rows, source))
     out = check_output_dir(config)
-    model = load_causal_lm(config.model)
-    if config.gradient_checkpointing:
-        model.config.use_cache = False
+    model = load_policy(config)  # model_init_kwargs, trust_remote_code
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
-    if config.group_by_length:
-        train = train.add_column("length", [len(p) + len(c) for p, c in
-                                            zip(train["prompt_input_ids"], train["completion_input_ids"])])
-    collator = SFTCollator(tokenizer.pad_token_id, completion_only_loss=config.completion_only_loss,
-                           packing=config.packing, single_row=single_row_attention(model))
     return run_trainer(config, out, lambda: SFTTrainer(
         model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-        data_collator=collator, callbacks=[MetricsLog(out / "metrics.jsonl"), NonFiniteGradientGuard()]),
+        callbacks=[MetricsLog(out / "metrics.jsonl"), NonFiniteGradientGuard()]),
         tokenizer, objective_keys=SFTConfig.objective_keys)

@@ -204,6 +204,19 @@ def _timed(experiment: Experiment, context: Context, settings, out_dir: Path) ->
     return {"wall_s": time.perf_counter() - start, "cpu_s": cpu_seconds() - cpu_start, "load_at_start": load}
 
 
+def _finished_record(out_dir: Path, settings: dict) -> dict | None:
+    """The record of a finished run of an experiment that opens its own directory, when it ran with ``settings``
+    (``experiment.json`` marks it finished; ``RECORD`` holds the settings and time of the run that did the work)."""
+    from chipo.io import read_json
+    from chipo.train.experiment_dir import MARKER
+
+    marker, record = read_json(out_dir / MARKER), read_json(out_dir / RECORD)
+    if isinstance(marker, dict) and marker.get("finished") and isinstance(record, dict) \
+            and record.get("settings") == settings:
+        return record
+    return None
+
+
 def run_experiment(experiment: Experiment, context: Context, settings) -> dict:
     """Run ``experiment`` into its directory under the directory protocol (module docstring); returns its record
     (name, settings, timing), also written to ``RECORD`` in the directory.
@@ -217,6 +230,12 @@ def run_experiment(experiment: Experiment, context: Context, settings) -> dict:
     out_dir = context.dir(experiment.name)
     full = _jsonable(dataclasses.asdict(settings))
     if experiment.owns_directory:
+        # The experiment opens its directory itself (under the same protocol); its marker says whether it finished,
+        # and the record with which settings: the same settings finished are not run again, as below.
+        done = None if context.overwrite else _finished_record(out_dir, full)
+        if done is not None:
+            context.echo(f"      {experiment.name}: finished in {out_dir} with these settings; nothing to do")
+            return done
         entry = {"name": experiment.name, "settings": full, "timing": _timed(experiment, context, settings, out_dir)}
         write_json(out_dir / RECORD, entry)
         return entry

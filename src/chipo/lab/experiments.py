@@ -20,6 +20,7 @@ recorded the same way for all, in ``timing.json``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -183,8 +184,9 @@ def _jsonable(value) -> Any:
 
 def record(out_dir: Path) -> dict:
     """What ``run_experiment`` recorded for the experiment in ``out_dir`` (empty if it never finished)."""
-    path = Path(out_dir) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else {}
+    from chipo.io import read_json
+
+    return read_json(Path(out_dir) / RECORD) or {}
 
 
 def timing_text(timing: dict) -> str:
@@ -205,15 +207,15 @@ def _timed(experiment: Experiment, context: Context, settings, out_dir: Path) ->
 
 
 def _finished_record(out_dir: Path, settings: dict) -> dict | None:
-    """The record of a finished run of an experiment that opens its own directory, when it ran with ``settings``
-    (``experiment.json`` marks it finished; ``RECORD`` holds the settings and time of the run that did the work)."""
+    """The record of the run that did the work, when the directory's marker (``experiment.json``) says the
+    experiment finished and that record (``RECORD``) holds the same ``settings``; else None."""
     from chipo.io import read_json
     from chipo.train.experiment_dir import MARKER
 
-    marker, record = read_json(out_dir / MARKER), read_json(out_dir / RECORD)
-    if isinstance(marker, dict) and marker.get("finished") and isinstance(record, dict) \
-            and record.get("settings") == settings:
-        return record
+    marker, done = read_json(out_dir / MARKER), read_json(out_dir / RECORD)
+    if isinstance(marker, dict) and marker.get("finished") and isinstance(done, dict) \
+            and done.get("settings") == settings:
+        return done
     return None
 
 
@@ -222,31 +224,26 @@ def run_experiment(experiment: Experiment, context: Context, settings) -> dict:
     (name, settings, timing), also written to ``RECORD`` in the directory.
 
     The protocol is ``chipo.train.experiment_dir.open_experiment`` (lock, stale entries, the key's check, overwrite,
-    a failed empty start leaves nothing) unless the experiment applies it itself (``owns_directory``). A finished
-    experiment with the same settings is not run again: the record of the run that did the work is returned."""
+    a failed empty start leaves nothing), here unless the experiment applies it itself (``owns_directory``). A
+    finished experiment with the same settings is not run again: the record of the run that did the work is
+    returned."""
     from chipo.io import write_json
     from chipo.train.experiment_dir import open_experiment
 
     out_dir = context.dir(experiment.name)
     full = _jsonable(dataclasses.asdict(settings))
-    if experiment.owns_directory:
-        # The experiment opens its directory itself (under the same protocol); its marker says whether it finished,
-        # and the record with which settings: the same settings finished are not run again, as below.
+    directory = contextlib.nullcontext() if experiment.owns_directory else open_experiment(
+        out_dir, experiment.settings_key(settings), overwrite=context.overwrite,
+        what=f"{experiment.name} experiment", label="out")
+    with directory as exp:
         done = None if context.overwrite else _finished_record(out_dir, full)
         if done is not None:
             context.echo(f"      {experiment.name}: finished in {out_dir} with these settings; nothing to do")
             return done
         entry = {"name": experiment.name, "settings": full, "timing": _timed(experiment, context, settings, out_dir)}
         write_json(out_dir / RECORD, entry)
-        return entry
-    with open_experiment(out_dir, experiment.settings_key(settings), overwrite=context.overwrite,
-                         what=f"{experiment.name} experiment", label="out") as exp:
-        if exp.finished and (exp.summary or {}).get("settings") == full:
-            context.echo(f"      {experiment.name}: finished in {out_dir} with these settings; nothing to do")
-            return exp.summary
-        entry = {"name": experiment.name, "settings": full, "timing": _timed(experiment, context, settings, out_dir)}
-        write_json(out_dir / RECORD, entry)
-        exp.finish(entry)
+        if exp is not None:
+            exp.finish(entry)
     return entry
 
 

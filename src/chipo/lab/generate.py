@@ -112,25 +112,35 @@ HELDOUT_DATA_SEED = 999
 """Sampling seed of the held-out pairs, shared by all seeds."""
 
 
-def seed_datasets(model, tokenizer, gold, data_dir: str | Path, *, train_prompts: Sequence[str],
-                  eval_prompts: Sequence[str], seeds: int, pairs_per_prompt: int, heldout_pairs_per_prompt: int,
-                  scale: float, max_new_tokens: int, reuse: bool = True) -> dict[str, dict]:
-    """The lab's preference data, one draw per seed: ``train_seed{s}.jsonl`` for s < ``seeds`` (sampling seed
-    ``TRAIN_DATA_SEED + s``) and ``heldout.jsonl`` on the evaluation prompts (``HELDOUT_DATA_SEED``), in
-    ``data_dir``. A seed is its own data draw, so experiments with the same seeds and sizes (the demo, the method
-    table, the monitor's validation) train on the same pairs. With ``reuse``, a file already there is kept. Returns
-    the ``PreferenceStats`` (as dicts) of the files written, by name."""
+def seed_datasets(world, data_dir: str | Path, *, seeds: int, pairs_per_prompt: int, heldout_pairs_per_prompt: int,
+                  scale: float, max_new_tokens: int, reuse: bool = True
+                  ) -> tuple[dict[str, dict], list[str], list[str]]:
+    """The lab's preference data on a world (``chipo.lab.world.World``: pi_ref samples, Bradley-Terry labels from
+    its gold reward), one draw per seed: ``train_seed{s}.jsonl`` on the training prompts for s < ``seeds``
+    (sampling seed ``TRAIN_DATA_SEED + s``) and ``heldout.jsonl`` on the evaluation prompts
+    (``HELDOUT_DATA_SEED``), in ``data_dir``. A seed is its own data draw, so experiments with the same seeds and
+    sizes (the demo, the method table, the monitor's validation) train on the same pairs. With ``reuse``, a file
+    already there is kept (and pi_ref is not loaded when every file is). Returns the ``PreferenceStats`` (as dicts)
+    of the files written, by name, and the (training, evaluation) prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chipo.data.prompts import load_prompts
+
+    train_prompts = load_prompts(world.train_prompts_path, text_only=True).prompts
+    eval_prompts = load_prompts(world.eval_prompts_path, text_only=True).prompts
     data_dir = Path(data_dir)
     jobs = [(f"train_seed{s}", train_prompts, pairs_per_prompt, TRAIN_DATA_SEED + s) for s in range(seeds)]
     jobs.append(("heldout", eval_prompts, heldout_pairs_per_prompt, HELDOUT_DATA_SEED))
+    jobs = [job for job in jobs if not (reuse and (data_dir / f"{job[0]}.jsonl").is_file())]
     written = {}
+    if jobs:
+        tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
+        model = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
+        gold = world.scorer()
     for name, prompts, pairs, seed in jobs:
-        path = data_dir / f"{name}.jsonl"
-        if reuse and path.is_file():
-            continue
         rows, stats = generate_preferences(model, tokenizer, prompts, gold, pairs_per_prompt=pairs, scale=scale,
                                            settings=SamplingSettings(max_new_tokens=max_new_tokens, seed=seed),
                                            progress=False)
-        write_jsonl(path, rows)
+        write_jsonl(data_dir / f"{name}.jsonl", rows)
         written[name] = asdict(stats)
-    return written
+    return written, train_prompts, eval_prompts

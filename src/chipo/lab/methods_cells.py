@@ -24,19 +24,11 @@ def cpu_seconds() -> float:
 
 def _preference_data(world, out: Path, settings: MethodTableSettings) -> int:
     """The demo's data for every seed (same process and seeds: ``chipo.lab.offline``); returns the labels per seed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from chipo.data.prompts import load_prompts
     from chipo.lab.generate import seed_datasets
 
-    tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
-    ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
-    train = load_prompts(world.train_prompts_path, text_only=True).prompts
-    seed_datasets(ref, tokenizer, world.scorer(), out / "data", train_prompts=train,
-                  eval_prompts=load_prompts(world.eval_prompts_path, text_only=True).prompts, seeds=settings.seeds,
-                  pairs_per_prompt=settings.pairs_per_prompt,
-                  heldout_pairs_per_prompt=DemoSettings.heldout_pairs_per_prompt, scale=settings.scale,
-                  max_new_tokens=settings.max_new_tokens)
+    _, train, _ = seed_datasets(world, out / "data", seeds=settings.seeds, pairs_per_prompt=settings.pairs_per_prompt,
+                                heldout_pairs_per_prompt=DemoSettings.heldout_pairs_per_prompt, scale=settings.scale,
+                                max_new_tokens=settings.max_new_tokens)
     return settings.pairs_per_prompt * len(train)
 
 

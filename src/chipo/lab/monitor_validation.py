@@ -56,25 +56,15 @@ class ValidationSettings(OfflineRuns):
                                   monitor=MonitorSettings(num_samples=4, max_new_tokens=8))
 
 
-def prepare(out: Path, settings: ValidationSettings, world=None) -> dict:
-    """World (default: the embedded one), per-seed preference data (the demo's data process and sampling seeds)
-    and held-out pairs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from chipo.data.prompts import load_prompts
+def prepare(out: Path, settings: ValidationSettings, world) -> dict:
+    """Per-seed preference data on the world (the demo's data process and sampling seeds) and held-out pairs;
+    what the runs need to know of the world."""
     from chipo.lab.generate import seed_datasets
-    from chipo.lab.world import load_or_build_world
 
-    world = world or load_or_build_world(quiet=True)
-    tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
-    ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
-    gold = world.scorer()
-    seed_datasets(ref, tokenizer, gold, out / "data",
-                  train_prompts=load_prompts(world.train_prompts_path, text_only=True).prompts,
-                  eval_prompts=load_prompts(world.eval_prompts_path, text_only=True).prompts, seeds=settings.seeds,
-                  pairs_per_prompt=settings.pairs_per_prompt,
+    seed_datasets(world, out / "data", seeds=settings.seeds, pairs_per_prompt=settings.pairs_per_prompt,
                   heldout_pairs_per_prompt=settings.heldout_pairs_per_prompt, scale=settings.scale,
                   max_new_tokens=settings.max_new_tokens)
+    gold = world.scorer()
     return {"world": str(world.root), "pi_ref": world.pi_ref, "eval_prompts": world.eval_prompts_path,
             "gold": world.gold_spec, "r_max": settings.scale * (gold.reward_range[1] - gold.reward_range[0])}
 

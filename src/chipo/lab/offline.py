@@ -108,20 +108,12 @@ def run(context: Context, settings: DemoSettings, out_dir: Path) -> None:
 def preference_data(context: Context, settings: DemoSettings) -> tuple[dict, tuple[list[str], list[str]]]:
     """Per-seed training pairs and the held-out pairs (``chipo.lab.generate.seed_datasets``); their statistics
     (also in ``data/stats.json``) and the (training, held-out) prompts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from chipo.data.prompts import load_prompts
     from chipo.lab.generate import seed_datasets
 
-    world = context.world()
-    tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
-    ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()
-    train_prompts = load_prompts(world.train_prompts_path, text_only=True).prompts
-    eval_prompts = load_prompts(world.eval_prompts_path, text_only=True).prompts
-    stats = seed_datasets(ref, tokenizer, world.scorer(), data_dir(context), train_prompts=train_prompts,
-                          eval_prompts=eval_prompts, seeds=settings.seeds, pairs_per_prompt=settings.pairs_per_prompt,
-                          heldout_pairs_per_prompt=settings.heldout_pairs_per_prompt, scale=settings.scale,
-                          max_new_tokens=settings.max_new_tokens, reuse=False)
+    stats, train_prompts, eval_prompts = seed_datasets(
+        context.world(), data_dir(context), seeds=settings.seeds, pairs_per_prompt=settings.pairs_per_prompt,
+        heldout_pairs_per_prompt=settings.heldout_pairs_per_prompt, scale=settings.scale,
+        max_new_tokens=settings.max_new_tokens, reuse=False)
     write_json(data_dir(context) / "stats.json", stats)
     first = stats["train_seed0"]
     context.echo(f"      {first['pairs']} pairs per seed on {len(train_prompts)} prompts; labels agree with the gold "

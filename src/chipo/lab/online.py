@@ -124,12 +124,14 @@ def run_in_directory(world: World, out: Path, settings: OnlineLabSettings, *, pr
     train_prompts, _ = load_prompts(world.train_prompts_path)
     key = {"settings": dataclasses.asdict(settings), "world": str(world.root),
            "eval_labels": settings.eval_labels(len(train_prompts))}
+    record = {"key": key, "train_prompts": len(train_prompts), "label_budget": key["eval_labels"][-1]}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 0.1M-parameter model: threads cost more than they give
     try:
         with quiet_libraries(), open_experiment(out, key, overwrite=overwrite, what="online lab",
                                                 legacy_key=_recorded_key, label="out") as exp:
-            rows = _run(world, out, settings, progress, echo)
+            write_json(out / "online_lab.json", record)  # the report reads the settings back from here
+            rows = _run(world, out, settings, key["eval_labels"], progress, echo)
             exp.finish({"rows": len(rows)})
     finally:
         torch.set_num_threads(threads)
@@ -142,18 +144,12 @@ def _recorded_key(out: Path) -> dict | None:
     return json.loads(path.read_text()).get("key") if path.is_file() else None
 
 
-def _run(world: World, out: Path, settings: OnlineLabSettings, progress: bool, echo) -> list[dict]:
+def _run(world: World, out: Path, settings: OnlineLabSettings, budget_labels: list[int], progress: bool,
+         echo) -> list[dict]:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chipo.lab.evaluate import Baseline, ExactSpace, exact_metrics
-
-    train_prompts, _ = load_prompts(world.train_prompts_path)
-    budget_labels = settings.eval_labels(len(train_prompts))
-    # checked by run_in_directory's directory protocol; the report reads the settings back from here
-    key = {"settings": dataclasses.asdict(settings), "world": str(world.root), "eval_labels": budget_labels}
-    write_json(out / "online_lab.json", {"key": key, "train_prompts": len(train_prompts),
-                                         "label_budget": budget_labels[-1]})
 
     tokenizer = AutoTokenizer.from_pretrained(world.pi_ref)
     ref = AutoModelForCausalLM.from_pretrained(world.pi_ref).eval()

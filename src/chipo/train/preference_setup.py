@@ -11,7 +11,7 @@ import datasets as hf_datasets
 from accelerate import PartialState
 
 from chipo.config import ConfigError
-from chipo.data import load_preference_dataset, prepare_preference_dataset
+from chipo.data import prepare_preference_dataset
 from chipo.models import add_adapters, is_peft
 from chipo.sequences import choose_logprobs_impl
 from chipo.train.common import load_policy, trainer_datasets
@@ -29,11 +29,6 @@ def prepare_rows(config: PreferenceConfig, tokenizer, dataset, source: str):
                                                  max_prompt_length=config.max_prompt_length, num_proc=config.num_proc,
                                                  drop_ties=config.drop_ties)
     return prepared
-
-
-def prepare_split(config: PreferenceConfig, tokenizer, source: str, split: str | None, limit: int | None = None):
-    """Load ``source[split]`` (first ``limit`` rows; split None: the source's only split) and prepare it."""
-    return prepare_rows(config, tokenizer, load_preference_dataset(source, split, max_rows=limit), source)
 
 
 def apply_lora(model, config: PreferenceConfig):

@@ -13,14 +13,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from accelerate import PartialState
-
 from chipo.models import load_tokenizer
 from chipo.train import rundir
-from chipo.train.common import check_output_dir, check_trackers, run_trainer
+from chipo.train.common import check_output_dir, check_trackers, load_policy, run_trainer, trainer_datasets
 from chipo.train.config import PreferenceConfig
 from chipo.train.preference import PreferenceTrainer
-from chipo.train.preference_setup import apply_lora, load_policy, prepare_split
+from chipo.train.preference_setup import apply_lora, prepare_rows
 
 logger = logging.getLogger("chipo")
 
@@ -31,12 +29,8 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
     config.require_model_and_data()
     check_trackers(config)
     tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
-    state = PartialState()  # the config (TrainingArguments) has set up the possibly distributed state
-    with state.main_process_first():
-        datasets = {"train": prepare_split(config, tokenizer, config.dataset, config.split, config.max_train_samples)}
-        if config.eval_split or config.eval_dataset:  # an eval file without eval_split: its only split
-            datasets["eval"] = prepare_split(config, tokenizer, config.eval_dataset or config.dataset,
-                                             config.eval_split)
+    train, evaluation = trainer_datasets(config, None, None,
+                                         lambda rows, source: prepare_rows(config, tokenizer, rows, source))
     out = check_output_dir(config)
     model = load_policy(config)  # model_init_kwargs, trust_remote_code
     if config.lora:
@@ -44,6 +38,6 @@ def run_training(config: PreferenceConfig, callbacks: Sequence = ()) -> Path:
 
     # Nothing above touched the disk: from here on the run is valid and may write its directory.
     return run_trainer(config, out, lambda: PreferenceTrainer(
-        model=model, args=config, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
+        model=model, args=config, train_dataset=train, eval_dataset=evaluation,
         processing_class=tokenizer, callbacks=[rundir.MetricsLog(out / "metrics.jsonl"), *callbacks]),
         tokenizer, merge_lora=config.lora)

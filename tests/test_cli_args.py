@@ -47,14 +47,16 @@ def test_chipo_train_with_dash_dash_arguments(tiny_dir, tmp_path):
                  "--output_dir", str(out), "--ref_cache_dir", str(tmp_path / "cache"), "--lora", "--lora_r", "4",
                  "--beta", "0.2", "--loss=dpo", "--max-steps", "1", "--per_device_train_batch_size", "8",
                  "--save_strategy", "no", "--disable_tqdm", "--no-packing", "--group_by_length",
-                 "--model_init_kwargs", '{"dtype": "bfloat16"}'])
+                 "--length_column_name", "n_tokens", "--model_init_kwargs", '{"dtype": "bfloat16"}'])
     assert code == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # loaded with model_init_kwargs
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert (saved["loss"], saved["beta"], saved["lora"], saved["lora_rank"], saved["max_steps"], saved["packing"]) == \
         ("dpo", 0.2, True, 4, 1, False)
-    # remove_unused_columns (on, as in TRL) kept the length column that group_by_length's sampler reads
+    # remove_unused_columns (on, as in TRL) kept the length column (named by length_column_name) that
+    # group_by_length's sampler reads
     assert saved["group_by_length"] is True and saved["remove_unused_columns"] is True
+    assert saved["length_column_name"] == "n_tokens"
     assert (out / "adapter" / "adapter_config.json").is_file()
 
 
@@ -107,3 +109,20 @@ def test_judge_reads_dash_dash_judge_keys(tmp_path, capsys):
     refused = ["judge", "--pairs", str(pairs), "--judge", "openai", "--output", str(out), "--max_concurency", "2"]
     assert main(refused) == 2
     assert "did you mean 'max_concurrency'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sft", "reward"])
+def test_group_by_length_reads_the_column_length_column_name_names(command, tiny_dir, tmp_path):
+    """chipo sft and chipo reward add the length column under length_column_name (a TrainingArguments key they
+    honour), which is the column the length-grouped sampler reads: a column named 'length' instead made the
+    sampler fail ('Can only automatically infer lengths ...')."""
+    data = tiny_dir / "train.jsonl"
+    if command == "sft":
+        rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main([command, "--model", str(tiny_dir / "model"), "--dataset", str(data), "--output_dir", str(out),
+                 "--max_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                 "--disable_tqdm", "--group_by_length", "--length_column_name", "n_tokens"]) == 0
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["length_column_name"] == "n_tokens"

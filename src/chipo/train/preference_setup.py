@@ -117,8 +117,8 @@ def setup_preference_run(config: PreferenceConfig, model, tokenizer, train_datas
             ref_model = load_policy(config, config.ref_model)
         elif not is_peft(model):
             ref_model = copy.deepcopy(model)
-    if config.group_by_length and "length" not in splits["train"].column_names:
-        splits["train"] = splits["train"].add_column("length", lengths(splits["train"]))
+    if config.group_by_length and config.length_column_name not in splits["train"].column_names:
+        splits["train"] = splits["train"].add_column(config.length_column_name, lengths(splits["train"]))
     return {"model": model, "train_dataset": splits["train"], "eval_dataset": splits.get("eval"),
             "ref_model": ref_model, "logprobs_impl": impl,
             "ref_adapter_disabled": is_peft(model) and config.reference == "model" and ref_model is None}

@@ -273,7 +273,7 @@ def prepare_reward_rows(config: RewardConfig, tokenizer, dataset, source: str):
     if margins is not None:
         prepared = prepared.add_column("margin", [float(margins[r]) for r in prepared["row"]])
     if config.group_by_length:
-        prepared = prepared.add_column("length", lengths(prepared))
+        prepared = prepared.add_column(config.length_column_name, lengths(prepared))
     return prepared
 
 

@@ -164,7 +164,7 @@ def prepare_rows(config: SFTConfig, tokenizer, dataset, source: str):
                                           max_prompt_length=config.max_prompt_length, num_proc=config.num_proc)
     logger.info("%s: %s", source, stats)
     if config.group_by_length:
-        prepared = prepared.add_column("length", [len(p) + len(c) for p, c in
+        prepared = prepared.add_column(config.length_column_name, [len(p) + len(c) for p, c in
                                                   zip(prepared["prompt_input_ids"], prepared["completion_input_ids"])])
     return prepared
 

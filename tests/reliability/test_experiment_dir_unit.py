@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from chipo.config import ConfigError
-from chipo.train.experiment_dir import MARKER, open_experiment
+from chipo.train.experiment_dir import MARKER, key_recorded_in, open_experiment
 
 KEY = {"lr": 0.001, "epochs": 4, "data": "prefs.jsonl"}
 
@@ -130,9 +130,9 @@ def test_legacy_key_makes_an_older_layout_ours(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({"results_key": KEY}))
     (tmp_path / "results.jsonl").write_text("{}\n")
 
-    def legacy(out):
-        return json.loads((out / "sweep.json").read_text())["results_key"]
-
+    legacy = key_recorded_in("sweep.json", "results_key")
+    assert legacy(tmp_path) == KEY
+    assert key_recorded_in("sweep.json")(tmp_path) is None and key_recorded_in("table.json")(tmp_path) is None
     with pytest.raises(ConfigError, match="other settings \\(lr"), \
             open_experiment(tmp_path, {**KEY, "lr": 2.0}, legacy_key=legacy):
         pytest.fail("must not enter")
@@ -178,7 +178,7 @@ def test_legacy_directory_keeps_what_is_not_the_callers(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "sft").mkdir()
     with open_experiment(tmp_path, KEY, overwrite=True, owned=("sweep.json", "runs"),
-                         legacy_key=lambda out: json.loads((out / "sweep.json").read_text())["results_key"]) as exp:
+                         legacy_key=key_recorded_in("sweep.json", "results_key")) as exp:
         assert exp.foreign == ("sft",)
     assert names(tmp_path) == [".lock", MARKER, "sft"]
 

@@ -107,24 +107,18 @@ def run_cells(world, out: Path, settings: MethodTableSettings, *, workers: int =
     import torch
 
     from chipo.lab.runs import quiet_libraries
-    from chipo.train.experiment_dir import open_experiment
+    from chipo.train.experiment_dir import key_recorded_in, open_experiment
 
     key = {"settings": settings.shared(), "world": str(world.root)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: parallelism is across processes
     try:
         with quiet_libraries(), open_experiment(out, key, overwrite=overwrite, what="method table",
-                                                legacy_key=_table_key) as exp:
+                                                legacy_key=key_recorded_in("table.json")) as exp:
             _run(world, out, settings, max(1, workers), progress, echo, redo)
             exp.finish({"cells": len(settings.cells())})
     finally:
         torch.set_num_threads(threads)
-
-
-def _table_key(out: Path) -> dict | None:
-    """The key a method table recorded in ``table.json`` before directories had a protocol marker."""
-    path = out / "table.json"
-    return json.loads(path.read_text()).get("key") if path.is_file() else None
 
 
 def _run(world, out: Path, settings: MethodTableSettings, workers: int, progress: bool, echo,

@@ -119,7 +119,7 @@ def run_in_directory(world: World, out: Path, settings: OnlineLabSettings, *, pr
     ``chipo demo``."""
     import torch
 
-    from chipo.train.experiment_dir import open_experiment
+    from chipo.train.experiment_dir import key_recorded_in, open_experiment
 
     train_prompts, _ = load_prompts(world.train_prompts_path)
     key = {"settings": dataclasses.asdict(settings), "world": str(world.root),
@@ -129,19 +129,13 @@ def run_in_directory(world: World, out: Path, settings: OnlineLabSettings, *, pr
     torch.set_num_threads(1)  # a 0.1M-parameter model: threads cost more than they give
     try:
         with quiet_libraries(), open_experiment(out, key, overwrite=overwrite, what="online lab",
-                                                legacy_key=_recorded_key, label="out") as exp:
+                                                legacy_key=key_recorded_in("online_lab.json"), label="out") as exp:
             write_json(out / "online_lab.json", record)  # the report reads the settings back from here
             rows = _run(world, out, settings, key["eval_labels"], progress, echo)
             exp.finish({"rows": len(rows)})
     finally:
         torch.set_num_threads(threads)
     return rows
-
-
-def _recorded_key(out: Path) -> dict | None:
-    """The key an online lab recorded in ``online_lab.json`` before directories had a protocol marker."""
-    path = out / "online_lab.json"
-    return json.loads(path.read_text()).get("key") if path.is_file() else None
 
 
 def _run(world: World, out: Path, settings: OnlineLabSettings, budget_labels: list[int], progress: bool,

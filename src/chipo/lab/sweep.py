@@ -36,7 +36,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chipo.config import ConfigError, _field
-from chipo.io import read_json, write_json
+from chipo.io import write_json
 from chipo.lab.configs import GoldFields, SamplingFields, Variant, parse_variants
 from chipo.lab.runs import (  # noqa: F401 -- also this module's public names
     _quiet_libraries,
@@ -173,11 +173,13 @@ class Sweep:
 
     def run(self) -> list[dict]:
         """Train and evaluate every unfinished cell; returns all result rows."""
-        from chipo.train.experiment_dir import open_experiment  # imports transformers: not at module import
+        # imports transformers: not at module import
+        from chipo.train.experiment_dir import key_recorded_in, open_experiment
 
         key = self.config.results_key()
+        legacy = key_recorded_in("sweep.json", "results_key")
         with quiet_libraries(), open_experiment(self.out, key, overwrite=self.config.overwrite, what="sweep",
-                                                legacy_key=_legacy_key, owned=SWEEP_FILES) as exp:
+                                                legacy_key=legacy, owned=SWEEP_FILES) as exp:
             rows = self._run()
             exp.finish({"cells": len(self.cells()), "rows": len(rows)})
             return rows
@@ -251,12 +253,6 @@ class Sweep:
 
 SWEEP_FILES = ("results.jsonl", "sweep.json", "runs", "ref_cache")
 """What a sweep writes into out_dir."""
-
-
-def _legacy_key(out: Path) -> dict | None:
-    """The settings key of a sweep directory written before experiment.json: sweep.json's ``results_key``."""
-    meta = read_json(out / "sweep.json")
-    return meta.get("results_key") if isinstance(meta, dict) else None
 
 
 def epochs_done(rows: list[dict], method: str, beta: float, seed: int) -> set[int]:

@@ -190,6 +190,16 @@ def _set_up(exp: ExperimentDir, *, overwrite: bool, replace_key: bool, legacy_ke
     exp._write(exp.finished, exp.summary)
 
 
+def key_recorded_in(name: str, field: str = "key") -> Callable[[Path], dict | None]:
+    """A ``legacy_key`` for a caller whose directories, before the marker, kept their key as ``field`` of the JSON
+    file ``name`` (e.g. a sweep's ``sweep.json`` ``results_key``); None when the file or the field is missing."""
+    def recorded(out: Path) -> dict | None:
+        record = read_json(out / name)
+        return record.get(field) if isinstance(record, dict) else None
+
+    return recorded
+
+
 @contextlib.contextmanager
 def open_experiment(out: str | os.PathLike, key: dict, *, overwrite: bool = False, what: str = "experiment",
                     shared: bool = False, replace_key: bool = False,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from chipo.config import ConfigError, build_config, parse_overrides
-from chipo.io import read_json, write_json
+from chipo.io import write_json
 from chipo.lab.sweep import checkpoints_by_epoch, r_max_for
 from chipo.recipes.tldr.config import SweepStageConfig
 from chipo.recipes.tldr.layout import RECIPE_FILES, Layout
@@ -43,12 +43,6 @@ def record_settings(config: SweepStageConfig, layout: Layout) -> None:
     """Write the sweep's config (``sweep.json``) for the later stages (its settings key is checked by
     ``open_experiment`` from experiment.json)."""
     write_json(layout.sweep_json, {"settings_key": config.settings_key(), "config": dataclasses.asdict(config)})
-
-
-def _legacy_key(out: Path) -> dict | None:
-    """A recipe directory written before experiment.json: its sweep.json's settings key."""
-    meta = read_json(out / "sweep.json")
-    return meta.get("settings_key") if isinstance(meta, dict) else None
 
 
 def train_config(config: SweepStageConfig, layout: Layout, loss: str, beta: float, seed: int, resume: bool):
@@ -106,7 +100,7 @@ def run_sweep(config: SweepStageConfig, train_fn=None) -> dict:
     ``train_fn`` (default ``run_training``) is injectable for tests. Under ``accelerate launch`` every process runs
     the same loop (the trainer is data-parallel); only the main process prunes and writes ``done.json``.
     """
-    from chipo.train.experiment_dir import open_experiment
+    from chipo.train.experiment_dir import key_recorded_in, open_experiment
 
     if train_fn is None:
         from chipo.train.run import run_training as train_fn
@@ -117,7 +111,7 @@ def run_sweep(config: SweepStageConfig, train_fn=None) -> dict:
                           f"{layout.root} while another works in it): choose a new out_dir, or remove the old one "
                           "yourself first")
     with open_experiment(layout.root, config.settings_key(), overwrite=config.overwrite, what="TL;DR sweep",
-                         shared=True, legacy_key=_legacy_key, owned=RECIPE_FILES):
+                         shared=True, legacy_key=key_recorded_in("sweep.json", "settings_key"), owned=RECIPE_FILES):
         return _run_cells(config, layout, train_fn)
 
 

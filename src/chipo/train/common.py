@@ -230,7 +230,7 @@ def check_output_dir(config) -> Path:
     out = Path(config.output_dir)
     check_output_path(out)  # not a file, not a dangling symbolic link
     # The lock file of an earlier run is not a run: a directory holding only it counts as empty.
-    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) \
+    if out.is_dir() and any(p.name != rundir.LOCK for p in out.iterdir()) \
             and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise ConfigError(f"output_dir {out} is not empty; set overwrite_output_dir=true or resume_from_checkpoint")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest" \

@@ -124,8 +124,10 @@ class Layout:
 def only_cell_files(directory: Path) -> bool:
     """Whether ``directory`` holds nothing but cell files (``*.json``, ``*.jsonl``): a generations/ or judgements/
     directory written before experiment.json existed."""
+    from chipo.train.rundir import LOCK  # imports transformers: not when the CLI only parses its arguments
+
     return all(p.is_file() and p.name.endswith((".json", ".jsonl")) for p in directory.iterdir()
-               if p.name != ".lock")
+               if p.name != LOCK)
 
 
 def record_command(directory: str | os.PathLike, argv: list[str]) -> None:

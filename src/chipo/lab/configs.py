@@ -117,8 +117,8 @@ class DemoConfig:
     with plots. Rerunning resumes finished runs."""
 
     quick: bool = _field(False, "Smoke-test size of every experiment: offline 1 seed, 4 epochs, 8 held-out prompts "
-                                "x 16 samples (measured: 35 CPU-s in all processes; 40 s on 2 idle cores). No claim "
-                                "can be tested with 1 seed.")
+                                "x 16 samples (offline alone measured: 30 CPU-s in all processes, 22 s on 2 idle "
+                                "cores). No claim can be tested with 1 seed.")
     full: bool = _field(False, "Also standard RLHF (reward model + RL with kl and chi2mix), best-of-n and "
                                "inference-time pessimism, and online DPO / chiPO, XPO and chi-squared XPO, on the same "
                                "world and data: experiments offline, rlhf, online.")

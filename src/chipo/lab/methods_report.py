@@ -28,6 +28,7 @@ import pandas as pd
 
 from chipo import stats
 from chipo.io import atomic_write_text
+from chipo.lab.report_tables import fmt
 from chipo.lab.runs import read_results
 from chipo.markdown import markdown_table
 
@@ -118,9 +119,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pm(mean: float, se: float, scale: float = 1.0, digits: int = 3) -> str:
-    if mean is None or math.isnan(mean):
-        return "—"
-    return f"{scale * mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {scale * se:.{digits}f}")
+    return fmt(mean, se, scale, digits, missing="—")
 
 
 def _method_row(e, tests: pd.DataFrame, beta: float | None) -> list:

@@ -12,6 +12,7 @@ import numpy as np
 from chipo.io import atomic_write_text
 from chipo.lab.experiments import template
 from chipo.lab.online_protocol import COLORS, LABELS, METRICS, OnlineLabSettings
+from chipo.lab.report_tables import fmt
 from chipo.markdown import markdown_table
 
 
@@ -46,8 +47,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def summary_table(summary: list[dict]) -> str:
     """Mean ± s.e. over seeds per method, beta, labels (and epoch, for the offline rows)."""
     def pm(e, k, scale=1.0, digits=3):
-        se = "" if math.isnan(e[f"{k}_se"]) else f" ± {scale * e[f'{k}_se']:.{digits}f}"
-        return f"{scale * e[k]:.{digits}f}{se}"
+        return fmt(e[k], e[f"{k}_se"], scale, digits)
 
     rows = [[LABELS[e["method"]], "" if e["beta"] is None else f"{e['beta']:g}", e["labels"], e["epoch"] or "",
              pm(e, "gold"), pm(e, "win_rate_vs_ref", 100, 1), pm(e, "kl", digits=2), pm(e, "mass_malformed", 100, 1),

@@ -17,6 +17,7 @@ import numpy as np
 from chipo import stats
 from chipo.lab import tables
 from chipo.lab.experiments import insert_section, template
+from chipo.lab.report_tables import fmt
 from chipo.markdown import markdown_table
 
 RLHF_BEGIN, RLHF_END = "<!-- rlhf-section -->", "<!-- /rlhf-section -->"
@@ -87,7 +88,7 @@ def rl_seed_text(claims: list[dict]) -> list[str]:
         return []
 
     def pm(values: np.ndarray) -> str:
-        return f"{values.mean():.3f} ± {stats.mean_se(values)[1]:.3f}"
+        return fmt(values.mean(), stats.mean_se(values)[1], digits=3)
 
     rows = [[f"{c['beta']:g}", len(c["seeds"]), pm(c["kl"]), pm(c["chi2mix"]), f"{c['test'].estimate:+.3f}",
              f"{c['p_holm']:.3g}", f"{c['detectable']:.3f}", "significant" if c["passed"] else "not shown"]

@@ -13,9 +13,11 @@ from chipo.lab import tables, verdicts
 from chipo.markdown import markdown_table
 
 
-def fmt(mean: float, se: float = math.nan, scale: float = 1.0, digits: int = 1) -> str:
+def fmt(mean: float, se: float = math.nan, scale: float = 1.0, digits: int = 1, missing: str = "n/a") -> str:
+    """``mean ± se`` (both times ``scale``, ``digits`` decimals) for every report table of the lab; the ``± se``
+    part only when se is known, ``missing`` when the mean is not."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "n/a"
+        return missing
     text = f"{mean * scale:.{digits}f}"
     if se is not None and not math.isnan(se):
         text += f" ± {se * scale:.{digits}f}"
